@@ -1,0 +1,412 @@
+"""Config: project YAML over component defaults, then ``--options``; validated into typed objects.
+
+Layers, lowest first:
+  1. ``configs/default.yaml``: run and model defaults;
+  2. each component's default YAML, chosen by its ``type`` (``configs/models/adapters/mlp.yaml``, ...);
+  3. the project YAML, over the files its ``base:`` list names;
+  4. ``--options key=value`` (dotted keys; values typed as YAML: ``16``, ``2e-5``, ``[0.9,0.98]``).
+
+Component blocks (``model.vision``, ``model.adapter``, ``model.llm``, ``model.tokenizer``,
+``model.image_processor``, each dataset) are checked against the registered class's constructor:
+its argument names are the valid keys and its type hints the valid types. Fixed sections are
+checked against the dataclasses below. Unknown keys fail with a "did you mean".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lavis.common.registry import did_you_mean, registry
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_ROOT = REPO_ROOT / "configs"
+
+# Where each kind's default YAMLs live, under configs/.
+DEFAULTS_DIR = {
+    "vision_encoder": "models/vision",
+    "adapter": "models/adapters",
+    "llm": "models/llm",
+    "processor": "processors",
+    "builder": "datasets",
+}
+# model.<key> -> registry kind of that component block.
+MODEL_COMPONENTS = {
+    "vision": "vision_encoder",
+    "adapter": "adapter",
+    "llm": "llm",
+    "tokenizer": "processor",
+    "image_processor": "processor",
+}
+# Constructor arguments the framework supplies itself (never user keys).
+CONTEXT_ARGS = {"adapter": ("vision_width", "llm_hidden_size")}
+# Keys of a dataset entry that belong to the framework, not to the builder.
+DATASET_KEYS = ("builder", "ratio", "synthetic_root")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and what would be valid."""
+
+
+# --------------------------------------------------------------------------- typed sections
+
+
+@dataclass
+class ComponentConfig:
+    """A registered component: its registry ``type`` and its constructor arguments."""
+
+    type: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FreezeConfig:
+    """Per-component training policy (``lora`` arrives with the LoRA issue)."""
+
+    vision: Literal["trainable", "frozen"]
+    adapter: Literal["trainable", "frozen"]
+    llm: Literal["trainable", "frozen"]
+
+
+@dataclass
+class ModelConfig:
+    """The composite VLM and the processors that prepare its inputs."""
+
+    arch: str
+    vision: ComponentConfig
+    adapter: ComponentConfig
+    llm: ComponentConfig
+    tokenizer: ComponentConfig
+    image_processor: ComponentConfig
+    freeze: FreezeConfig
+    system_message: str
+
+
+@dataclass
+class DatasetConfig:
+    """One training dataset: its builder, its mixture ratio and the builder's arguments."""
+
+    builder: str
+    ratio: float = 1.0
+    synthetic_root: str | None = None  # generate the embedded synthetic world here first, if missing
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """The training run: task, runner, optimisation, data loading, checkpoints and logs."""
+
+    task: str
+    runner: str
+    strategy: Literal["single"]
+    precision: Literal["fp32", "bf16", "fp16"]
+    device: str
+    seed: int
+    max_steps: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    min_lr: float
+    lr_scheduler: str
+    warmup_steps: int
+    weight_decay: float
+    betas: list[float]
+    eps: float
+    clip_grad: float | None
+    max_len: int
+    num_workers: int
+    max_skip_ratio: float
+    log_every: int
+    save_every: int
+    keep_last: int
+    output_dir: str
+    resume: str | None
+
+
+@dataclass
+class Config:
+    """The whole resolved config; ``raw`` is the plain dict written to ``config.yaml``."""
+
+    model: ModelConfig
+    datasets: dict[str, DatasetConfig]
+    run: RunConfig
+    raw: dict[str, Any]
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.create(self.raw))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+
+
+# --------------------------------------------------------------------------- type checking
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def check_type(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` checked (and int->float widened) against the annotation ``tp``."""
+    if tp is Any or tp is inspect.Parameter.empty:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return check_type(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{where}: {value!r} is not a {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                f"{where}: {value!r} is not one of {', '.join(map(repr, args))}{did_you_mean(value, args)}"
+            )
+        return value
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return [check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return to_dataclass(tp, value, where)
+    return value
+
+
+def _check_keys(keys, valid, where: str) -> None:
+    for key in keys:
+        if key not in valid:
+            raise ConfigError(
+                f"unknown key '{where}.{key}'{did_you_mean(key, valid)}; valid keys: {', '.join(sorted(valid))}"
+            )
+
+
+def to_dataclass(cls, data: Any, where: str):
+    """Build dataclass ``cls`` from a mapping, failing on unknown, missing or mistyped keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(data, fields, where)
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            values[name] = check_type(data[name], hints[name], f"{where}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing key '{where}.{name}'")
+    return cls(**values)
+
+
+def constructor_args(cls, kind: str) -> dict[str, inspect.Parameter]:
+    """The user-settable constructor arguments of a registered class (context args excluded)."""
+    target = cls.__init__ if inspect.isclass(cls) else cls
+    params = inspect.signature(target).parameters
+    skip = {"self", *CONTEXT_ARGS.get(kind, ())}
+    return {
+        name: p
+        for name, p in params.items()
+        if name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+def check_params(cls, kind: str, params: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check a component block's keys and types against ``cls``'s constructor."""
+    accepted = constructor_args(cls, kind)
+    _check_keys(params, accepted, where)
+    target = cls.__init__ if inspect.isclass(cls) else cls
+    hints = typing.get_type_hints(target)
+    checked = {}
+    for name, p in accepted.items():
+        if name in params:
+            checked[name] = check_type(params[name], hints.get(name, Any), f"{where}.{name}")
+        elif p.default is inspect.Parameter.empty:
+            raise ConfigError(f"missing key '{where}.{name}' (required by {kind} '{cls.registry_name}')")
+    return checked
+
+
+# --------------------------------------------------------------------------- loading and merging
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except Exception as err:  # YAML syntax errors carry the line
+        raise ConfigError(f"cannot parse {path}: {err}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return OmegaConf.to_container(loaded, resolve=False)
+
+
+def load_project(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A project YAML merged over the files its ``base:`` list names (paths relative to it)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base' includes itself: {' -> '.join(map(str, _seen + (path,)))}")
+    data = _load_yaml(path)
+    bases = data.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    layers = [load_project(path.parent / base, _seen + (path,)) for base in bases]
+    return _merge(*layers, data) if layers else data
+
+
+def component_defaults(kind: str, type_name: str) -> dict[str, Any]:
+    """The default YAML of a registered component, or {} when it ships none."""
+    path = CONFIG_ROOT / DEFAULTS_DIR[kind] / f"{type_name}.yaml"
+    return _load_yaml(path) if path.exists() else {}
+
+
+def parse_options(options: list[str] | None) -> dict[str, Any]:
+    """``["a.b=1", "c=[1,2]"]`` -> nested dict with YAML-typed values."""
+    if not options:
+        return {}
+    for opt in options:
+        if "=" not in opt:
+            raise ConfigError(f"--options expects key=value, got '{opt}'")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(list(options)), resolve=False)
+
+
+def _merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.merge(*[OmegaConf.create(x) for x in layers]), resolve=False)
+
+
+def _merge_component(
+    kind: str, where: str, base: dict | None, project: dict | None, options: dict | None
+) -> dict[str, Any]:
+    """Default YAML of the chosen type, then the project's block, then the overrides.
+
+    When ``--options`` changes a component's ``type``, the project's keys that the new type does
+    not accept are dropped with a warning (they configured the component being replaced).
+    """
+    base, project, options = base or {}, project or {}, options or {}
+    type_name = options.get("type") or project.get("type") or base.get("type")
+    if not type_name:
+        raise ConfigError(f"'{where}.type' is not set; choose one of: {', '.join(registry.list(kind))}")
+    cls = registry.get(kind, type_name)
+    if project.get("type") not in (None, type_name):
+        accepted = constructor_args(cls, kind)
+        dropped = [k for k in project if k != "type" and k not in accepted]
+        if dropped:
+            log.warning(
+                "%s: type changed from '%s' to '%s' by --options; dropped keys that '%s' does not accept: %s",
+                where, project["type"], type_name, type_name, ", ".join(dropped),
+            )
+        project = {k: v for k, v in project.items() if k not in dropped}
+    if base.get("type") not in (None, type_name):
+        base = {}
+    return _merge(component_defaults(kind, type_name), base, project, options, {"type": type_name})
+
+
+def merge_layers(project: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """Merge the four layers into one plain (unresolved) dict."""
+    base = _load_yaml(CONFIG_ROOT / "default.yaml")
+    for name, section in (("project", project), ("options", options)):
+        for key in section:
+            if key not in ("model", "datasets", "run"):
+                raise ConfigError(
+                    f"unknown top-level key '{key}' in {name}{did_you_mean(key, ['model', 'datasets', 'run'])}; "
+                    "valid keys: model, datasets, run"
+                )
+    merged = _merge(base, project, options)
+    model_base, model_proj, model_opt = (x.get("model") or {} for x in (base, project, options))
+    for key, kind in MODEL_COMPONENTS.items():
+        merged["model"][key] = _merge_component(
+            kind, f"model.{key}", model_base.get(key), model_proj.get(key), model_opt.get(key)
+        )
+    data_proj, data_opt = project.get("datasets") or {}, options.get("datasets") or {}
+    merged["datasets"] = {
+        name: _merge_dataset(name, data_proj.get(name), data_opt.get(name))
+        for name in {**data_proj, **data_opt}
+    }
+    return merged
+
+
+def _merge_dataset(name: str, project: dict | None, options: dict | None) -> dict[str, Any]:
+    project, options = project or {}, options or {}
+    builder = options.get("builder") or project.get("builder")
+    if not builder:
+        raise ConfigError(f"'datasets.{name}.builder' is not set; choose one of: {', '.join(registry.list('builder'))}")
+    registry.get("builder", builder)
+    return _merge(component_defaults("builder", builder), project, options)
+
+
+# --------------------------------------------------------------------------- typed config
+
+
+def _component(kind: str, block: dict[str, Any], where: str) -> ComponentConfig:
+    block = dict(block)
+    type_name = block.pop("type")
+    cls = registry.get(kind, type_name)
+    return ComponentConfig(type=type_name, params=check_params(cls, kind, block, where))
+
+
+def build_config(resolved: dict[str, Any]) -> Config:
+    """Validate a merged, interpolation-resolved dict into a typed :class:`Config`."""
+    model = dict(resolved["model"])
+    components = {key: _component(kind, model.pop(key), f"model.{key}") for key, kind in MODEL_COMPONENTS.items()}
+    model_cfg = to_dataclass(ModelConfig, {**model, **{k: vars(c) for k, c in components.items()}}, "model")
+    datasets = {}
+    for name, entry in (resolved.get("datasets") or {}).items():
+        entry = dict(entry)
+        where = f"datasets.{name}"
+        common = to_dataclass(DatasetConfig, {k: entry.pop(k) for k in DATASET_KEYS if k in entry}, where)
+        common.params = check_params(registry.get("builder", common.builder), "builder", entry, where)
+        if common.ratio <= 0:
+            raise ConfigError(f"{where}.ratio must be positive, got {common.ratio}")
+        datasets[name] = common
+    run = to_dataclass(RunConfig, resolved["run"], "run")
+    registry.get("task", run.task)
+    registry.get("runner", run.runner)
+    registry.get("lr_scheduler", run.lr_scheduler)
+    registry.get("model", model_cfg.arch)
+    for key in ("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "save_every", "keep_last"):
+        if getattr(run, key) < 1:
+            raise ConfigError(f"run.{key} must be >= 1, got {getattr(run, key)}")
+    return Config(model=model_cfg, datasets=datasets, run=run, raw=resolved)
+
+
+def load_config(cfg_path: str | Path, options: list[str] | None = None) -> Config:
+    """Load a project YAML with ``--options`` overrides into a validated :class:`Config`."""
+    merged = merge_layers(load_project(cfg_path), parse_options(options))
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
+    except Exception as err:  # a bad ${...} interpolation
+        raise ConfigError(f"cannot resolve {cfg_path}: {err}") from None
+    return build_config(resolved)

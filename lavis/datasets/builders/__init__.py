@@ -1,0 +1,1 @@
+from lavis.datasets.builders import conversation  # noqa: F401

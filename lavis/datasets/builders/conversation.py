@@ -1,0 +1,86 @@
+"""Conversation builders: Qwen-VL's fine-tuning JSON and LLaVA's JSON."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from lavis.common.registry import registry
+from lavis.datasets.builders.base import AnnotationError, RecordDataset, as_paths, read_annotations, record_name
+from lavis.processors.conversation import ROLES
+
+
+def _conversations(path: str, index: int, record: Any, roles: dict[str, str]) -> list[dict[str, str]]:
+    where = record_name(path, index, record)
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        raise AnnotationError(f"{where}: expected an object with a 'conversations' list")
+    messages = []
+    for turn_no, turn in enumerate(record["conversations"]):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
+            raise AnnotationError(f"{where}, turn {turn_no}: expected {{'from': ..., 'value': str}}")
+        if turn["from"] not in roles:
+            raise AnnotationError(
+                f"{where}, turn {turn_no}: unknown role {turn['from']!r}; expected one of {', '.join(roles)}"
+            )
+        messages.append({"role": roles[turn["from"]], "content": turn["value"]})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise AnnotationError(f"{where}: no assistant turn to learn from")
+    return messages
+
+
+@registry.register("builder", "qwen_vl_conversation")
+class QwenVLConversationBuilder:
+    """Qwen-VL's fine-tuning JSON: ``[{"id", "conversations": [{"from": "user"|"assistant", "value"}]}]``.
+
+    Images are referenced inline as ``Picture n: <img>path</img>``; paths are relative to ``image_root``.
+    """
+
+    roles = {role: role for role in ROLES}
+
+    def __init__(self, ann_path: str | list[str], image_root: str = "") -> None:
+        self.ann_paths = as_paths(ann_path)
+        self.image_root = image_root
+
+    def convert(self, path: str, index: int, record: Any) -> dict[str, Any]:
+        return {"id": str(record.get("id", index)), "messages": _conversations(path, index, record, self.roles)}
+
+    def build(self) -> RecordDataset:
+        """Read and validate every record now, so a bad file fails at start."""
+        records = [
+            self.convert(path, index, record)
+            for path in self.ann_paths
+            for index, record in enumerate(read_annotations(path))
+        ]
+        return RecordDataset(records, self.image_root)
+
+
+IMAGE_PLACEHOLDER = re.compile(r"<image>\n?")
+
+
+@registry.register("builder", "llava_conversation")
+class LLaVAConversationBuilder(QwenVLConversationBuilder):
+    """LLaVA's JSON: ``{"id", "image", "conversations": [{"from": "human"|"gpt", "value": "<image>\\n…"}]}``.
+
+    Each ``<image>`` placeholder becomes ``Picture n: <img>path</img>\\n`` as in Qwen-VL; ``image``
+    may be one path or a list; a record with an image but no placeholder gets it before the first turn.
+    """
+
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+
+    def convert(self, path: str, index: int, record: Any) -> dict[str, Any]:
+        converted = super().convert(path, index, record)
+        images = record.get("image") or []
+        images = [images] if isinstance(images, str) else list(images)
+        messages = converted["messages"]
+        placeholders = sum(len(IMAGE_PLACEHOLDER.findall(m["content"])) for m in messages)
+        if placeholders not in (0, len(images)):
+            raise AnnotationError(
+                f"{record_name(path, index, record)}: {placeholders} <image> placeholders for {len(images)} images"
+            )
+        pictures = iter(f"Picture {n}: <img>{img}</img>\n" for n, img in enumerate(images, 1))
+        for message in messages:
+            message["content"] = IMAGE_PLACEHOLDER.sub(lambda _: next(pictures), message["content"])
+        if images and not placeholders:
+            first_user = next(m for m in messages if m["role"] == "user")
+            first_user["content"] = "".join(pictures) + first_user["content"]
+        return converted

@@ -1,0 +1,106 @@
+"""Conversations -> token ids and labels, in Qwen-VL's ChatML with ``<img>`` spans expanded.
+
+Each image reference ``<img>path</img>`` becomes ``<img>`` + N x ``<imgpad>`` + ``</img>`` (N = the
+adapter's output length); the model later replaces the pads with the image's N vectors. Each part
+is tokenized on its own and concatenated, as Qwen-VL's ``finetune.py`` does, so label boundaries
+fall on token boundaries.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from lavis.processors.errors import SkipSample
+from lavis.processors.tokenizer import TextTokenizer
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+IMAGE_SPAN = re.compile(r"<img>(.*?)</img>", re.S)
+
+
+@dataclass
+class EncodedText:
+    """Token ids, labels (``IGNORE_INDEX`` where unsupervised) and the image paths in order."""
+
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+    # [start, end) token index of each <img>…</img> span, for truncation.
+    image_spans: list[tuple[int, int]] = field(default_factory=list)
+
+    def extend(self, other: "EncodedText") -> "EncodedText":
+        offset = len(self.input_ids)
+        self.input_ids += other.input_ids
+        self.labels += other.labels
+        self.images += other.images
+        self.image_spans += [(s + offset, e + offset) for s, e in other.image_spans]
+        return self
+
+    def add_tokens(self, ids: list[int], supervised: bool) -> "EncodedText":
+        self.input_ids += ids
+        self.labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+        return self
+
+
+class ConversationEncoder:
+    """ChatML formatting, image-span expansion, label masks and span-safe truncation."""
+
+    def __init__(self, tokenizer: TextTokenizer, num_image_tokens: int, system_message: str, max_len: int) -> None:
+        self.tok = tokenizer
+        self.num_image_tokens = num_image_tokens
+        self.system_message = system_message
+        self.max_len = max_len
+        self._newline = tokenizer.encode("\n")
+        self._role_ids = {role: tokenizer.encode(role) for role in ROLES}
+
+    def encode_text(self, text: str, supervised: bool) -> EncodedText:
+        """Plain text with ``<img>path</img>`` spans; image pads are never supervised."""
+        out = EncodedText()
+        pos = 0
+        for match in IMAGE_SPAN.finditer(text):
+            if match.start() > pos:
+                out.add_tokens(self.tok.encode(text[pos : match.start()]), supervised)
+            start = len(out.input_ids)
+            span = [self.tok.img_start_id] + [self.tok.img_pad_id] * self.num_image_tokens + [self.tok.img_end_id]
+            out.add_tokens(span, supervised=False)
+            out.images.append(match.group(1).strip())
+            out.image_spans.append((start, len(out.input_ids)))
+            pos = match.end()
+        if pos < len(text):
+            out.add_tokens(self.tok.encode(text[pos:]), supervised)
+        return out
+
+    def encode_turn(self, role: str, content: str) -> EncodedText:
+        """``<|im_start|>{role}\\n{content}<|im_end|>\\n``; assistant content + ``<|im_end|>`` supervised."""
+        if role not in self._role_ids:
+            raise ValueError(f"unknown role '{role}'; expected one of {', '.join(ROLES)}")
+        supervised = role == "assistant"
+        out = EncodedText().add_tokens([self.tok.im_start_id] + self._role_ids[role] + self._newline, False)
+        out.extend(self.encode_text(content, supervised))
+        out.add_tokens([self.tok.im_end_id], supervised)
+        return out.add_tokens(self._newline, False)
+
+    def encode_messages(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> EncodedText:
+        """A whole conversation, with the default system message unless the first turn is a system turn."""
+        out = EncodedText()
+        if not messages or messages[0]["role"] != "system":
+            out.extend(self.encode_turn("system", self.system_message))
+        for message in messages:
+            out.extend(self.encode_turn(message["role"], message["content"]))
+        if add_generation_prompt:
+            out.add_tokens([self.tok.im_start_id] + self._role_ids["assistant"] + self._newline, False)
+        return out
+
+    def truncate(self, enc: EncodedText) -> EncodedText:
+        """Cut to ``max_len`` tokens unless that would cut an image span or leave nothing supervised."""
+        if len(enc.input_ids) <= self.max_len:
+            return enc
+        cut = self.max_len
+        if any(start < cut < end for start, end in enc.image_spans):
+            raise SkipSample("too_long", f"{len(enc.input_ids)} tokens > max_len {self.max_len}, cut inside an image")
+        kept_spans = [(s, e) for s, e in enc.image_spans if e <= cut]
+        labels = enc.labels[:cut]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise SkipSample("too_long", f"{len(enc.input_ids)} tokens > max_len {self.max_len}, no target left")
+        return EncodedText(enc.input_ids[:cut], labels, enc.images[: len(kept_spans)], kept_spans)

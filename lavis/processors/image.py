@@ -1,0 +1,49 @@
+"""Image processor: load, resize to the encoder's size, normalise with CLIP's mean/std."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from lavis.common.registry import registry
+from lavis.processors.errors import SkipSample
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB; a missing or unreadable file raises :class:`SkipSample`."""
+    path = Path(path)
+    if not path.is_file():
+        raise SkipSample("missing_image", f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise SkipSample("corrupt_image", f"cannot read image {path}: {err}") from None
+
+
+@registry.register("processor", "clip_image")
+class CLIPImageProcessor:
+    """Resize to ``image_size`` x ``image_size`` (bicubic, as Qwen-VL) and normalise."""
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: list[float] = list(CLIP_MEAN),
+        std: list[float] = list(CLIP_STD),
+    ) -> None:
+        self.image_size = image_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> float tensor [3, image_size, image_size]."""
+        if image.size != (self.image_size, self.image_size):
+            image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return (pixels.float().div_(255.0) - self.mean) / self.std

@@ -1,0 +1,121 @@
+"""Tokenizers with Qwen-VL's special tokens: a Hugging Face tokenizer, or Qwen's tiktoken BPE."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from lavis.common.registry import registry
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+REF_START, REF_END, BOX_START, BOX_END = "<ref>", "</ref>", "<box>", "</box>"
+QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD = "<quad>", "</quad>", "<img>", "</img>", "<imgpad>"
+SPECIAL_TOKENS = (
+    ENDOFTEXT, IM_START, IM_END, REF_START, REF_END, BOX_START, BOX_END,
+    QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD,
+)
+# Qwen's pre-tokenisation: cl100k's pattern with each digit its own piece.
+QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+class TextTokenizer:
+    """Common interface: ``encode``/``decode`` and the ids of the special tokens."""
+
+    def __init__(self) -> None:
+        ids = {tok: self.token_id(tok) for tok in SPECIAL_TOKENS}
+        self.eod_id = ids[ENDOFTEXT]
+        self.im_start_id, self.im_end_id = ids[IM_START], ids[IM_END]
+        self.img_start_id, self.img_end_id, self.img_pad_id = ids[IMG_START], ids[IMG_END], ids[IMG_PAD]
+        self.pad_id = self.eod_id
+        self.stop_ids = (self.im_end_id, self.eod_id)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special-token strings in it become their single ids."""
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def token_id(self, token: str) -> int:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+
+@registry.register("processor", "hf_tokenizer")
+class HFTokenizer(TextTokenizer):
+    """A Hugging Face tokenizer from a local directory or ``tokenizer.json`` (``null``: the embedded one).
+
+    Qwen-VL's special tokens the tokenizer lacks are added (the LLM's vocabulary is resized to match).
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        if path is None:
+            from lavis.datasets.synthetic.tokenizer import EMBEDDED_TOKENIZER_PATH
+
+            path = str(EMBEDDED_TOKENIZER_PATH)
+        if Path(path).is_file():
+            self.hf = PreTrainedTokenizerFast(tokenizer_file=path)
+        else:
+            self.hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        vocab = self.hf.get_vocab()
+        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+        if missing:
+            self.hf.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        super().__init__()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def token_id(self, token: str) -> int:
+        return self.hf.convert_tokens_to_ids(token)
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+
+@registry.register("processor", "qwen_tiktoken")
+class QwenTiktoken(TextTokenizer):
+    """Qwen(-VL)'s own BPE from its ``qwen.tiktoken`` file, with Qwen-VL's special-token ids.
+
+    Ids match the released tokenizer: ``<|endoftext|>`` 151643, ``<|im_start|>``, ``<|im_end|>``,
+    205 ``<|extra_i|>``, then ``<ref>`` 151851 … ``<imgpad>`` 151859.
+    """
+
+    def __init__(self, path: str) -> None:
+        import tiktoken
+
+        file = Path(path)
+        if file.is_dir():
+            file = file / "qwen.tiktoken"
+        ranks = {}
+        with open(file, "rb") as fh:
+            for line in fh:
+                if line.strip():
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token)] = int(rank)
+        names = [ENDOFTEXT, IM_START, IM_END] + [f"<|extra_{i}|>" for i in range(205)] + list(SPECIAL_TOKENS[3:])
+        specials = {name: len(ranks) + i for i, name in enumerate(names)}
+        self.enc = tiktoken.Encoding("qwen", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+        self._specials = specials
+        super().__init__()
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode(text, allowed_special="all", disallowed_special=())
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode(list(ids), errors="replace")
+
+    def token_id(self, token: str) -> int:
+        return self._specials[token]
+
+    def __len__(self) -> int:
+        return self.enc.n_vocab
