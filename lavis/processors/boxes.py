@@ -29,3 +29,18 @@ def ref_box_text(phrase: str, bbox: tuple[float, float, float, float], width: in
 def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
     """All ``<box>(x1,y1),(x2,y2)</box>`` in ``text`` as integer tuples in [0, 1000) space."""
     return [tuple(int(v) for v in m.groups()) for m in BOX_PATTERN.finditer(text)]
+
+
+def denorm_box(box: tuple[int, int, int, int], width: int, height: int) -> tuple[float, float, float, float]:
+    """Normalised [0, 1000) box -> pixel box (inverse of :func:`box_text` up to rounding)."""
+    x1, y1, x2, y2 = box
+    return x1 * width / 1000, y1 * height / 1000, x2 * width / 1000, y2 * height / 1000
+
+
+def iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

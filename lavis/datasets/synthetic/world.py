@@ -26,13 +26,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from lavis.processors.boxes import box_text, denorm_box, iou, normalize_coord, parse_boxes, ref_box_text  # noqa: F401
 
 WORLD_VERSION = 1
 IMAGE_SIZE = 128
@@ -231,41 +232,6 @@ def render(scene: Scene) -> Image.Image:
 # --------------------------------------------------------------------------- text helpers
 
 
-def norm_coord(v: float, size: int) -> int:
-    """Qwen-VL box coordinate: ``min(int(v * 1000 / size), 999)`` (and at least 0)."""
-    return max(0, min(int(v * 1000 / size), 999))
-
-
-def box_text(bbox: tuple[int, int, int, int], width: int, height: int) -> str:
-    """Qwen-VL box text ``(x1,y1),(x2,y2)``; each coordinate is ``min(int(v*1000/size), 999)``."""
-    x1, y1, x2, y2 = bbox
-    return f"({norm_coord(x1, width)},{norm_coord(y1, height)}),({norm_coord(x2, width)},{norm_coord(y2, height)})"
-
-
-BOX_RE = re.compile(r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")
-GROUNDING_RE = re.compile(r"<ref>([^<]*)</ref><box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")
-
-
-def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
-    """All ``<box>(x1,y1),(x2,y2)</box>`` in ``text``, in normalised 0..999 coordinates."""
-    return [tuple(int(v) for v in m.groups()) for m in BOX_RE.finditer(text)]
-
-
-def denorm_box(box: tuple[int, int, int, int], width: int, height: int) -> tuple[float, float, float, float]:
-    """Inverse of :func:`box_text` (up to rounding): normalised box -> pixel box."""
-    x1, y1, x2, y2 = box
-    return x1 * width / 1000, y1 * height / 1000, x2 * width / 1000, y2 * height / 1000
-
-
-def iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def ref_phrase(obj: Obj) -> str:
     """Referring expression, e.g. ``"the red circle"``."""
     return f"the {obj.colour} {obj.shape}"
@@ -273,7 +239,7 @@ def ref_phrase(obj: Obj) -> str:
 
 def grounding_text(obj: Obj, width: int, height: int) -> str:
     """``<ref>the red circle</ref><box>(x1,y1),(x2,y2)</box>``."""
-    return f"<ref>{ref_phrase(obj)}</ref><box>{box_text(obj.bbox, width, height)}</box>"
+    return ref_box_text(ref_phrase(obj), obj.bbox, width, height)
 
 
 def position_phrase(position: str) -> str:
