@@ -6,6 +6,7 @@ import contextlib
 import logging
 import random
 import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -257,7 +258,9 @@ class IterRunner:
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
         self.model.train()
         batches = self.data_iterator(self.samples_seen)
-        bar = tqdm(total=run.max_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not self.is_main)
+        # The bar only on an interactive terminal; logs and CI get one line per log_every steps instead.
+        show_bar = self.is_main and sys.stderr.isatty()
+        bar = tqdm(total=run.max_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not show_bar)
         window = {"loss": 0.0, "tokens": 0, "input_tokens": 0, "samples": 0, "start": time.perf_counter()}
         last: dict[str, Any] = {}
         try:
@@ -287,7 +290,7 @@ class IterRunner:
                     }
                     metrics.write(last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
-                    if bar.disable or not bar.fp.isatty():
+                    if not show_bar and self.is_main:
                         log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f", self.step, run.max_steps, last["loss"], lr, last["tokens_per_s"])
                     window = {"loss": 0.0, "tokens": 0, "input_tokens": 0, "samples": 0, "start": time.perf_counter()}
                 if self.step % run.save_every == 0 or self.step == run.max_steps or self._stop_requested:

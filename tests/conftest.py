@@ -1,0 +1,87 @@
+"""Shared fixtures: offline environment, a small synthetic world, the SFT project with overrides."""
+
+from __future__ import annotations
+
+import os
+
+# Before torch / transformers are imported by any test module: offline, no wandb, and one
+# intra-op thread (the test machines have 2 cores shared by several processes; oversubscribed
+# OpenMP threads make each step 10-50x slower). Subprocesses started by tests inherit these.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+REPO = Path(__file__).resolve().parents[1]
+SFT_PROJECT = REPO / "projects" / "sft.yaml"
+TINY_PRESET = REPO / "configs" / "models" / "presets" / "tiny.yaml"
+SMALL_WORLD_SIZES = {"train": 64, "val": 8, "test": 8}
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory) -> Path:
+    """A synthetic world with 64 train scenes (about 0.1 s to generate), shared by the session."""
+    from lavis.datasets.synthetic.world import ensure_world
+
+    return ensure_world(tmp_path_factory.mktemp("world") / "synthetic", sizes=SMALL_WORLD_SIZES)
+
+
+def sft_options(world: Path, output_dir: Path, *extra: str) -> list[str]:
+    """``--options`` that point projects/sft.yaml at ``world`` and make it small, quick and CPU-only.
+
+    ``synthetic_root`` is set to null: the task would otherwise call ``ensure_world(root)`` with the
+    default sizes and replace the small world by a 2000-scene one.
+    """
+    return [
+        f"datasets.synthetic_sft.ann_path={world / 'sft_train.json'}",
+        f"datasets.synthetic_sft.image_root={world}",
+        "datasets.synthetic_sft.synthetic_root=null",
+        "run.device=cpu",
+        "run.num_workers=0",
+        "run.batch_size=4",
+        "run.max_len=256",
+        "run.log_every=1",
+        f"run.output_dir={output_dir}",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def load_sft(small_world, tmp_path):
+    """``load_sft(*options, output_dir=None)`` -> the validated Config of projects/sft.yaml on the small world."""
+    from lavis.common.config import load_config
+
+    def load(*extra: str, output_dir: Path | None = None):
+        return load_config(SFT_PROJECT, sft_options(small_world, output_dir or tmp_path / "out", *extra))
+
+    return load
+
+
+def train_command(options: list[str], cfg_path: Path = SFT_PROJECT) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), "--cfg-path", str(cfg_path), "--options", *options]
+
+
+def run_train(options: list[str], timeout: float = 120, cfg_path: Path = SFT_PROJECT) -> subprocess.CompletedProcess:
+    """``python train.py --cfg-path <cfg_path> --options ...`` in a subprocess (output captured as text)."""
+    return subprocess.run(
+        train_command(options, cfg_path), cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def popen_train(options: list[str], log_path: Path, cfg_path: Path = SFT_PROJECT) -> subprocess.Popen:
+    """Start train.py in the background; stdout and stderr go to ``log_path``."""
+    log = open(log_path, "w")
+    try:
+        return subprocess.Popen(train_command(options, cfg_path), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()  # the child holds its own descriptor
