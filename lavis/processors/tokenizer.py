@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import base64
+import os
 from pathlib import Path
 
 from lavis.common.registry import registry
+
+# DataLoader workers fork after the tokenizer has run; HF tokenizers' own threads would deadlock.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 REF_START, REF_END, BOX_START, BOX_END = "<ref>", "</ref>", "<box>", "</box>"

@@ -262,7 +262,9 @@ class IterRunner:
         show_bar = self.is_main and sys.stderr.isatty()
         bar = tqdm(total=run.max_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not show_bar)
         window = {"loss": 0.0, "tokens": 0, "input_tokens": 0, "samples": 0, "start": time.perf_counter()}
+        first: dict[str, Any] = {}
         last: dict[str, Any] = {}
+        started = time.perf_counter()
         try:
             while self.step < run.max_steps and not self._stop_requested:
                 lr = self.set_lr(self.step)
@@ -289,6 +291,7 @@ class IterRunner:
                         "time": time.time(),
                     }
                     metrics.write(last)
+                    first = first or last
                     bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
                     if not show_bar and self.is_main:
                         log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f", self.step, run.max_steps, last["loss"], lr, last["tokens_per_s"])
@@ -301,6 +304,12 @@ class IterRunner:
             signal.signal(signal.SIGTERM, previous_handler)
         if self.skipped:
             log.warning("skipped samples by reason: %s", dict(self.skipped))
+        if first and self.is_main:
+            log.info(
+                "trained to step %d in %.0f s; loss %.4f (step %d) -> %.4f (step %d); metrics in %s",
+                self.step, time.perf_counter() - started, first["loss"], first["step"], last["loss"], last["step"],
+                self.output_dir / "metrics.jsonl",
+            )
         return last
 
 

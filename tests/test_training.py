@@ -1,0 +1,284 @@
+"""Training: the loss falls, gradient accumulation, exact resume after SIGKILL, checkpoints, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import SFT_PROJECT, popen_train, sft_options
+from lavis.common.config import load_config
+from lavis.common import checkpoint as ckpt
+from lavis.common.logging import read_metrics
+from lavis.common.optim import linear_warmup_cosine
+from lavis.runners import build_runner
+
+QUICK = ("run.save_every=1000", "run.warmup_steps=2")
+
+
+def step_dirs(output_dir: Path) -> list[str]:
+    return [p.name for p in ckpt.list_checkpoints(output_dir)]
+
+
+def hidden_dirs(output_dir: Path) -> list[str]:
+    return sorted(p.name for p in (output_dir / "checkpoints").glob(".*"))
+
+
+def wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 180.0, poll: float = 0.02) -> None:
+    """Poll ``predicate`` until true; fail (with the log) if ``proc`` exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"train.py exited with {proc.returncode} before the awaited event:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting:\n{log.read_text()[-3000:]}")
+        time.sleep(poll)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"train.py did not finish in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def test_loss_falls_and_logged_lr_follows_the_schedule(load_sft, tmp_path):
+    out = tmp_path / "out"
+    cfg = load_sft(
+        "run.max_steps=30", "run.warmup_steps=3", "run.lr=2e-3", "run.min_lr=2e-4", "run.log_every=5",
+        "run.save_every=1000", output_dir=out,
+    )
+    last = build_runner(cfg).train()
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+    assert last == records[-1]
+    for r in records:
+        assert math.isfinite(r["loss"]) and r["skipped"] == 0
+        # the lr logged at step s is the one step s used (0-based optimiser step s - 1)
+        assert r["lr"] == pytest.approx(linear_warmup_cosine(r["step"] - 1, 30, 3, 2e-3, 2e-4), rel=1e-12)
+    first, final = records[0]["loss"], records[-1]["loss"]
+    assert 5.0 < first < 8.0  # about ln(vocab) = ln(1088) = 7.0 at the start
+    assert final <= 0.7 * first, [r["loss"] for r in records]
+    assert step_dirs(out) == ["step_00000030"]  # the last step is always saved
+
+
+def test_gradient_accumulation_matches_a_larger_batch(load_sft, tmp_path):
+    common = ("run.max_steps=3", "run.warmup_steps=1", "run.lr=1e-3", *QUICK[:1])
+    big = build_runner(load_sft(*common, "run.batch_size=8", "run.grad_accum=1", output_dir=tmp_path / "big"))
+    init = {k: v.detach().clone() for k, v in big.trainable_state().items()}
+    big.train()
+    acc = build_runner(load_sft(*common, "run.batch_size=4", "run.grad_accum=2", output_dir=tmp_path / "acc"))
+    acc.train()
+    a = {k: v.detach() for k, v in big.trainable_state().items()}
+    b = {k: v.detach() for k, v in acc.trainable_state().items()}
+    assert a.keys() == b.keys() == init.keys()
+    moved = max(float((a[k] - init[k]).abs().max()) for k in a)
+    assert moved > 1e-3  # training changed the weights, so the comparison below means something
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-5, worst
+    la = read_metrics(tmp_path / "big" / "metrics.jsonl")
+    lb = read_metrics(tmp_path / "acc" / "metrics.jsonl")
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == [1, 2, 3]
+    for ra, rb in zip(la, lb):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- exact resume
+
+
+def test_resume_after_sigkill_is_bitwise_identical(small_world, tmp_path):
+    """Run A trains 24 steps uninterrupted (in this process). Runs B (num_workers 0 and 2, side by
+    side, in subprocesses) are SIGKILLed once their first checkpoint exists, then rerun with
+    ``run.resume=auto``; every run ends with the same weights, optimiser state and losses, bit for bit."""
+    steps = 24
+
+    def options(out: Path, *extra: str) -> list[str]:
+        return sft_options(
+            small_world, out, f"run.max_steps={steps}", "run.save_every=4", "run.keep_last=3", "run.warmup_steps=4",
+            *extra,
+        )
+
+    workers = (0, 2)
+    outs = {w: tmp_path / f"b{w}" for w in workers}
+    logs = {w: tmp_path / f"b{w}.log" for w in workers}
+    procs = {w: popen_train(options(outs[w], f"run.num_workers={w}"), logs[w]) for w in workers}
+    killed_at = {}
+    try:
+        pending = set(workers)
+        while pending:
+            for w in list(pending):
+                if ckpt.list_checkpoints(outs[w]):
+                    procs[w].send_signal(signal.SIGKILL)
+                    assert procs[w].wait(timeout=30) == -signal.SIGKILL, f"num_workers={w}: not killed"
+                    pending.discard(w)
+                elif procs[w].poll() is not None:
+                    pytest.fail(f"num_workers={w}: exited with {procs[w].returncode}:\n{logs[w].read_text()[-3000:]}")
+            time.sleep(0.02)
+        for w in workers:
+            killed_at[w] = int(ckpt.list_checkpoints(outs[w])[-1].name.split("_")[1])
+            assert 4 <= killed_at[w] < steps
+            procs[w] = popen_train(options(outs[w], f"run.num_workers={w}", "run.resume=auto"), logs[w])
+
+        # Meanwhile, the uninterrupted run.
+        out_a = tmp_path / "a"
+        build_runner(load_config(SFT_PROJECT, options(out_a, "run.num_workers=0"))).train()
+
+        for w in workers:
+            assert finish(procs[w], logs[w]) == 0, logs[w].read_text()[-3000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    final = f"step_{steps:08d}"
+    wa = load_file(str(out_a / "checkpoints" / final / ckpt.WEIGHTS_NAME))
+    sa = torch.load(out_a / "checkpoints" / final / ckpt.STATE_NAME, weights_only=True)
+    ma = {r["step"]: r["loss"] for r in read_metrics(out_a / "metrics.jsonl")}
+    assert sorted(ma) == list(range(1, steps + 1))
+    assert step_dirs(out_a) == ["step_00000016", "step_00000020", "step_00000024"]
+    for w in workers:
+        out_b = outs[w]
+        resumed = f"resumed from {out_b / 'checkpoints' / f'step_{killed_at[w]:08d}'} at step {killed_at[w]}"
+        assert resumed in logs[w].read_text()
+
+        wb = load_file(str(out_b / "checkpoints" / final / ckpt.WEIGHTS_NAME))
+        assert wa.keys() == wb.keys() and len(wa) > 50
+        different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+        assert not different, f"num_workers={w}: {len(different)} tensors differ after resume, e.g. {different[:3]}"
+
+        sb = torch.load(out_b / "checkpoints" / final / ckpt.STATE_NAME, weights_only=True)
+        assert sa["step"] == sb["step"] == steps
+        assert sa["data"] == sb["data"] == {"samples_seen": steps * 4, "skipped": {}}  # 96 > 64: crosses an epoch
+        opt_a, opt_b = sa["optimizer"]["state"], sb["optimizer"]["state"]
+        assert opt_a.keys() == opt_b.keys()
+        for i in opt_a:
+            assert torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"])
+            assert torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"])
+
+        # The losses logged after the resume point are the uninterrupted run's, to the last bit.
+        mb = {r["step"]: r["loss"] for r in read_metrics(out_b / "metrics.jsonl")}  # later records win
+        assert sorted(mb) == list(range(1, steps + 1))
+        assert [mb[s] for s in range(killed_at[w] + 1, steps + 1)] == [ma[s] for s in range(killed_at[w] + 1, steps + 1)]
+        assert step_dirs(out_b) == ["step_00000016", "step_00000020", "step_00000024"]
+        assert hidden_dirs(out_b) == []  # the killed run's temporary directory (if any) was cleaned up
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_keep_last_prunes_older_checkpoints(load_sft, tmp_path):
+    out = tmp_path / "out"
+    runner = build_runner(load_sft("run.max_steps=7", "run.save_every=2", "run.keep_last=2", output_dir=out))
+    runner.train()
+    assert step_dirs(out) == ["step_00000006", "step_00000007"]  # 2 and 4 were pruned; the last step saved
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000006", "step_00000007"]
+    for name, step in (("step_00000006", 6), ("step_00000007", 7)):
+        d = out / "checkpoints" / name
+        assert sorted(p.name for p in d.iterdir()) == ["meta.json", "model.safetensors", "state.pt"]
+        assert json.loads((d / "meta.json").read_text())["step"] == step
+        assert torch.load(d / "state.pt", weights_only=True)["step"] == step
+
+
+def test_resume_auto_ignores_temporary_and_incomplete_directories(load_sft, tmp_path):
+    out = tmp_path / "out"
+    opts = ("run.save_every=2", "run.keep_last=5")
+    build_runner(load_sft("run.max_steps=4", *opts, output_dir=out)).train()
+    root = out / "checkpoints"
+    assert step_dirs(out) == ["step_00000002", "step_00000004"]
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        # A killed run's temporary directory, complete-looking and newer than any checkpoint.
+        leftover = root / f".step_00000010.tmp-{dead.pid}"
+        shutil.copytree(root / "step_00000004", leftover)
+        (leftover / ckpt.META_NAME).write_text(json.dumps({"step": 10}))
+        # A temporary directory of a process that is still writing it.
+        writing = root / f".step_00000012.tmp-{alive.pid}"
+        shutil.copytree(root / "step_00000004", writing)
+        # A final-named directory without meta.json (never complete).
+        shutil.copytree(root / "step_00000004", root / "step_00000008")
+        (root / "step_00000008" / ckpt.META_NAME).unlink()
+
+        runner = build_runner(load_sft("run.max_steps=6", "run.resume=auto", *opts, output_dir=out))
+        assert runner.resume_path() == root / "step_00000004"
+        runner.train()
+        assert runner.step == 6
+        assert not leftover.exists()  # pruned: its writer is dead
+        assert writing.exists()  # kept: its writer may still be renaming it
+    finally:
+        alive.kill()
+        alive.wait()
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]  # appended after the resume at step 4
+    assert json.loads((root / "step_00000006" / ckpt.META_NAME).read_text())["step"] == 6
+
+
+def test_checkpoint_holds_only_trainable_weights(load_sft, tmp_path):
+    out = tmp_path / "out"
+    runner = build_runner(
+        load_sft("run.max_steps=1", "model.freeze.vision=frozen", *QUICK, output_dir=out)
+    )
+    runner.train()
+    d = out / "checkpoints" / "step_00000001"
+    weights = load_file(str(d / ckpt.WEIGHTS_NAME))
+    model = runner.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(weights) == trainable
+    assert not any(k.startswith("vision.") for k in weights)
+    assert any(k.startswith("adapter.") for k in weights) and any(k.startswith("llm.") for k in weights)
+    assert sum(w.numel() for w in weights.values()) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    ) == sum(p.numel() for n, p in model.named_parameters() if not n.startswith("vision."))
+    params = dict(model.named_parameters())
+    assert all(torch.equal(weights[k], params[k].detach()) for k in weights)
+    meta = json.loads((d / ckpt.META_NAME).read_text())
+    assert meta == {"step": 1, "weights": "trainable", "freeze": {"vision": "frozen", "adapter": "trainable", "llm": "trainable"}}
+
+    # Resuming it under another freeze policy is refused with a reason.
+    other = build_runner(load_sft("run.max_steps=2", f"run.resume={d}", *QUICK, output_dir=tmp_path / "o"))
+    with pytest.raises(ValueError, match="freeze policy"):
+        other.load(d)
+
+
+# --------------------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(small_world, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    max_steps = 2000
+    proc = popen_train(sft_options(small_world, out, f"run.max_steps={max_steps}", *QUICK), log)
+    try:
+        metrics = out / "metrics.jsonl"
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc, log)
+        proc.send_signal(signal.SIGTERM)
+        rc = finish(proc, log, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0, log.read_text()[-3000:]
+    found = ckpt.list_checkpoints(out)
+    assert len(found) == 1
+    step = json.loads((found[0] / ckpt.META_NAME).read_text())["step"]
+    assert 2 <= step < max_steps
+    assert found[0].name == f"step_{step:08d}"
+    assert read_metrics(out / "metrics.jsonl")[-1]["step"] == step
+    assert "signal 15" in log.read_text()
+    assert os.path.getsize(found[0] / ckpt.WEIGHTS_NAME) > 1_000_000
