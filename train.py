@@ -8,6 +8,7 @@ import sys
 from lavis.common.config import ConfigError, load_config
 from lavis.common.logging import setup_logging
 from lavis.common.registry import RegistryError
+from lavis.datasets.builders.base import AnnotationError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,7 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from lavis.runners import build_runner
 
-    build_runner(cfg).train()
+    try:
+        runner = build_runner(cfg)
+    except (ConfigError, RegistryError, AnnotationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    runner.train()
     return 0
 
 

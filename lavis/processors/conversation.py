@@ -53,6 +53,14 @@ class ConversationEncoder:
         self.max_len = max_len
         self._newline = tokenizer.encode("\n")
         self._role_ids = {role: tokenizer.encode(role) for role in ROLES}
+        self._image_token_ids = {tokenizer.img_start_id, tokenizer.img_end_id, tokenizer.img_pad_id}
+
+    def _encode_plain(self, text: str) -> list[int]:
+        ids = self.tok.encode(text)
+        if any(i in self._image_token_ids for i in ids):
+            # A stray <img>/<imgpad> would desynchronise images and pads in the model.
+            raise SkipSample("stray_image_token", f"image token outside an <img>path</img> span in {text!r}")
+        return ids
 
     def encode_text(self, text: str, supervised: bool) -> EncodedText:
         """Plain text with ``<img>path</img>`` spans; image pads are never supervised."""
@@ -60,7 +68,7 @@ class ConversationEncoder:
         pos = 0
         for match in IMAGE_SPAN.finditer(text):
             if match.start() > pos:
-                out.add_tokens(self.tok.encode(text[pos : match.start()]), supervised)
+                out.add_tokens(self._encode_plain(text[pos : match.start()]), supervised)
             start = len(out.input_ids)
             span = [self.tok.img_start_id] + [self.tok.img_pad_id] * self.num_image_tokens + [self.tok.img_end_id]
             out.add_tokens(span, supervised=False)
@@ -68,7 +76,7 @@ class ConversationEncoder:
             out.image_spans.append((start, len(out.input_ids)))
             pos = match.end()
         if pos < len(text):
-            out.add_tokens(self.tok.encode(text[pos:]), supervised)
+            out.add_tokens(self._encode_plain(text[pos:]), supervised)
         return out
 
     def encode_turn(self, role: str, content: str) -> EncodedText:

@@ -42,7 +42,8 @@ class QwenVLConversationBuilder:
         self.image_root = image_root
 
     def convert(self, path: str, index: int, record: Any) -> dict[str, Any]:
-        return {"id": str(record.get("id", index)), "messages": _conversations(path, index, record, self.roles)}
+        messages = _conversations(path, index, record, self.roles)
+        return {"id": str(record.get("id", index)), "messages": messages}
 
     def build(self) -> RecordDataset:
         """Read and validate every record now, so a bad file fails at start."""
@@ -81,6 +82,8 @@ class LLaVAConversationBuilder(QwenVLConversationBuilder):
         for message in messages:
             message["content"] = IMAGE_PLACEHOLDER.sub(lambda _: next(pictures), message["content"])
         if images and not placeholders:
-            first_user = next(m for m in messages if m["role"] == "user")
+            first_user = next((m for m in messages if m["role"] == "user"), None)
+            if first_user is None:
+                raise AnnotationError(f"{record_name(path, index, record)}: an image but no human turn to hold it")
             first_user["content"] = "".join(pictures) + first_user["content"]
         return converted
