@@ -13,12 +13,12 @@ os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import subprocess
+import sys
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -37,15 +37,11 @@ def small_world(tmp_path_factory) -> Path:
 
 
 def sft_options(world: Path, output_dir: Path, *extra: str) -> list[str]:
-    """``--options`` that point projects/sft.yaml at ``world`` and make it small, quick and CPU-only.
-
-    ``synthetic_root`` is set to null: the task would otherwise call ``ensure_world(root)`` with the
-    default sizes and replace the small world by a 2000-scene one.
-    """
+    """``--options`` that point projects/sft.yaml at ``world`` and make it small, quick and CPU-only."""
     return [
         f"datasets.synthetic_sft.ann_path={world / 'sft_train.json'}",
         f"datasets.synthetic_sft.image_root={world}",
-        "datasets.synthetic_sft.synthetic_root=null",
+        f"datasets.synthetic_sft.synthetic_root={world}",  # an existing world is used whatever its size
         "run.device=cpu",
         "run.num_workers=0",
         "run.batch_size=4",
@@ -74,14 +70,11 @@ def train_command(options: list[str], cfg_path: Path = SFT_PROJECT) -> list[str]
 def run_train(options: list[str], timeout: float = 120, cfg_path: Path = SFT_PROJECT) -> subprocess.CompletedProcess:
     """``python train.py --cfg-path <cfg_path> --options ...`` in a subprocess (output captured as text)."""
     return subprocess.run(
-        train_command(options, cfg_path), cwd=REPO, capture_output=True, text=True, timeout=timeout
+        train_command(options, cfg_path), cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
 def popen_train(options: list[str], log_path: Path, cfg_path: Path = SFT_PROJECT) -> subprocess.Popen:
     """Start train.py in the background; stdout and stderr go to ``log_path``."""
-    log = open(log_path, "w")
-    try:
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
         return subprocess.Popen(train_command(options, cfg_path), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    finally:
-        log.close()  # the child holds its own descriptor

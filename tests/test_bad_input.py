@@ -425,7 +425,8 @@ def test_unknown_run_key_exits_2_with_did_you_mean():
         ("model.freeze.visoin=frozen", "unknown key 'model.freeze.visoin' (did you mean 'vision'?); "
                                        "valid keys: adapter, llm, vision"),
         ("datasets.synthetic_sft.image_rot=x", "unknown key 'datasets.synthetic_sft.image_rot' "
-                                               "(did you mean 'image_root'?); valid keys: ann_path, image_root"),
+                                               "(did you mean 'image_root'?); valid keys: ann_path, builder, image_root, "
+                                               "ratio, synthetic_root"),
         ("rnu.lr=1", "unknown top-level key 'rnu' in options (did you mean 'run'?); valid keys: model, datasets, run"),
     ],
 )

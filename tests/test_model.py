@@ -3,19 +3,24 @@ gradients, weight-decay groups and the learning-rate schedule."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import popen_train, sft_options
 from safetensors.torch import load_file
 
-from conftest import SFT_PROJECT, popen_train, sft_options
-from lavis.common.config import load_config
-from lavis.common.optim import build_optimizer, constant_with_warmup, linear_warmup_cosine, parameter_groups
+from lavis.common.optim import (
+    build_optimizer,
+    constant_with_warmup,
+    linear_warmup_cosine,
+    parameter_groups,
+)
 from lavis.datasets.collate import PadCollator
 from lavis.models import build_model
 from lavis.models.freeze import parameter_counts
@@ -91,14 +96,14 @@ def test_image_vectors_land_exactly_at_the_imgpad_positions(tiny):
     assert pads.sum(1).tolist() == [0, n, 2 * n]
     assert torch.equal(embeds[~pads], tokens[~pads])  # text (and padding) untouched
 
-    def pad_run(row: int, start: int) -> torch.Tensor:
-        return torch.arange(start, start + n)
+    def pad_run(start: int) -> list[int]:
+        return list(range(start, start + n))
 
     p1 = len(enc("Look at Picture 1: ")) + 1
     p2a = len(enc("First")) + 1
     p2b = p2a + n + 1 + len(enc(" and then, between them, ")) + 1
-    assert pads[1].nonzero().flatten().tolist() == pad_run(1, p1).tolist()
-    assert pads[2].nonzero().flatten().tolist() == pad_run(2, p2a).tolist() + pad_run(2, p2b).tolist()
+    assert pads[1].nonzero().flatten().tolist() == pad_run(p1)
+    assert pads[2].nonzero().flatten().tolist() == pad_run(p2a) + pad_run(p2b)
     assert p1 > 0 and p1 + n < len(rows[1]) - 1 and p2b + n < len(rows[2]) - 1  # images inside the text
     assert torch.equal(embeds[1, p1 : p1 + n], feats[0])
     assert torch.equal(embeds[2, p2a : p2a + n], feats[1])
@@ -174,7 +179,7 @@ OVERRIDES = {
     "mlp": ("model.adapter.type=mlp",),
     "llm_frozen": ("model.freeze.llm=frozen",),
 }
-TABLE_ROW = re.compile(r"^(vision|adapter|llm|total)\s+(trainable|frozen)?\s*([\d,]+)\s+([\d,]+)\s*$", re.M)
+TABLE_ROW = re.compile(r"^(vision|adapter|llm|total)\s+(trainable|frozen)?\s*([\d,]+)\s+([\d,]+)\s*$", re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +225,7 @@ def test_baseline_parameter_table(tiny):
         "total": 87_808, "trainable": 87_808
     }
     report = model.parameter_report()
-    assert re.search(r"^adapter\s+trainable\s+87,808\s+87,808$", report, re.M), report
+    assert re.search(r"^adapter\s+trainable\s+87,808\s+87,808$", report, re.MULTILINE), report
 
 
 def test_override_num_queries_16(override_runs, tiny):
@@ -245,7 +250,7 @@ def test_override_mlp_adapter(override_runs, tiny):
     config = check_run(run)
     assert config["model"]["adapter"] == {"type": "mlp", "num_layers": 2}  # num_queries dropped
     assert "dropped keys that 'mlp' does not accept: num_queries" in run["log"]
-    cfg, model, proc = tiny(*OVERRIDES["mlp"])
+    cfg, model, _ = tiny(*OVERRIDES["mlp"])
     d, width, patches = tiny_dims(cfg)
     adapter = (width * d + d) + (d * d + d)  # Linear(width, d), GELU, Linear(d, d)
     assert adapter == 33_024 != resampler_params(36, d)
@@ -254,13 +259,13 @@ def test_override_mlp_adapter(override_runs, tiny):
     assert model.encode_images(torch.randn(1, 3, 64, 64)).shape == (1, 64, d)
 
 
-def test_override_frozen_llm(override_runs, tiny):
+def test_override_frozen_llm(override_runs, tiny, load_sft):
     from lavis.runners import build_runner
 
     run = override_runs["llm_frozen"]
     config = check_run(run)
     assert config["model"]["freeze"] == {"vision": "trainable", "adapter": "trainable", "llm": "frozen"}
-    cfg, model, _ = tiny(*OVERRIDES["llm_frozen"])
+    _, model, _ = tiny(*OVERRIDES["llm_frozen"])
     counts = parameter_counts(model.components)
     llm_total = counts["llm"]["total"]
     assert llm_total > 1_000_000 and counts["llm"]["trainable"] == 0
@@ -274,10 +279,7 @@ def test_override_frozen_llm(override_runs, tiny):
     assert sum(w.numel() for w in weights.values()) == trainable
 
     # Not in the optimiser; eval mode survives model.train(); weights do not move.
-    runner = build_runner(load_config(SFT_PROJECT, sft_options(
-        Path(cfg.datasets["synthetic_sft"].params["image_root"]), Path(cfg.run.output_dir), *BASE_RUN,
-        *OVERRIDES["llm_frozen"],
-    )))
+    runner = build_runner(load_sft(*BASE_RUN, *OVERRIDES["llm_frozen"]))
     llm_ids = {id(p) for p in runner.model.llm.parameters()}
     opt_ids = {id(p) for g in runner.optimizer.param_groups for p in g["params"]}
     assert not llm_ids & opt_ids
@@ -335,9 +337,7 @@ def expected_decay(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     if leaf in ("bias", "in_proj_bias", "pos_embed", "query") or "embed_tokens" in name:
         return False
-    if re.search(r"(^|\.)(norm\d?|ln_\w+|input_layernorm|post_attention_layernorm)\.weight$", name):
-        return False
-    return True
+    return not re.search(r"(^|\.)(norm\d?|ln_\w+|input_layernorm|post_attention_layernorm)\.weight$", name)
 
 
 def test_weight_decay_groups(tiny):
@@ -381,7 +381,7 @@ def test_weight_decay_groups(tiny):
 
 
 def test_linear_warmup_cosine_schedule():
-    kw = dict(max_steps=110, warmup_steps=10, lr=1e-3, min_lr=1e-4)
+    kw = {"max_steps": 110, "warmup_steps": 10, "lr": 1e-3, "min_lr": 1e-4}
     values = {s: linear_warmup_cosine(s, **kw) for s in (0, 4, 9, 10, 35, 60, 85, 109, 110, 200)}
     expected = {
         0: 1e-4,  # (step + 1) / warmup
@@ -396,9 +396,9 @@ def test_linear_warmup_cosine_schedule():
     }
     for step, value in expected.items():
         assert values[step] == pytest.approx(value, rel=1e-12, abs=1e-15), step
-    assert 1e-4 < values[109] < 1.001e-4
+    assert values[109] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 99 / 100)), rel=1e-12)
     after = [linear_warmup_cosine(s, **kw) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(after, after[1:]))  # non-increasing after warm-up
+    assert all(a >= b for a, b in itertools.pairwise(after))  # non-increasing after warm-up
     # constant: warm-up, then flat
     assert [constant_with_warmup(s, **kw) for s in (0, 9, 10, 109)] == pytest.approx([1e-4, 1e-3, 1e-3, 1e-3])
     # no warm-up: starts at the peak

@@ -270,3 +270,11 @@ def test_shipped_tokenizer_is_current(shipped):
 
     fresh = json.loads(build_tokenizer().to_str())
     assert fresh == json.loads(shipped.to_str()), "run: python -m lavis.datasets.synthetic.tokenizer"
+
+
+def test_ensure_world_without_sizes_keeps_an_existing_world(tmp_path):
+    root = world.ensure_world(tmp_path / "w", sizes={"train": 3, "val": 1, "test": 1})
+    stamp = (root / "WORLD.json").stat().st_mtime_ns
+    assert world.ensure_world(root) == root
+    assert (root / "WORLD.json").stat().st_mtime_ns == stamp
+    assert len(json.loads((root / "sft_train.json").read_text())) == 3

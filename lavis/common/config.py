@@ -386,6 +386,8 @@ def build_config(resolved: dict[str, Any]) -> Config:
     for name, entry in (resolved.get("datasets") or {}).items():
         entry = dict(entry)
         where = f"datasets.{name}"
+        builder = registry.get("builder", entry.get("builder"))
+        _check_keys(entry, [*constructor_args(builder, "builder"), *DATASET_KEYS], where)
         common = to_dataclass(DatasetConfig, {k: entry.pop(k) for k in DATASET_KEYS if k in entry}, where)
         common.params = check_params(registry.get("builder", common.builder), "builder", entry, where)
         if common.ratio <= 0:

@@ -18,12 +18,22 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` and flushes, so a killed run keeps its log."""
+    """Appends one JSON object per line to ``metrics.jsonl`` and flushes, so a killed run keeps its log.
 
-    def __init__(self, path: str | Path, append: bool) -> None:
+    ``resume_step``: continue a log from that step; records of later steps (written by the run
+    that was interrupted after its last checkpoint) are dropped, so no step appears twice.
+    ``None`` starts a new log.
+    """
+
+    def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a" if append else "w", encoding="utf-8")
+        kept = []
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        self._fh = open(self.path, "w", encoding="utf-8")
+        for record in kept:
+            self.write(record)
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record) + "\n")

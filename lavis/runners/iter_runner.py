@@ -180,6 +180,9 @@ class IterRunner:
             drop_last=True,
             persistent_workers=self.run.num_workers > 0,
             prefetch_factor=4 if self.run.num_workers > 0 else None,
+            # Its own generator: creating the iterator must not draw from the global RNG, whose state a
+            # resume has just restored (dropout after a resume would differ from an uninterrupted run).
+            generator=torch.Generator().manual_seed(self.run.seed),
         )
         return iter(loader)
 
@@ -254,7 +257,7 @@ class IterRunner:
         resume = self.resume_path()
         if resume is not None:
             self.load(resume)
-        metrics = MetricsWriter(self.output_dir / "metrics.jsonl", append=resume is not None)
+        metrics = MetricsWriter(self.output_dir / "metrics.jsonl", resume_step=self.step if resume is not None else None)
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
         self.model.train()
         batches = self.data_iterator(self.samples_seen)

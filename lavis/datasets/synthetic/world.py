@@ -443,8 +443,9 @@ def _marker(seed: int, sizes: dict[str, int]) -> dict:
 def ensure_world(root: str | Path, seed: int = 0, sizes: dict[str, int] | None = None) -> Path:
     """Make sure a complete world with this version/seed/sizes exists at ``root``; return ``root``.
 
-    ``sizes`` maps split name -> number of scenes (default ``DEFAULT_SIZES``:
-    train 2000, val 200, test 200); it replaces the default, it is not merged.
+    ``sizes`` maps split name -> number of scenes; it replaces the default, it is not merged.
+    ``None`` accepts an existing world of this version and seed whatever its sizes, and
+    otherwise generates ``DEFAULT_SIZES`` (train 2000, val 200, test 200).
     A world is complete when ``WORLD.json`` matches.  Generation happens in a
     temporary sibling directory that is renamed into place, so concurrent
     callers are safe: the loser of the rename discards its copy.  An existing
@@ -452,7 +453,11 @@ def ensure_world(root: str | Path, seed: int = 0, sizes: dict[str, int] | None =
     directory that is not a world is never touched (``FileExistsError``).
     """
     root = Path(root)
-    sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
+    if sizes is None:
+        if _marker_matches(root, {"version": WORLD_VERSION, "seed": seed, "image_size": IMAGE_SIZE}):
+            return root
+        sizes = DEFAULT_SIZES
+    sizes = dict(sizes)
     expected = _marker(seed, sizes)
     for _ in range(3):
         if _marker_matches(root, expected):
