@@ -41,7 +41,7 @@ def main() -> None:
         [f"run.output_dir={work}", "run.num_workers=0", f"datasets.synthetic_sft.synthetic_root={world}", *args.options],
     )
     runner = build_runner(cfg)
-    batch = next(runner.data_iterator(0))
+    batch = next(runner.data_iterator())
     model = runner.model
 
     bare_model = copy.deepcopy(model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from lavis.common.registry import registry
 from lavis.datasets.builders.base import AnnotationError, read_annotations
 from lavis.datasets.builders.conversation import LLaVAConversationBuilder, QwenVLConversationBuilder
 from lavis.datasets.collate import PadCollator
-from lavis.datasets.processed import ProcessedDataset
+from lavis.datasets.stream import BatchStream, Source, StreamConfig
 from lavis.processors.conversation import ConversationEncoder
 from lavis.processors.errors import SkipSample
 from lavis.processors.image import CLIPImageProcessor, load_image
@@ -39,6 +40,12 @@ N = 4  # <imgpad> tokens per image in the processor-level tests
 IMAGE_SIZE = 8
 URL = "https://qianwen-res.oss-cn-beijing.aliyuncs.com/Qwen-VL/assets/demo.jpeg"
 
+
+
+def batches(records, processor, batch_size: int, max_consecutive_skips: int = 32):
+    """The training stream over one dataset, padded batches (as the runner builds it)."""
+    cfg = StreamConfig(batch_size=batch_size, max_len=512, pack=False, seed=0, max_consecutive_skips=max_consecutive_skips)
+    return iter(BatchStream([Source("d", records)], processor, PadCollator(0), cfg))
 
 # --------------------------------------------------------------------------- helpers
 
@@ -112,39 +119,31 @@ def test_missing_image_skipped_counted_and_batch_stays_full(tmp_path, processor,
     for i in (0, 2, 3):
         png(tmp_path / f"img{i}.png", colour=(60 * i, 0, 0))
     records = build(tmp_path, [image_record(f"r{i}", f"img{i}.png", answer=f"answer {i}") for i in range(4)])
-    dataset = ProcessedDataset(records, processor)
-    # Index 1 has no image: it is replaced by index 2 (deterministically), with the reason attached.
-    assert dataset[1]["skipped"] == ["missing_image"]
-    assert dataset[1]["input_ids"].tolist() == dataset[2]["input_ids"].tolist()
-    assert tok.decode(dataset[1]["labels"][dataset[1]["labels"] != -100].tolist()) == "answer 2<|im_end|>"
-    assert dataset[0]["skipped"] == dataset[2]["skipped"] == []
-
-    loader = DataLoader(dataset, batch_size=4, shuffle=False, collate_fn=PadCollator(tok.pad_id))
-    batch = next(iter(loader))
-    assert batch["input_ids"].shape[0] == 4 and batch["labels"].shape[0] == 4
-    assert batch["pixel_values"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    # One epoch of this worker: the three usable records fill the batch; the fourth is counted.
+    batch = next(batches(records, processor, batch_size=3))
+    assert batch["input_ids"].shape[0] == 3 and batch["labels"].shape[0] == 3
+    assert batch["pixel_values"].shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert batch["skipped"] == Counter({"missing_image": 1})
-    assert batch["input_ids"][1].tolist() == batch["input_ids"][2].tolist()
-    answers = [tok.decode(row[row != -100].tolist()) for row in batch["labels"]]
-    assert answers == ["answer 0<|im_end|>", "answer 2<|im_end|>", "answer 2<|im_end|>", "answer 3<|im_end|>"]
+    answers = sorted(tok.decode(row[row != -100].tolist()) for row in batch["labels"])
+    assert answers == ["answer 0<|im_end|>", "answer 2<|im_end|>", "answer 3<|im_end|>"]
 
 
-def test_last_missing_image_wraps_to_the_first(tmp_path, processor):
+def test_a_skipped_sample_is_replaced_by_the_same_datasets_next(tmp_path, processor):
     png(tmp_path / "img0.png")
     records = build(tmp_path, [image_record("r0", "img0.png"), image_record("r1", "nope.png")])
-    sample = ProcessedDataset(records, processor)[1]
-    assert sample["skipped"] == ["missing_image"]
-    assert sample["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    stream = batches(records, processor, batch_size=1)
+    seen = [next(stream) for _ in range(4)]  # 4 epochs: the missing image is met once in each
+    assert sum(b["skipped"]["missing_image"] for b in seen) >= 3
+    assert all(b["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) for b in seen)
 
 
 def test_all_images_missing_fails_after_consecutive_bound(tmp_path, processor):
     records = build(tmp_path, [image_record(f"r{i}", f"missing{i}.png") for i in range(10)])
-    dataset = ProcessedDataset(records, processor, max_consecutive=5)
     with pytest.raises(RuntimeError) as info:
-        dataset[3]
+        next(batches(records, processor, batch_size=2, max_consecutive_skips=5))
     message = str(info.value)
-    assert message.startswith("5 consecutive samples from index 3 were unusable (reasons: ['missing_image'])")
-    assert message.endswith(f"last: r7: image not found: {tmp_path / 'missing7.png'}")
+    assert message.startswith("5 consecutive samples of dataset 'd' were unusable (reasons: {'missing_image': 5})")
+    assert re.search(rf"last: r\d: image not found: {re.escape(str(tmp_path))}/missing\d\.png$", message)
 
 
 def write_project(tmp_path: Path, records: list[dict]) -> Path:
@@ -164,8 +163,8 @@ def write_project(tmp_path: Path, records: list[dict]) -> Path:
 
 
 def mostly_missing_records(tmp_path: Path) -> list[dict]:
-    # 50 records, images only for 0 and 25: about 12 skips per sample, never 32 in a row.
-    for i in (0, 25):
+    # 50 records, images for every fifth: about 4 skips per sample, far from 32 in a row.
+    for i in range(0, 50, 5):
         png(tmp_path / f"img{i}.png")
     return [image_record(f"r{i}", f"img{i}.png") for i in range(50)]
 
@@ -193,7 +192,7 @@ def test_runner_with_all_images_missing_fails_at_the_first_batch(tmp_path):
 
     project = write_project(tmp_path, [image_record(f"r{i}", f"missing{i}.png") for i in range(8)])
     runner = build_runner(load_config(project))
-    with pytest.raises(RuntimeError, match=r"32 consecutive samples from index \d were unusable \(reasons: \['missing_image'\]\)"):
+    with pytest.raises(RuntimeError, match=r"32 consecutive samples of dataset 'd' were unusable \(reasons: \{'missing_image': 32\}\)"):
         runner.train()
     assert runner.step == 0
 
@@ -231,11 +230,11 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, processor, kind):
     assert info.value.reason == "corrupt_image"
     assert str(info.value).startswith(f"cannot read image {bad}: ")
 
-    sample = ProcessedDataset(records, processor)[0]
-    assert sample["skipped"] == ["corrupt_image"]
-    batch = PadCollator(0)([sample, ProcessedDataset(records, processor)[1]])
-    assert batch["skipped"] == Counter({"corrupt_image": 1})
-    assert batch["pixel_values"].shape[0] == 2
+    stream = batches(records, processor, batch_size=2)
+    seen = [next(stream) for _ in range(2)]  # 4 usable draws over 4 epochs
+    assert set().union(*(b["skipped"] for b in seen)) == {"corrupt_image"}
+    assert sum(b["skipped"]["corrupt_image"] for b in seen) >= 3
+    assert all(b["pixel_values"].shape[0] == 2 for b in seen)
 
 
 def test_truncated_png_really_is_a_png(tmp_path):
@@ -253,11 +252,9 @@ def test_skip_reasons_are_counted_separately(tmp_path, processor):
         image_record("a", "missing.png"), image_record("b", "bad.png"), image_record("c", URL),
         image_record("d", "good.png"),
     ])
-    dataset = ProcessedDataset(records, processor)
-    sample = dataset[0]
-    assert sample["skipped"] == ["missing_image", "corrupt_image", "remote_image"]
-    batch = PadCollator(0)([dataset[i] for i in range(4)])
-    assert batch["skipped"] == Counter({"missing_image": 1, "corrupt_image": 2, "remote_image": 3})
+    batch = next(batches(records, processor, batch_size=4))  # 4 epochs, one usable record each
+    assert set(batch["skipped"]) == {"missing_image", "corrupt_image", "remote_image"}
+    assert 9 <= sum(batch["skipped"].values()) <= 12
     assert batch["input_ids"].shape[0] == 4
 
 
@@ -289,9 +286,9 @@ def test_image_url_is_skipped_never_fetched(tmp_path, processor, monkeypatch):
     assert info.value.reason == "remote_image"
     assert str(info.value) == f"image URLs are not fetched: {URL} (download it and use a local path)"
 
-    sample = ProcessedDataset(records, processor)[0]
-    assert sample["skipped"] == ["remote_image"]
-    assert sample["pixel_values"].shape[0] == 0  # replaced by the text-only record 1
+    batch = next(batches(records, processor, batch_size=2))
+    assert batch["skipped"]["remote_image"] >= 1
+    assert batch["pixel_values"].shape[0] == 0  # only the text-only record is usable
 
 
 # --------------------------------------------------------------------------- malformed annotations

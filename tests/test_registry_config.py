@@ -3,6 +3,7 @@ validation, base: includes, interpolation, --print-config, the saved config.yaml
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import yaml
 from conftest import REPO, SFT_PROJECT, TINY_PRESET, sft_options
 
-from lavis.common.config import ConfigError, load_config
+from lavis.common.config import ConfigError, RunConfig, load_config
 from lavis.common.registry import KINDS, Registry, RegistryError, registry
 
 # --------------------------------------------------------------------------- registry
@@ -205,11 +206,7 @@ def test_wrong_values_are_config_errors(option, message):
     assert str(info.value) == message
 
 
-RUN_KEYS = (
-    "batch_size, betas, clip_grad, device, eps, grad_accum, keep_last, log_every, lr, lr_scheduler, max_len, "
-    "max_skip_ratio, max_steps, min_lr, num_workers, output_dir, precision, resume, runner, save_every, seed, "
-    "strategy, task, warmup_steps, weight_decay"
-)
+RUN_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(RunConfig)))
 
 
 @pytest.mark.parametrize(

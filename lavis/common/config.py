@@ -124,6 +124,7 @@ class RunConfig:
     eps: float
     clip_grad: float | None
     max_len: int
+    pack: bool
     num_workers: int
     max_skip_ratio: float
     log_every: int

@@ -73,7 +73,8 @@ class Registry:
             if name in entries and entries[name] is not obj:
                 raise ValueError(f"{kind} '{name}' is already registered by {entries[name]!r}")
             entries[name] = obj
-            setattr(obj, "registry_name", name)
+            if "registry_name" not in vars(obj):  # an object registered under two names keeps its first
+                setattr(obj, "registry_name", name)
             return obj
 
         return wrap

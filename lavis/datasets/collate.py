@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import torch
@@ -14,7 +13,7 @@ class PadCollator:
     """Right-pads ``input_ids`` (with ``pad_id``) and ``labels`` (with ``IGNORE_INDEX``) to the longest sample.
 
     All images of the batch are concatenated in sample order, which is the order of their
-    ``<imgpad>`` spans in the flattened batch. ``skipped`` counts the replaced samples by reason.
+    ``<imgpad>`` spans in the flattened batch.
     """
 
     def __init__(self, pad_id: int) -> None:
@@ -35,5 +34,60 @@ class PadCollator:
             "labels": labels,
             "attention_mask": attention_mask,
             "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
-            "skipped": Counter(r for s in samples for r in s.get("skipped", ())),
+            "num_samples": len(samples),
+            "num_input_tokens": int(attention_mask.sum()),
         }
+
+
+class PackCollator:
+    """Rows of several samples -> one batch whose samples cannot see each other.
+
+    Each sample keeps its own position ids (0, 1, ...). Isolation depends on the attention kernel:
+    ``block_mask`` builds a block-diagonal causal mask ``[B, 1, L, L]`` (SDPA, eager);
+    ``position_ids`` passes no mask and lets flash-attention derive ``cu_seqlens`` from the position
+    resets. (Position ids alone do NOT isolate samples under SDPA.) The first token of every sample
+    is unsupervised, as it is unpacked: nothing before it belongs to its sample.
+    """
+
+    def __init__(self, pad_id: int, isolation: str = "block_mask") -> None:
+        if isolation not in ("block_mask", "position_ids"):
+            raise ValueError(f"unknown packing isolation '{isolation}'")
+        self.pad_id = pad_id
+        self.isolation = isolation
+
+    def __call__(self, rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
+        length = max(sum(len(s["input_ids"]) for s in row) for row in rows)
+        batch = len(rows)
+        input_ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((batch, length), dtype=torch.long)
+        # Segment id per position; padding gets ids of its own so that it only sees itself.
+        segments = torch.arange(length).repeat(batch, 1) + length
+        attention = torch.zeros((batch, length), dtype=torch.long)
+        for r, row in enumerate(rows):
+            start = 0
+            for s, sample in enumerate(row):
+                n = len(sample["input_ids"])
+                end = start + n
+                input_ids[r, start:end] = sample["input_ids"]
+                labels[r, start:end] = sample["labels"]
+                labels[r, start] = IGNORE_INDEX
+                position_ids[r, start:end] = torch.arange(n)
+                segments[r, start:end] = s
+                attention[r, start:end] = 1
+                start = end
+            position_ids[r, start:] = torch.arange(length - start)
+        out = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "pixel_values": torch.cat([s["pixel_values"] for row in rows for s in row]),
+            "num_samples": sum(len(row) for row in rows),
+            "num_input_tokens": int(attention.sum()),
+        }
+        if self.isolation == "block_mask":
+            causal = torch.ones(length, length, dtype=torch.bool).tril()
+            out["attention_mask"] = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+        else:
+            out["attention_mask"] = None
+        return out

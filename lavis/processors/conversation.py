@@ -100,6 +100,12 @@ class ConversationEncoder:
             out.add_tokens([self.tok.im_start_id] + self._role_ids["assistant"] + self._newline, False)
         return out
 
+    def encode_prompt(self, prompt: str, target: str) -> EncodedText:
+        """Pretraining / multi-task format: ``{prompt}{target}<|endoftext|>``, target and end supervised."""
+        out = self.encode_text(prompt, supervised=False)
+        out.extend(self.encode_text(target, supervised=True))
+        return out.add_tokens([self.tok.eod_id], supervised=True)
+
     def truncate(self, enc: EncodedText) -> EncodedText:
         """Cut to ``max_len`` tokens unless that would cut an image span or leave nothing supervised."""
         if len(enc.input_ids) <= self.max_len:

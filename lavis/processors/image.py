@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,16 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB; a missing or unreadable file raises :class:`SkipSample`."""
+def load_image(path: str | Path, data: bytes | None = None) -> Image.Image:
+    """Open an image (a file, or ``data`` read from a shard) as RGB.
+
+    A missing or unreadable image raises :class:`SkipSample`.
+    """
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise SkipSample("missing_image", f"image not found: {path}")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise SkipSample("corrupt_image", f"cannot read image {path}: {err}") from None

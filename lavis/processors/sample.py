@@ -13,16 +13,35 @@ from lavis.processors.image import load_image
 
 
 class SampleProcessor:
-    """Record ``{"messages", "image_root", ...}`` -> ``{"input_ids", "labels", "pixel_values"}``."""
+    """A record -> ``{"input_ids", "labels", "pixel_values"}``.
 
-    def __init__(self, encoder: ConversationEncoder, image_processor: Callable) -> None:
+    Records are conversations (``{"messages": [{"role", "content"}]}``, ChatML) or prompt/target
+    pairs (``{"prompt", "target"}``, the pretraining formats). Images come from
+    ``image_root``/path, or from ``image_bytes[path]`` for records read out of shards.
+    ``truncate``: cut samples longer than ``max_len`` (see ``ConversationEncoder.truncate``);
+    otherwise they are returned whole for the caller to drop.
+    """
+
+    def __init__(self, encoder: ConversationEncoder, image_processor: Callable, truncate: bool = True) -> None:
         self.encoder = encoder
         self.image_processor = image_processor
+        self.truncate = truncate
 
     def __call__(self, record: dict[str, Any]) -> dict[str, torch.Tensor]:
-        enc = self.encoder.truncate(self.encoder.encode_messages(record["messages"]))
+        if "messages" in record:
+            enc = self.encoder.encode_messages(record["messages"])
+        else:
+            enc = self.encoder.encode_prompt(record["prompt"], record["target"])
+        if self.truncate:
+            enc = self.encoder.truncate(enc)
         root = Path(record.get("image_root") or "")
-        images = [self.image_processor(load_image(self._resolve(root, path))) for path in enc.images]
+        in_memory = record.get("image_bytes") or {}
+        images = [
+            self.image_processor(
+                load_image(path, in_memory[path]) if path in in_memory else load_image(self._resolve(root, path))
+            )
+            for path in enc.images
+        ]
         size = self.image_processor.image_size
         return {
             "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),

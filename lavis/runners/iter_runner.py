@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lavis.common import checkpoint as ckpt
@@ -23,7 +23,7 @@ from lavis.common.config import Config
 from lavis.common.logging import MetricsWriter
 from lavis.common.optim import build_optimizer
 from lavis.common.registry import registry
-from lavis.datasets.sampler import ResumableSampler
+from lavis.datasets.stream import BatchStream, Source, StreamConfig
 from lavis.models import Processors, build_model
 from lavis.models.vlm import VisionLanguageModel
 from lavis.processors.conversation import IGNORE_INDEX
@@ -82,13 +82,13 @@ class IterRunner:
     methods (``_wrap``, ``_no_sync``, ``_all_reduce``) so distributed strategies slot in here.
     """
 
-    def __init__(self, cfg: Config, model: VisionLanguageModel, processors: Processors, task, train_dataset: Dataset) -> None:
+    def __init__(self, cfg: Config, model: VisionLanguageModel, processors: Processors, task, sources: list[Source]) -> None:
         self.cfg = cfg
         self.run = cfg.run
         self.model = model
         self.processors = processors
         self.task = task
-        self.train_dataset = train_dataset
+        self.sources = sources
         self.output_dir = Path(self.run.output_dir)
         self.device = torch.device(self.run.device if self.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
@@ -99,6 +99,9 @@ class IterRunner:
         self.step = 0
         self.samples_seen = 0
         self.skipped: Counter = Counter()
+        # Data position: the stream state after the last batch consumed from each worker.
+        self.batches_seen = 0
+        self.data_states: dict[int, dict] = {}
         self._stop_requested = False
 
     # ------------------------------------------------------------------ strategy hooks
@@ -160,31 +163,49 @@ class IterRunner:
         return StepStats(
             loss_sum=loss_sum,
             target_tokens=target_tokens,
-            input_tokens=sum(int(b["attention_mask"].sum()) for b in micro_batches),
-            samples=sum(len(b["input_ids"]) for b in micro_batches),
+            input_tokens=sum(b["num_input_tokens"] for b in micro_batches),
+            samples=sum(b["num_samples"] for b in micro_batches),
             grad_norm=grad_norm,
             skipped=sum((b["skipped"] for b in micro_batches), Counter()),
         )
 
     # ------------------------------------------------------------------ data
 
-    def data_iterator(self, start_sample: int) -> Iterator[dict[str, Any]]:
-        sampler = ResumableSampler(len(self.train_dataset), seed=self.run.seed, start=start_sample)
+    @property
+    def num_data_workers(self) -> int:
+        return max(1, self.run.num_workers)
+
+    def data_iterator(self) -> Iterator[dict[str, Any]]:
+        """Batches from the configured sources, continuing from ``self.data_states``."""
+        stream = BatchStream(
+            self.sources,
+            self.task.sample_processor(self.model, self.processors),
+            self.task.collator(self.processors, self.model.llm.config._attn_implementation),
+            StreamConfig(
+                batch_size=self.run.batch_size,
+                max_len=self.run.max_len,
+                pack=self.run.pack,
+                seed=self.run.seed,
+                states=dict(self.data_states),
+                worker_offset=self.batches_seen % self.num_data_workers,
+            ),
+        )
         loader = DataLoader(
-            self.train_dataset,
-            batch_size=self.run.batch_size,
-            sampler=sampler,
-            collate_fn=self.task.collator(self.processors),
+            stream,
+            batch_size=None,
             num_workers=self.run.num_workers,
             pin_memory=self.device.type == "cuda",
-            drop_last=True,
             persistent_workers=self.run.num_workers > 0,
             prefetch_factor=4 if self.run.num_workers > 0 else None,
             # Its own generator: creating the iterator must not draw from the global RNG, whose state a
             # resume has just restored (dropout after a resume would differ from an uninterrupted run).
             generator=torch.Generator().manual_seed(self.run.seed),
         )
-        return iter(loader)
+        for batch in loader:
+            position = batch.pop("data_state")
+            self.data_states[position["worker"]] = position["state"]
+            self.batches_seen += 1
+            yield batch
 
     def _check_skips(self) -> None:
         total_skipped = sum(self.skipped.values())
@@ -206,7 +227,13 @@ class IterRunner:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": rng_state(),
-            "data": {"samples_seen": self.samples_seen, "skipped": dict(self.skipped)},
+            "data": {
+                "samples_seen": self.samples_seen,
+                "skipped": dict(self.skipped),
+                "batches_seen": self.batches_seen,
+                "num_workers": self.num_data_workers,
+                "states": self.data_states,
+            },
         }
         meta = {"step": self.step, "weights": "trainable", "freeze": self.model.freeze_policies}
         path = ckpt.save_checkpoint(ckpt.checkpoint_dir(self.output_dir, self.step), self.trainable_state(), state, meta)
@@ -238,8 +265,16 @@ class IterRunner:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
-        self.samples_seen = state["data"]["samples_seen"]
-        self.skipped = Counter(state["data"]["skipped"])
+        data = state["data"]
+        if data["num_workers"] != self.num_data_workers:
+            raise ValueError(
+                f"{path} was written with {data['num_workers']} data workers; the data order can only be "
+                f"continued with the same number (run.num_workers={data['num_workers'] if data['num_workers'] > 1 else 0})"
+            )
+        self.samples_seen = data["samples_seen"]
+        self.skipped = Counter(data["skipped"])
+        self.batches_seen = data["batches_seen"]
+        self.data_states = dict(data["states"])
         log.info("resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------ the loop
@@ -260,7 +295,7 @@ class IterRunner:
         metrics = MetricsWriter(self.output_dir / "metrics.jsonl", resume_step=self.step if resume is not None else None)
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
         self.model.train()
-        batches = self.data_iterator(self.samples_seen)
+        batches = self.data_iterator()
         # The bar only on an interactive terminal; logs and CI get one line per log_every steps instead.
         show_bar = self.is_main and sys.stderr.isatty()
         bar = tqdm(total=run.max_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not show_bar)
@@ -321,6 +356,6 @@ def build_runner(cfg: Config) -> IterRunner:
     seed_everything(cfg.run.seed)
     task = registry.get("task", cfg.run.task)(cfg)
     model, processors = build_model(cfg.model)
-    dataset = task.build_train_dataset(model, processors)
+    sources = task.build_sources()
     runner_cls = registry.get("runner", cfg.run.runner)
-    return runner_cls(cfg, model, processors, task, dataset)
+    return runner_cls(cfg, model, processors, task, sources)

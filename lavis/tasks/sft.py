@@ -1,15 +1,13 @@
-"""Language-modelling tasks: the loss over supervised tokens of conversations."""
+"""Language-modelling tasks: next-token loss on the supervised tokens (all three Qwen-VL stages)."""
 
 from __future__ import annotations
 
 import logging
 
-from torch.utils.data import ConcatDataset, Dataset
-
 from lavis.common.config import Config
 from lavis.common.registry import registry
-from lavis.datasets.collate import PadCollator
-from lavis.datasets.processed import ProcessedDataset
+from lavis.datasets.collate import PackCollator, PadCollator
+from lavis.datasets.stream import Source
 from lavis.models import Processors
 from lavis.models.vlm import LMLoss, VisionLanguageModel
 from lavis.processors.conversation import ConversationEncoder
@@ -19,8 +17,12 @@ log = logging.getLogger(__name__)
 
 
 @registry.register("task", "sft")
-class SFTTask:
-    """Supervised fine-tuning on ChatML conversations: loss on assistant turns only."""
+@registry.register("task", "pretrain")
+class LanguageModelingTask:
+    """Next-token loss on supervised tokens: assistant turns of conversations (SFT) or the targets
+    of prompt/target records (pretraining, multi-task). The datasets' formats decide what is
+    supervised, so one task serves every stage; ``sft`` and ``pretrain`` name it.
+    """
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -29,33 +31,36 @@ class SFTTask:
         encoder = ConversationEncoder(
             processors.tokenizer, model.num_image_tokens, self.cfg.model.system_message, self.cfg.run.max_len
         )
-        return SampleProcessor(encoder, processors.image)
+        # Packed runs drop over-long samples whole; padded runs cut them at the end.
+        return SampleProcessor(encoder, processors.image, truncate=not self.cfg.run.pack)
 
-    def build_train_dataset(self, model: VisionLanguageModel, processors: Processors) -> Dataset:
-        """All configured datasets, read and validated now, behind one sample processor."""
+    def build_sources(self) -> list[Source]:
+        """Every configured dataset, read and validated now (a bad annotation file fails at start)."""
         if not self.cfg.datasets:
             raise ValueError("no datasets configured: add one under 'datasets:'")
-        parts = []
+        sources = []
         for name, ds_cfg in self.cfg.datasets.items():
             if ds_cfg.synthetic_root:
                 from lavis.datasets.synthetic.world import ensure_world
 
                 ensure_world(ds_cfg.synthetic_root)
-            records = registry.get("builder", ds_cfg.builder)(**ds_cfg.params).build()
-            log.info("dataset %s (%s): %d records", name, ds_cfg.builder, len(records))
-            parts.append(records)
-        if len({ds.ratio for ds in self.cfg.datasets.values()}) > 1:
-            raise NotImplementedError("datasets with different 'ratio' need the mixture sampler, not available yet")
-        records = parts[0] if len(parts) == 1 else ConcatDataset(parts)
-        return ProcessedDataset(records, self.sample_processor(model, processors))
+            data = registry.get("builder", ds_cfg.builder)(**ds_cfg.params).build()
+            size = f"{len(data)} records" if hasattr(data, "__len__") else "streaming"
+            log.info("dataset %s (%s): %s, ratio %g", name, ds_cfg.builder, size, ds_cfg.ratio)
+            sources.append(Source(name, data, ds_cfg.ratio))
+        return sources
 
-    def collator(self, processors: Processors) -> PadCollator:
-        return PadCollator(pad_id=processors.tokenizer.pad_id)
+    def collator(self, processors: Processors, attn_implementation: str) -> PadCollator | PackCollator:
+        if not self.cfg.run.pack:
+            return PadCollator(pad_id=processors.tokenizer.pad_id)
+        isolation = "position_ids" if attn_implementation.startswith("flash_attention") else "block_mask"
+        return PackCollator(pad_id=processors.tokenizer.pad_id, isolation=isolation)
 
     def train_step(self, model: VisionLanguageModel, batch: dict) -> LMLoss:
         return model.lm_loss(
             input_ids=batch["input_ids"],
             labels=batch["labels"],
             attention_mask=batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
             pixel_values=batch["pixel_values"],
         )

@@ -58,3 +58,15 @@ class RecordDataset(Dataset):
 
 def as_paths(ann_path: str | list[str]) -> list[str]:
     return [ann_path] if isinstance(ann_path, str) else list(ann_path)
+
+
+class StreamingSource:
+    """A dataset read as a stream (e.g. tar shards), split between data workers.
+
+    ``iterate`` yields the records of one data worker's share of one epoch, in a deterministic
+    order for ``(seed, epoch, worker, num_workers)``. A record the source could not use is yielded
+    as ``{"skipped": reason}`` so that it is counted, never silently lost.
+    """
+
+    def iterate(self, seed: int, epoch: int, worker: int, num_workers: int):
+        raise NotImplementedError

@@ -1,0 +1,240 @@
+"""The data stream: sources -> seeded mixture -> processed samples -> padded or packed batches.
+
+Every data worker (``rank x DataLoader worker``) walks its own share of every source and draws
+sources by ``ratio`` from its own seeded sequence, so the whole stream is a pure function of the
+seed, the number of ranks and workers, and a small cursor state. Each batch carries the state
+reached after it; the runner keeps the state of the last batch it consumed from each worker, and
+a resumed run continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from lavis.datasets.builders.base import StreamingSource
+from lavis.processors.errors import SkipSample
+
+log = logging.getLogger(__name__)
+
+CHOICE_CHUNK = 4096
+
+
+@dataclass
+class Source:
+    """One configured dataset: a map-style dataset of records or a :class:`StreamingSource`."""
+
+    name: str
+    data: Dataset | StreamingSource
+    ratio: float = 1.0
+
+
+class SourceCursor:
+    """One data worker's endless walk through one source, epoch after epoch.
+
+    Map-style sources: epoch ``e`` is a permutation seeded by ``(seed, source, e)``; worker ``g`` of
+    ``G`` takes positions ``g, g+G, ...``. Streaming sources split themselves (``iterate``). The
+    state is ``(epoch, offset)``: a map-style cursor seeks to it directly, a streaming one replays.
+    """
+
+    def __init__(self, source: Source, index: int, seed: int, worker: int, num_workers: int, state=(0, 0)) -> None:
+        self.source = source
+        self.seed = seed * 1_000_003 + index
+        self.worker, self.num_workers = worker, num_workers
+        self.epoch, self.offset = state
+        self._order: list[int] | None = None
+        self._stream: Iterator[dict] | None = None
+        self._seek()
+
+    @property
+    def streaming(self) -> bool:
+        return isinstance(self.source.data, StreamingSource)
+
+    @property
+    def state(self) -> tuple[int, int]:
+        return (self.epoch, self.offset)
+
+    def _epoch_order(self) -> list[int]:
+        n = len(self.source.data)
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        order = torch.randperm(n, generator=gen)[self.worker :: self.num_workers].tolist()
+        if not order:
+            raise ValueError(f"dataset '{self.source.name}' has {n} records, fewer than the {self.num_workers} data workers")
+        return order
+
+    def _seek(self) -> None:
+        if self.streaming:
+            self._stream = self.source.data.iterate(self.seed, self.epoch, self.worker, self.num_workers)
+            for _ in range(self.offset):
+                next(self._stream)
+        else:
+            self._order = self._epoch_order()
+
+    def next_record(self) -> dict[str, Any]:
+        if self.streaming:
+            record = next(self._stream, None)
+            if record is None:
+                if self.offset == 0:
+                    raise ValueError(f"dataset '{self.source.name}' gives data worker {self.worker} no records")
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._seek()
+                return self.next_record()
+        else:
+            if self.offset >= len(self._order):
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._seek()
+            record = self.source.data[self._order[self.offset]]
+        self.offset += 1
+        return record
+
+
+class SourceChooser:
+    """Which source draw ``i`` comes from: by ``ratio``, seeded per worker, seekable in O(1)."""
+
+    def __init__(self, ratios: list[float], seed: int, worker: int) -> None:
+        self.ratios = ratios
+        self.seed, self.worker = seed, worker
+        self._chunk, self._choices = -1, []
+
+    def __call__(self, draw: int) -> int:
+        if len(self.ratios) == 1:
+            return 0
+        chunk, pos = divmod(draw, CHOICE_CHUNK)
+        if chunk != self._chunk:
+            rng = random.Random(f"mixture:{self.seed}:{self.worker}:{chunk}")
+            self._chunk = chunk
+            self._choices = rng.choices(range(len(self.ratios)), weights=self.ratios, k=CHOICE_CHUNK)
+        return self._choices[pos]
+
+
+@dataclass
+class Drawn:
+    """A processed sample, the reasons of the skips met while drawing it, and the state before it."""
+
+    sample: dict[str, torch.Tensor]
+    skipped: list[str]
+    state_before: dict[str, Any]
+    source: str = ""
+
+
+@dataclass
+class StreamConfig:
+    batch_size: int
+    max_len: int
+    pack: bool
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    max_consecutive_skips: int = 32
+    states: dict[int, dict] = field(default_factory=dict)  # per worker identity: where to start
+    worker_offset: int = 0  # rotates worker identities so a resumed loader continues the round-robin
+
+
+class BatchStream(IterableDataset):
+    """Endless batches for a DataLoader (``batch_size=None``), padded or packed.
+
+    ``processor`` turns a record into ``{"input_ids", "labels", "pixel_values"}`` (raising
+    :class:`SkipSample` for unusable ones); ``collate`` turns a list of samples (unpacked) or of
+    rows of samples (packed) into a batch.
+    """
+
+    def __init__(self, sources: list[Source], processor: Callable, collate: Callable, cfg: StreamConfig) -> None:
+        if not sources:
+            raise ValueError("no datasets to draw from")
+        self.sources = sources
+        self.processor = processor
+        self.collate = collate
+        self.cfg = cfg
+
+    def _identity(self) -> tuple[int, int, int]:
+        info = get_worker_info()
+        local, workers = (info.id, info.num_workers) if info else (0, 1)
+        identity = (local + self.cfg.worker_offset) % workers
+        return identity, self.cfg.rank * workers + identity, self.cfg.world_size * workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        identity, worker, num_workers = self._identity()
+        state = self.cfg.states.get(identity, {"draws": 0, "cursors": {}})
+        walker = _Walker(self, worker, num_workers, state)
+        batch_of = walker.packed_batch if self.cfg.pack else walker.padded_batch
+        while True:
+            batch = batch_of()
+            batch["data_state"] = {"worker": identity, "state": walker.resume_state()}
+            yield batch
+
+
+class _Walker:
+    """The mutable part of one worker's stream."""
+
+    def __init__(self, stream: BatchStream, worker: int, num_workers: int, state: dict) -> None:
+        self.stream = stream
+        self.cfg = stream.cfg
+        self.draws = state["draws"]
+        self.cursors = [
+            SourceCursor(src, i, self.cfg.seed, worker, num_workers, tuple(state["cursors"].get(src.name, (0, 0))))
+            for i, src in enumerate(stream.sources)
+        ]
+        self.choose = SourceChooser([s.ratio for s in stream.sources], self.cfg.seed, worker)
+        self.pending: Drawn | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"draws": self.draws, "cursors": {c.source.name: c.state for c in self.cursors}}
+
+    def resume_state(self) -> dict[str, Any]:
+        """Where a resumed stream must start: before the sample held over for the next batch."""
+        return self.pending.state_before if self.pending else self.snapshot()
+
+    def draw(self) -> Drawn:
+        before = self.snapshot()
+        cursor = self.cursors[self.choose(self.draws)]
+        self.draws += 1
+        skipped: list[str] = []
+        while True:
+            record = cursor.next_record()
+            try:
+                if "skipped" in record:
+                    raise SkipSample(record["skipped"])
+                sample = self.stream.processor(record)
+                if self.cfg.pack and len(sample["input_ids"]) > self.cfg.max_len:
+                    raise SkipSample("too_long")
+                return Drawn(sample, skipped, before, cursor.source.name)
+            except SkipSample as err:
+                skipped.append(err.reason)
+                if len(skipped) >= self.cfg.max_consecutive_skips:
+                    raise RuntimeError(
+                        f"{len(skipped)} consecutive samples of dataset '{cursor.source.name}' were unusable "
+                        f"(reasons: {dict(Counter(skipped))}); last: {record.get('id')}: {err}"
+                    ) from None
+
+    def padded_batch(self) -> dict[str, Any]:
+        drawn = [self.draw() for _ in range(self.cfg.batch_size)]
+        batch = self.stream.collate([d.sample for d in drawn])
+        batch["skipped"] = Counter(r for d in drawn for r in d.skipped)
+        return batch
+
+    def packed_batch(self) -> dict[str, Any]:
+        """Greedy packing: fill a row until the next sample does not fit, ``batch_size`` rows."""
+        rows: list[list[Drawn]] = [[]]
+        length = 0
+        while True:
+            item = self.pending or self.draw()
+            self.pending = None
+            n = len(item.sample["input_ids"])
+            if length + n <= self.cfg.max_len:
+                rows[-1].append(item)
+                length += n
+            elif len(rows) < self.cfg.batch_size:
+                rows.append([item])
+                length = n
+            else:
+                self.pending = item
+                break
+        batch = self.stream.collate([[d.sample for d in row] for row in rows])
+        batch["skipped"] = Counter(r for row in rows for d in row for r in d.skipped)
+        return batch
