@@ -18,8 +18,11 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# Qwen-VL's three stages on the embedded default, each starting from the previous one's output.
 demo: install
-	$(PY) train.py --cfg-path projects/sft.yaml
+	$(PY) train.py --cfg-path projects/pretrain.yaml
+	$(PY) train.py --cfg-path projects/multitask.yaml --options model.load_from=outputs/pretrain
+	$(PY) train.py --cfg-path projects/sft.yaml --options model.load_from=outputs/multitask
 
 test: install
 	$(PY) -m pytest -q tests

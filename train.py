@@ -29,12 +29,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.print_config:
         print(cfg.to_yaml(), end="")
+        from lavis.models import build_model
+
+        model, _ = build_model(cfg.model, meta=True)
+        print("# parameters (built on the meta device: no weights read)")
+        print("\n".join(f"# {line}" for line in model.parameter_report().splitlines()))
         return 0
     from lavis.runners import build_runner
 
     try:
         runner = build_runner(cfg)
-    except (ConfigError, RegistryError, AnnotationError) as err:
+    except (ConfigError, RegistryError, AnnotationError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     runner.train()

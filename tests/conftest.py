@@ -37,8 +37,14 @@ def small_world(tmp_path_factory) -> Path:
 
 
 def sft_options(world: Path, output_dir: Path, *extra: str) -> list[str]:
-    """``--options`` that point projects/sft.yaml at ``world`` and make it small, quick and CPU-only."""
+    """``--options`` that point projects/sft.yaml at ``world`` and make it small, quick and CPU-only.
+
+    Every component trains and checkpoints hold the trainable weights only (the project freezes the
+    ViT and saves full weights), so that the mechanisms under test see all three components.
+    """
     return [
+        "model.freeze.vision=trainable",
+        "run.save_weights=trainable",
         f"datasets.synthetic_sft.ann_path={world / 'sft_train.json'}",
         f"datasets.synthetic_sft.image_root={world}",
         f"datasets.synthetic_sft.synthetic_root={world}",  # an existing world is used whatever its size

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from lavis.common.registry import registry
 from lavis.datasets.builders.base import AnnotationError, read_annotations

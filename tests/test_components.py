@@ -69,10 +69,16 @@ def test_llm_and_tokenizer_from_local_directory(tmp_path):
         assert torch.equal(a, b), name
     tok = HFTokenizer(str(tmp_path / "llm"))
     assert [tok.token_id(t) for t in SPECIAL_TOKENS] == [HFTokenizer().token_id(t) for t in SPECIAL_TOKENS]
-    with pytest.raises(ValueError, match="exactly one of"):
-        hf_causal_lm(pretrained=str(tmp_path / "llm"), config=config)
-    with pytest.raises(ValueError, match="exactly one of"):
+    # With a directory, `config` overrides its config.json.
+    overridden = hf_causal_lm(pretrained=str(tmp_path / "llm"), config={"attention_dropout": 0.25})
+    assert overridden.config.attention_dropout == 0.25 and loaded.config.attention_dropout == 0.0
+    with pytest.raises(ValueError, match="set 'pretrained'"):
         hf_causal_lm()
+    # On the meta device no weights are read; a directory that is not here falls back to the inline config.
+    with torch.device("meta"):
+        meta = hf_causal_lm(pretrained=str(tmp_path / "elsewhere"), config=config)
+    assert meta.model.embed_tokens.weight.is_meta
+    assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in inline.parameters())
 
 
 def test_tokenizer_gets_missing_special_tokens_and_llm_is_resized(tmp_path):

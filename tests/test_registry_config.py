@@ -124,8 +124,9 @@ def test_layering_default_component_project_options():
     cfg = sft()
     # configs/default.yaml (the project does not set these)
     assert cfg.run.seed == 42 and cfg.run.betas == [0.9, 0.98] and cfg.run.grad_accum == 1
-    assert cfg.model.freeze.vision == "trainable" and cfg.model.system_message == "You are a helpful assistant."
+    assert cfg.model.freeze.llm == "trainable" and cfg.model.system_message == "You are a helpful assistant."
     # the project over configs/default.yaml
+    assert cfg.model.freeze.vision == "frozen" and cfg.run.save_weights == "full"
     assert (cfg.run.max_steps, cfg.run.batch_size, cfg.run.lr, cfg.run.output_dir) == (300, 16, 1e-3, "outputs/sft")
     # the component's default YAML (configs/models/...) fills what the project (tiny preset) leaves out
     assert cfg.model.llm.params["attn_implementation"] == "sdpa" and cfg.model.llm.params["trust_remote_code"] is False
@@ -216,7 +217,7 @@ RUN_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(RunConfig)))
         ("run.max_step=5", f"unknown key 'run.max_step' (did you mean 'max_steps'?); valid keys: {RUN_KEYS}"),
         ("run.warmup=5", f"unknown key 'run.warmup' (did you mean 'warmup_steps'?); valid keys: {RUN_KEYS}"),
         ("model.archh=x", ("unknown key 'model.archh' (did you mean 'arch'?); valid keys: "
-         "adapter, arch, freeze, image_processor, llm, system_message, tokenizer, vision")),
+         "adapter, arch, freeze, image_processor, llm, load_from, system_message, tokenizer, vision")),
         ("model.freeze.vison=frozen", "unknown key 'model.freeze.vison' (did you mean 'vision'?); valid keys: adapter, llm, vision"),
         ("model.adapter.num_querys=16", ("unknown key 'model.adapter.num_querys' (did you mean 'num_queries'?); "
          "valid keys: num_heads, num_queries")),

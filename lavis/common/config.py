@@ -90,6 +90,7 @@ class ModelConfig:
     image_processor: ComponentConfig
     freeze: FreezeConfig
     system_message: str
+    load_from: str | None
 
 
 @dataclass
@@ -100,6 +101,15 @@ class DatasetConfig:
     ratio: float = 1.0
     synthetic_root: str | None = None  # generate the embedded synthetic world here first, if missing
     params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LrScaleConfig:
+    """Learning-rate multipliers per component."""
+
+    vision: float
+    adapter: float
+    llm: float
 
 
 @dataclass
@@ -125,6 +135,9 @@ class RunConfig:
     clip_grad: float | None
     max_len: int
     pack: bool
+    lr_scale: LrScaleConfig
+    layer_decay: float | None
+    save_weights: Literal["trainable", "full"]
     num_workers: int
     max_skip_ratio: float
     log_every: int

@@ -18,27 +18,46 @@ def no_weight_decay(module: nn.Module, param_name: str, param: torch.Tensor) -> 
     return param.ndim < 2 or isinstance(module, nn.Embedding) or param_name in EMBEDDING_PARAM_NAMES
 
 
-def parameter_groups(components: dict[str, nn.Module], weight_decay: float) -> list[dict]:
-    """AdamW groups per (component, decay) with their trainable parameters; empty groups are dropped."""
-    groups = []
+def parameter_groups(
+    components: dict[str, nn.Module],
+    weight_decay: float,
+    lr_scale: dict[str, float] | None = None,
+    layer_decay: float | None = None,
+) -> list[dict]:
+    """AdamW groups of the trainable parameters, per (component, decay or not, layer).
+
+    Each group's ``lr_scale`` multiplies the scheduled learning rate: the component's scale, times
+    ``layer_decay ** (num_layers + 1 - layer_id)`` for components that report layers (the ViT:
+    block ``i`` of ``N`` gets ``decay ** (N - i)``, its embeddings ``decay ** (N + 1)``).
+    """
+    lr_scale = lr_scale or {}
+    groups: dict[tuple, dict] = {}
     seen: set[int] = set()
     for comp_name, component in components.items():
-        decay, no_decay = [], []
-        for module in component.modules():
+        layered = layer_decay is not None and hasattr(component, "layer_id")
+        for module_name, module in component.named_modules():
             for name, param in module.named_parameters(recurse=False):
                 if not param.requires_grad or id(param) in seen:
                     continue
                 seen.add(id(param))
-                (no_decay if no_weight_decay(module, name, param) else decay).append(param)
-        for params, wd, suffix in ((decay, weight_decay, "decay"), (no_decay, 0.0, "no_decay")):
-            if params:
-                groups.append({"params": params, "weight_decay": wd, "name": f"{comp_name}.{suffix}", "lr_scale": 1.0})
-    return groups
+                decays = not no_weight_decay(module, name, param)
+                scale = lr_scale.get(comp_name, 1.0)
+                layer = None
+                if layered:
+                    layer = component.layer_id(f"{module_name}.{name}" if module_name else name)
+                    scale *= layer_decay ** (component.num_layers + 1 - layer)
+                key = (comp_name, decays, layer)
+                if key not in groups:
+                    label = f"{comp_name}.{'decay' if decays else 'no_decay'}" + ("" if layer is None else f".layer{layer}")
+                    groups[key] = {"params": [], "weight_decay": weight_decay if decays else 0.0, "name": label, "lr_scale": scale}
+                groups[key]["params"].append(param)
+    return list(groups.values())
 
 
 def build_optimizer(components: dict[str, nn.Module], run) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, configured from :class:`RunConfig`."""
-    groups = parameter_groups(components, run.weight_decay)
+    scales = vars(run.lr_scale) if not isinstance(run.lr_scale, dict) else run.lr_scale
+    groups = parameter_groups(components, run.weight_decay, scales, run.layer_decay)
     if not groups:
         raise ValueError("nothing to train: every component is frozen")
     fused = all(p.is_cuda for g in groups for p in g["params"])

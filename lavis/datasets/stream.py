@@ -62,7 +62,7 @@ class SourceCursor:
 
     def _epoch_order(self) -> list[int]:
         n = len(self.source.data)
-        gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        gen = torch.Generator().manual_seed((self.seed * 7919 + self.epoch) % 2**64)  # any run.seed numpy accepts
         order = torch.randperm(n, generator=gen)[self.worker :: self.num_workers].tolist()
         if not order:
             raise ValueError(f"dataset '{self.source.name}' has {n} records, fewer than the {self.num_workers} data workers")

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
+
+from lavis.common.checkpoint import WEIGHTS_NAME, list_checkpoints, load_weights_file
 from lavis.common.registry import registry
 from lavis.models import adapters, llm, vision  # noqa: F401  (register the components)
 from lavis.models.vlm import VisionLanguageModel
@@ -26,20 +32,34 @@ def build_component(kind: str, component, **context):
     return registry.get(kind, component.type)(**component.params, **context)
 
 
-def build_model(cfg) -> tuple[VisionLanguageModel, Processors]:
-    """Build the VLM and its processors from a :class:`~lavis.common.config.ModelConfig`."""
-    tokenizer = build_component("processor", cfg.tokenizer)
-    vision = build_component("vision_encoder", cfg.vision)
-    language_model = build_component("llm", cfg.llm)
-    hidden = language_model.get_input_embeddings().embedding_dim
-    adapter = build_component("adapter", cfg.adapter, vision_width=vision.width, llm_hidden_size=hidden)
+def build_model(cfg, meta: bool = False) -> tuple[VisionLanguageModel, Processors]:
+    """Build the VLM and its processors from a :class:`~lavis.common.config.ModelConfig`.
+
+    ``meta``: build on the meta device — shapes only, no weights read, no memory — to count the
+    parameters of a full-scale config on any machine. ``load_from`` is not applied then.
+    """
+    try:
+        tokenizer = build_component("processor", cfg.tokenizer)
+    except (OSError, ValueError) as err:
+        if not meta:
+            raise
+        log.warning("tokenizer not loaded (%s); counting parameters without it", err)
+        tokenizer = None
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        vision = build_component("vision_encoder", cfg.vision)
+        language_model = build_component("llm", cfg.llm)
+        hidden = language_model.get_input_embeddings().embedding_dim
+        adapter = build_component("adapter", cfg.adapter, vision_width=vision.width, llm_hidden_size=hidden)
     vocab = language_model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab:
+    if tokenizer is not None and len(tokenizer) > vocab:
         new_size = int(math.ceil(len(tokenizer) / 64) * 64)
         log.info("resizing the LLM vocabulary from %d to %d for the tokenizer's special tokens", vocab, new_size)
         language_model.resize_token_embeddings(new_size, mean_resizing=False)
     arch = registry.get("model", cfg.arch)
-    model = arch(vision, adapter, language_model, image_pad_id=tokenizer.img_pad_id, image_size=vision.image_size)
+    image_pad_id = tokenizer.img_pad_id if tokenizer is not None else -1
+    model = arch(vision, adapter, language_model, image_pad_id=image_pad_id, image_size=vision.image_size)
+    if cfg.load_from and not meta:
+        load_stage_checkpoint(model, cfg.load_from)
     model.apply_freeze({"vision": cfg.freeze.vision, "adapter": cfg.freeze.adapter, "llm": cfg.freeze.llm})
     image_processor = build_component("processor", cfg.image_processor)
     if image_processor.image_size != vision.image_size:
@@ -47,3 +67,35 @@ def build_model(cfg) -> tuple[VisionLanguageModel, Processors]:
             f"model.image_processor.image_size ({image_processor.image_size}) != model.vision.image_size ({vision.image_size})"
         )
     return model, Processors(tokenizer=tokenizer, image=image_processor)
+
+
+def resolve_weights_path(path: str) -> Path:
+    """A weights file, a checkpoint directory, or an output directory (its newest checkpoint)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if (p / WEIGHTS_NAME).is_file():
+        return p / WEIGHTS_NAME
+    found = list_checkpoints(p)
+    if found:
+        return found[-1] / WEIGHTS_NAME
+    raise FileNotFoundError(f"model.load_from: no checkpoint at {path} (a .safetensors file, a checkpoint "
+                            "directory or a run's output_dir)")
+
+
+def load_stage_checkpoint(model: VisionLanguageModel, path: str) -> None:
+    """Start from an earlier stage's weights (trainable-only or full), reporting what was not covered."""
+    file = resolve_weights_path(path)
+    state = load_weights_file(file)
+    _, unexpected = model.load_weights(state, str(file))
+    if unexpected:
+        raise ValueError(f"model.load_from {file}: {len(unexpected)} keys are not in this model, e.g. {unexpected[:5]}")
+    loaded = Counter(k.split(".", 1)[0] for k in state)
+    # Parameters only: buffers are derived (e.g. sin-cos tables), tied weights appear once.
+    kept = Counter(name.split(".", 1)[0] for name, _ in model.named_parameters() if name not in state)
+    log.info(
+        "model.load_from %s: loaded %s; not in the checkpoint (kept as built): %s",
+        file, dict(loaded) or "nothing", dict(kept) or "none",
+    )
+    if not loaded:
+        raise ValueError(f"model.load_from {file}: the checkpoint holds no weights")

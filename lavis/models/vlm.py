@@ -61,6 +61,21 @@ class VisionLanguageModel(nn.Module):
             apply_freeze_policy(getattr(self, name), policy)
             self.freeze_policies[name] = policy
 
+    def load_weights(self, state: dict[str, torch.Tensor], source: str = "") -> tuple[list[str], list[str]]:
+        """Load a (possibly partial) state dict, adapting it to this model (e.g. another image size).
+
+        Returns (missing, unexpected) keys; shape mismatches that cannot be adapted are errors.
+        """
+        for name, component in self.components.items():
+            if hasattr(component, "adapt_state_dict"):
+                state = component.adapt_state_dict(state, f"{name}.")
+        own = self.state_dict()
+        wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"{source}: shapes do not match this model: {wrong[:5]}")
+        result = self.load_state_dict(state, strict=False)
+        return result.missing_keys, result.unexpected_keys
+
     def parameter_report(self) -> str:
         return format_parameter_counts(parameter_counts(self.components), self.freeze_policies)
 

@@ -221,6 +221,11 @@ class IterRunner:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
+    def weights_to_save(self) -> dict[str, torch.Tensor]:
+        if self.run.save_weights == "full":
+            return dict(self.model.named_parameters())
+        return self.trainable_state()
+
     def save(self) -> Path:
         state = {
             "step": self.step,
@@ -235,8 +240,8 @@ class IterRunner:
                 "states": self.data_states,
             },
         }
-        meta = {"step": self.step, "weights": "trainable", "freeze": self.model.freeze_policies}
-        path = ckpt.save_checkpoint(ckpt.checkpoint_dir(self.output_dir, self.step), self.trainable_state(), state, meta)
+        meta = {"step": self.step, "weights": self.run.save_weights, "freeze": self.model.freeze_policies}
+        path = ckpt.save_checkpoint(ckpt.checkpoint_dir(self.output_dir, self.step), self.weights_to_save(), state, meta)
         ckpt.prune_checkpoints(self.output_dir, self.run.keep_last)
         log.info("saved checkpoint %s", path)
         return path
@@ -251,9 +256,10 @@ class IterRunner:
 
     def load(self, path: Path) -> None:
         """Restore trainable weights, optimiser, RNG and data position from a checkpoint."""
-        weights, state, _ = ckpt.load_checkpoint(path)
+        weights, state, meta = ckpt.load_checkpoint(path)
         expected = set(self.trainable_state())
-        missing, unexpected = expected - set(weights), set(weights) - expected
+        allowed = expected | (set(dict(self.model.named_parameters())) if meta["weights"] == "full" else set())
+        missing, unexpected = expected - set(weights), set(weights) - allowed
         if missing or unexpected:
             raise ValueError(
                 f"{path} does not match the trainable parameters: missing {sorted(missing)[:5]}, "

@@ -1,1 +1,1 @@
-from lavis.datasets.builders import conversation  # noqa: F401
+from lavis.datasets.builders import caption, conversation, grounding, ocr, text, vqa, webdataset  # noqa: F401  (register)

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 
 from lavis.processors.boxes import box_text, denorm_box, iou, normalize_coord, parse_boxes, ref_box_text  # noqa: F401
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 IMAGE_SIZE = 128
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZES: dict[str, int] = {"train": 2000, "val": 200, "test": 200}
@@ -433,6 +433,13 @@ def write_world(out: Path, seed: int, sizes: dict[str, int]) -> None:
         _write_json(out / f"scenes_{split}.json", [s.to_dict() for s in scenes])
         _write_json(out / f"sft_{split}.json", build_sft_records(scenes, seed, split))
         _write_json(out / f"llava_{split}.json", build_llava_records(scenes, seed, split))
+    # Local imports: both modules import this one.
+    from lavis.datasets.builders.webdataset import write_caption_shards
+    from lavis.datasets.synthetic.formats import write_formats
+
+    write_formats(out, seed, sizes)
+    for split in sizes:
+        write_caption_shards(out, split)
     _write_json(out / MARKER, _marker(seed, sizes))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -19,32 +21,32 @@ def hf_causal_lm(
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
 ) -> PreTrainedModel:
-    """A ``transformers`` causal LM.
+    """A ``transformers`` causal LM; nothing is downloaded.
 
-    Exactly one of ``pretrained`` (a local model directory; nothing is downloaded) and ``config``
-    (an inline transformers config with ``model_type``, randomly initialised) must be set.
-    ``attn_implementation``: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
+    ``pretrained``: a local model directory. ``config``: an inline transformers config with
+    ``model_type`` — the architecture of a randomly initialised model when ``pretrained`` is null,
+    otherwise overrides of the directory's ``config.json`` (e.g. ``attention_dropout``). Under
+    ``torch.device("meta")`` no weights are read: the directory's config, or the inline one when the
+    directory is not on this machine, gives the shapes.
     """
-    if (pretrained is None) == (config is None):
-        raise ValueError("model.llm: set exactly one of 'pretrained' (a local directory) and 'config' (inline)")
+    if pretrained is None and config is None:
+        raise ValueError("model.llm: set 'pretrained' (a local directory) or 'config' (inline), or both")
     if dtype not in _DTYPES:
         raise ValueError(f"model.llm.dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
-    if pretrained is not None:
-        model = AutoModelForCausalLM.from_pretrained(
-            pretrained,
-            local_files_only=True,
-            trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
-            dtype=_DTYPES[dtype],
-        )
+    config = dict(config or {})
+    model_type = config.pop("model_type", None)
+    options = {"attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code, "dtype": _DTYPES[dtype]}
+    on_meta = torch.get_default_device().type == "meta"
+    if pretrained is not None and not (on_meta and not Path(pretrained, "config.json").exists()):
+        if on_meta:
+            hf_config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code, **config)
+            model = AutoModelForCausalLM.from_config(hf_config, **options)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(pretrained, local_files_only=True, **options, **config)
     else:
-        config = dict(config)
-        if "model_type" not in config:
-            raise ValueError("model.llm.config needs a 'model_type' (e.g. qwen2)")
-        hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
-        model = AutoModelForCausalLM.from_config(
-            hf_config, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, dtype=_DTYPES[dtype]
-        )
+        if model_type is None:
+            raise ValueError("model.llm.config needs a 'model_type' (e.g. qwen2) to build a model without weights")
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), **options)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

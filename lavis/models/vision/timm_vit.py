@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class TimmViT(nn.Module):
         self.image_size = image_size
         self.patch_size = tuple(self.model.patch_embed.patch_size)
         self.width = self.model.embed_dim
-        if pretrained:
+        if pretrained and torch.get_default_device().type != "meta":  # meta: shapes only
             self.load_pretrained(pretrained)
         if gradient_checkpointing:
             self.model.set_grad_checkpointing(True)
@@ -77,6 +78,37 @@ class TimmViT(nn.Module):
         if result.unexpected_keys:
             log.warning("%s: ignored %d unexpected keys, e.g. %s", path, len(result.unexpected_keys), result.unexpected_keys[:5])
         log.info("vision weights loaded from %s", path)
+
+    @property
+    def num_layers(self) -> int:
+        """Transformer blocks, for layer-wise learning-rate decay."""
+        return len(self.model.blocks)
+
+    def layer_id(self, name: str) -> int:
+        """Depth of a parameter (name relative to this module): 0 for the embeddings, i+1 for block i,
+        ``num_layers + 1`` for what follows the blocks (final norm)."""
+        parts = name.split(".")
+        if parts[1] == "blocks":
+            return int(parts[2]) + 1
+        if parts[1] in ("pos_embed", "cls_token", "reg_token", "patch_embed", "norm_pre"):
+            return 0
+        return self.num_layers + 1
+
+    def adapt_state_dict(self, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        """Resample a checkpoint's position embeddings when it was trained at another image size."""
+        key = f"{prefix}model.pos_embed"
+        ours = self.model.pos_embed
+        if key in state and ours is not None and state[key].shape != ours.shape:
+            from timm.layers import resample_abs_pos_embed
+
+            prefix_tokens = 0 if self.model.no_embed_class else self.model.num_prefix_tokens
+            old_grid = int(math.isqrt(state[key].shape[1] - prefix_tokens))
+            state[key] = resample_abs_pos_embed(
+                state[key], new_size=list(self.model.patch_embed.grid_size), old_size=[old_grid, old_grid],
+                num_prefix_tokens=prefix_tokens,
+            )
+            log.info("interpolated %s from a %dx%d to a %dx%d patch grid", key, old_grid, old_grid, *self.model.patch_embed.grid_size)
+        return state
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """[B, 3, H, W] -> ([B, rows*cols, width], (rows, cols))."""

@@ -1,0 +1,163 @@
+"""VQA builder: VQAv2's question + annotation files, or a simple JSON/JSONL of image/question/answers.
+
+Every question becomes Qwen-VL's stage-2 VQA sample (DESIGN §7)::
+
+    prompt  "<img>{path}</img>{question} Answer:"
+    target  " {answer}"
+
+The answer is ``multiple_choice_answer`` when the record has one, otherwise the most frequent of its
+answers (ties: the first in order). A question without any answer fails the build (AnnotationError).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from lavis.common.config import ConfigError
+from lavis.common.registry import registry
+from lavis.datasets.builders.base import AnnotationError, RecordDataset, as_paths
+from lavis.datasets.builders.caption import describe_record, image_tag, load_file, read_json, require_dict, require_str
+
+ANSWER_PROMPT = " Answer:"
+
+
+def vqa_record(rid: str, image: str, question: str, answer: str) -> dict[str, str]:
+    return {"id": rid, "prompt": f"{image}{question}{ANSWER_PROMPT}", "target": f" {answer}"}
+
+
+def choose_answer(where: str, answers: Any, multiple_choice_answer: Any = None) -> str:
+    """``multiple_choice_answer`` when given, else the most frequent answer (ties: the first in order).
+
+    ``answers`` is a list of strings or of VQAv2's ``{"answer": ...}`` objects, or one string.
+    """
+    if multiple_choice_answer is not None:
+        return require_str(where, multiple_choice_answer, "'multiple_choice_answer'")
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(answers, list):
+        raise AnnotationError(f"{where}: 'answers' must be a list, got {type(answers).__name__}")
+    texts = []
+    for k, answer in enumerate(answers):
+        if isinstance(answer, dict):
+            answer = answer.get("answer")
+        texts.append(require_str(where, answer, f"answer {k}"))
+    if not texts:
+        raise AnnotationError(f"{where}: no answers; a VQA record needs at least one answer")
+    counts = Counter(texts)  # insertion-ordered: max() returns the first of the most frequent
+    return max(counts, key=counts.__getitem__)
+
+
+@registry.register("builder", "vqa")
+class VQABuilder:
+    """VQA records from either of two layouts.
+
+    * VQAv2: ``question_path`` (``{"questions": [{"question_id", "image_id", "question"}]}``) paired
+      with ``ann_path`` (``{"annotations": [{"question_id", "image_id", "answers": [{"answer"}],
+      "multiple_choice_answer"}]}``); lists of paths pair up in order. The image path is
+      ``image_pattern.format(split=split, image_id=image_id)`` (VQAv2's COCO file names by default).
+      Every question needs an annotation (AnnotationError otherwise). Record id: ``question_id``.
+    * Simple (``question_path`` unset): ``ann_path`` is JSONL (or a JSON list) of ``{"image",
+      "question", "answers": [str, ...]}``; ``"answer"`` (a string or a list, as in LAVIS's VQA
+      JSON) and ``"multiple_choice_answer"`` are accepted too. Record id: ``id``, else
+      ``question_id``, else the line index.
+    """
+
+    def __init__(
+        self,
+        ann_path: str | list[str],
+        image_root: str = "",
+        question_path: str | list[str] | None = None,
+        split: str = "train",
+        image_pattern: str = "COCO_{split}2014_{image_id:012d}.jpg",
+    ) -> None:
+        self.ann_paths = as_paths(ann_path)
+        self.question_paths = None if question_path is None else as_paths(question_path)
+        if self.question_paths is not None and len(self.question_paths) != len(self.ann_paths):
+            raise ConfigError(
+                f"vqa: {len(self.question_paths)} question_path file(s) for {len(self.ann_paths)} ann_path file(s); "
+                "VQAv2 questions and annotations pair up one to one"
+            )
+        self.image_root = image_root
+        self.split = split
+        self.image_pattern = image_pattern
+        try:
+            image_pattern.format(split=split, image_id=0)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigError(
+                f"vqa: image_pattern {image_pattern!r} cannot be formatted with split and image_id: {err!r}"
+            ) from None
+
+    def build(self) -> RecordDataset:
+        records: list[dict[str, str]] = []
+        if self.question_paths is None:
+            for path in self.ann_paths:
+                records += self._simple(path)
+        else:
+            for qpath, apath in zip(self.question_paths, self.ann_paths):
+                records += self._vqav2(qpath, apath)
+        return RecordDataset(records, self.image_root)
+
+    def _simple(self, path: str) -> list[dict[str, str]]:
+        data = load_file(path)
+        if isinstance(data, dict):
+            kind = "annotations" if "annotations" in data else "questions" if "questions" in data else None
+            hint = f"; it looks like VQAv2 {kind}: set question_path and ann_path" if kind else ""
+            raise AnnotationError(f"{path}: expected a JSON list or JSONL of {{'image', 'question', 'answers'}}{hint}")
+        records = []
+        for index, record in enumerate(data):
+            where = describe_record(path, index, record, "id", "question_id")
+            require_dict(where, record, "image", "question")
+            answers = record.get("answers", record.get("answer"))
+            if answers is None and record.get("multiple_choice_answer") is None:
+                raise AnnotationError(f"{where}: no answers; a VQA record needs 'answers'")
+            answer = choose_answer(where, answers if answers is not None else [], record.get("multiple_choice_answer"))
+            rid = record.get("id", record.get("question_id", index))
+            question = require_str(where, record["question"], "'question'")
+            records.append(vqa_record(str(rid), image_tag(where, record["image"]), question, answer))
+        return records
+
+    def _vqav2(self, qpath: str, apath: str) -> list[dict[str, str]]:
+        questions = _section(qpath, read_json(qpath), "questions")
+        annotations = _section(apath, read_json(apath), "annotations")
+        by_qid: dict[Any, tuple[int, dict]] = {}
+        for index, ann in enumerate(annotations):
+            where = describe_record(f"{apath}: annotations", index, ann, "question_id")
+            require_dict(where, ann, "question_id")
+            if ann["question_id"] in by_qid:
+                raise AnnotationError(
+                    f"{where}: duplicate question_id (also annotations[{by_qid[ann['question_id']][0]}])"
+                )
+            by_qid[ann["question_id"]] = (index, ann)
+        records, seen = [], set()
+        for index, q in enumerate(questions):
+            where = describe_record(f"{qpath}: questions", index, q, "question_id")
+            require_dict(where, q, "question_id", "image_id", "question")
+            qid = q["question_id"]
+            if qid in seen:
+                raise AnnotationError(f"{where}: duplicate question_id")
+            seen.add(qid)
+            if qid not in by_qid:
+                raise AnnotationError(f"{where}: no answers: question_id {qid!r} has no annotation in {apath}")
+            aindex, ann = by_qid[qid]
+            awhere = f"{where} / {apath}: annotations[{aindex}]"
+            if "image_id" in ann and ann["image_id"] != q["image_id"]:
+                raise AnnotationError(
+                    f"{awhere}: image_id {ann['image_id']!r} differs from the question's {q['image_id']!r}"
+                )
+            answer = choose_answer(awhere, ann.get("answers", []), ann.get("multiple_choice_answer"))
+            try:
+                image = self.image_pattern.format(split=self.split, image_id=q["image_id"])
+            except (ValueError, TypeError) as err:
+                raise AnnotationError(
+                    f"{where}: image_id {q['image_id']!r} does not fit image_pattern {self.image_pattern!r}: {err}"
+                ) from None
+            question = require_str(where, q["question"], "'question'")
+            records.append(vqa_record(str(qid), image_tag(where, image), question, answer))
+        return records
+
+
+def _section(path: str, data: Any, key: str) -> list[Any]:
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise AnnotationError(f"{path}: expected VQAv2 {key} JSON, an object with a {key!r} list")
+    return data[key]
