@@ -332,6 +332,7 @@ class IterRunner:
                         "tokens_per_s": window["input_tokens"] / elapsed,
                         "samples_per_s": window["samples"] / elapsed,
                         "skipped": sum(self.skipped.values()),
+                        "skipped_by_reason": dict(self.skipped),
                         "time": time.time(),
                     }
                     metrics.write(last)

@@ -1,0 +1,155 @@
+"""Data loading vs training: does the loader keep up, and how long does training wait for data?
+
+    python benchmarks/dataloader.py [--project sft|multitask|both] [--loader-batches 40]
+                                    [--train-batches 16] [--steps 40] [--warmup 5] [--options key=value ...]
+
+For each project (projects/sft.yaml: padded conversations; projects/multitask.yaml: the packed
+multi-task mixture), with the project's own ``run.num_workers`` and batch size:
+
+  1. loader samples/s: ``IterRunner.data_iterator()`` alone, no training, over ``--loader-batches``
+     batches counted from the first one (worker start-up is reported apart);
+  2. training samples/s: ``train_step`` on ``--train-batches`` batches fetched beforehand (the
+     loader's workers are shut down first), so nothing but the step runs;
+  3. the real loop: ``IterRunner.train()`` itself with its ``data_iterator`` wrapped to time every
+     ``next(batches)``; after ``--warmup`` steps, the share of wall time over ``--steps`` steps spent
+     blocked waiting for a batch (target < 5%), and the samples/s that loop achieves.
+
+The DataLoader workers are processes of their own: in 1 they have the cores to themselves, in 3 they
+compete with the training threads (torch threads and num_workers are printed). The prefetch queue
+(``prefetch_factor`` x workers batches) fills during the warm-up, so a loader slower than training
+shows up in 3 only once the queue is drained: compare 1 and 2 for the steady state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lavis.common.config import load_config  # noqa: E402
+from lavis.runners import build_runner  # noqa: E402
+
+PROJECTS = {"sft": "projects/sft.yaml", "multitask": "projects/multitask.yaml"}
+
+
+def build(project: str, work: Path, max_steps: int, options: list[str]):
+    cfg = load_config(
+        PROJECTS[project],
+        [
+            f"run.output_dir={work / project}",
+            f"run.max_steps={max_steps}",
+            f"run.save_every={10**6}",  # only the final checkpoint, written after the timed window
+            *options,
+        ],
+    )
+    return build_runner(cfg)
+
+
+def loader_rate(runner, batches: int) -> tuple[float, float]:
+    """(start-up seconds to the first batch, samples/s over the next ``batches`` batches)."""
+    start = time.perf_counter()
+    it = runner.data_iterator()
+    next(it)
+    first = time.perf_counter()
+    samples = sum(next(it)["num_samples"] for _ in range(batches))
+    rate = samples / (time.perf_counter() - first)
+    it.close()  # drops the DataLoader iterator: its workers exit
+    return first - start, rate
+
+
+def train_rate(runner, batches: int, warmup: int) -> float:
+    """Samples/s of ``train_step`` alone on ``batches`` steps' worth of batches fetched beforehand."""
+    accum = runner.run.grad_accum
+    it = runner.data_iterator()
+    fetched = [next(it) for _ in range((batches + warmup) * accum)]
+    it.close()
+    gc.collect()
+    runner.model.train()
+    steps = [fetched[i : i + accum] for i in range(0, len(fetched), accum)]
+    for micro in steps[:warmup]:
+        runner.set_lr(runner.step)
+        runner.train_step(micro)
+        runner.step += 1
+    samples, start = 0, time.perf_counter()
+    for micro in steps[warmup:]:
+        runner.set_lr(runner.step)
+        samples += runner.train_step(micro).samples
+        runner.step += 1
+    return samples / (time.perf_counter() - start)
+
+
+def real_loop(runner, warmup: int, steps: int) -> tuple[float, float, float]:
+    """Run ``train()``; (share of time blocked in next(batches), samples/s, ms/step) over the window.
+
+    The window runs from the ``next()`` call that starts step ``warmup + 1`` to the one that starts step
+    ``warmup + steps + 1`` (the last step, whose checkpoint save is then outside the window).
+    """
+    calls: list[tuple[float, float, int]] = []  # (called, returned, samples) per next()
+    original = runner.data_iterator
+
+    def timed() -> Iterator[dict[str, Any]]:
+        it = original()
+        while True:
+            called = time.perf_counter()
+            batch = next(it)
+            calls.append((called, time.perf_counter(), batch["num_samples"]))
+            yield batch
+
+    runner.data_iterator = timed
+    try:
+        runner.train()
+    finally:
+        del runner.data_iterator
+    accum = runner.run.grad_accum
+    first, last = warmup * accum, (warmup + steps) * accum  # indices of the window's bounding next() calls
+    window = calls[first:last]
+    total = calls[last][0] - calls[first][0]
+    waiting = sum(returned - called for called, returned, _ in window)
+    return waiting / total, sum(n for *_, n in window) / total, total / steps * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project", choices=[*PROJECTS, "both"], default="both")
+    parser.add_argument("--loader-batches", type=int, default=40, help="batches timed from the loader alone")
+    parser.add_argument("--train-batches", type=int, default=16, help="steps timed on pre-fetched batches")
+    parser.add_argument("--steps", type=int, default=40, help="steps of the real loop timed after the warm-up")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (loop and pre-fetched)")
+    parser.add_argument("--options", nargs="*", default=[])
+    args = parser.parse_args()
+
+    os.chdir(REPO)  # the projects' data paths are relative to the repository root
+    work = Path(tempfile.mkdtemp(prefix="dataloader_"))
+    for project in PROJECTS if args.project == "both" else [args.project]:
+        # A fresh runner per measurement: each starts from the same weights and data position.
+        runner = build(project, work / "loader", args.warmup + args.steps + 1, args.options)
+        run = runner.run
+        startup, loader = loader_rate(runner, args.loader_batches)
+        del runner
+        training = train_rate(build(project, work / "train", 10**6, args.options), args.train_batches, args.warmup)
+        gc.collect()
+        share, loop, ms = real_loop(build(project, work / "loop", args.warmup + args.steps + 1, args.options), args.warmup, args.steps)
+        print(
+            f"{project} ({PROJECTS[project]}): {'packed' if run.pack else 'padded'}, batch_size {run.batch_size}"
+            f"{' rows' if run.pack else ''} x grad_accum {run.grad_accum}, max_len {run.max_len}; "
+            f"num_workers {run.num_workers}, torch threads {torch.get_num_threads()}"
+        )
+        print(f"  loader alone        : {loader:8.1f} samples/s  (first batch after {startup:.2f} s, then {args.loader_batches} batches)")
+        print(f"  train_step alone    : {training:8.1f} samples/s  (pre-fetched batches, {args.train_batches} steps)")
+        print(f"  real training loop  : {loop:8.1f} samples/s  ({ms:.0f} ms/step over {args.steps} steps after {args.warmup})")
+        print(f"  waiting for data    : {share:8.1%} of loop time   (target < 5%); loader / train_step = {loader / training:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
