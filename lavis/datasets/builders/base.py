@@ -16,30 +16,87 @@ class AnnotationError(ValueError):
 def read_annotations(path: str | Path) -> list[Any]:
     """Records of a JSON list file or a JSONL file; syntax errors name the file and position."""
     path = Path(path)
+    if path.suffix != ".jsonl":
+        data = read_json(path)
+        if not isinstance(data, list):
+            raise AnnotationError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        return data
     if not path.is_file():
         raise AnnotationError(f"annotation file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise AnnotationError(f"{path}:{lineno}: malformed JSON line: {err.msg}") from None
-        return records
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise AnnotationError(f"{path}:{lineno}: malformed JSON line: {err.msg}") from None
+    return records
+
+
+def read_json(path: str | Path) -> Any:
+    """The parsed content of a JSON file of any shape; a syntax error names the file and position."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"annotation file not found: {path}")
     try:
-        data = json.loads(text)
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise AnnotationError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-    if not isinstance(data, list):
-        raise AnnotationError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
 
 
-def record_name(path: str | Path, index: int, record: Any) -> str:
-    rid = record.get("id") if isinstance(record, dict) else None
-    return f"{path}: record {index}" + (f" (id {rid!r})" if rid is not None else "")
+def load_file(path: str | Path) -> Any:
+    """A ``.jsonl`` file as a list of records, any other file as parsed JSON (a list or an object)."""
+    return read_annotations(path) if str(path).endswith(".jsonl") else read_json(path)
+
+
+def describe_record(path: str | Path, index: int, record: Any, *keys: str) -> str:
+    """``"{path}: record {index} (id 7)"``: the first of ``keys`` (default ``id``) the record has."""
+    for key in keys or ("id",):
+        if isinstance(record, dict) and record.get(key) is not None:
+            return f"{path}: record {index} ({key} {record[key]!r})"
+    return f"{path}: record {index}"
+
+
+def require_dict(where: str, record: Any, *keys: str) -> dict[str, Any]:
+    """``record`` if it is an object holding every one of ``keys``; AnnotationError otherwise."""
+    if not isinstance(record, dict):
+        raise AnnotationError(f"{where}: expected an object, got {type(record).__name__}")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise AnnotationError(f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
+    return record
+
+
+def require_str(where: str, value: Any, what: str) -> str:
+    """``value`` stripped, if it is a non-blank string; AnnotationError naming ``what`` otherwise."""
+    if not isinstance(value, str) or not value.strip():
+        raise AnnotationError(f"{where}: {what} must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def image_tag(where: str, path: Any) -> str:
+    """``<img>{path}</img>`` for a relative (or absolute) image path; the path itself is not checked."""
+    path = require_str(where, path, "the image path")
+    if "<" in path or ">" in path or "\n" in path:
+        raise AnnotationError(f"{where}: image path {path!r} contains '<', '>' or a newline")
+    return f"<img>{path}</img>"
+
+
+def parse_splits(split: str | None) -> tuple[str, ...] | None:
+    """``"train,restval"`` (or ``"train+restval"``) -> ``("train", "restval")``; ``None`` keeps all."""
+    if split is None:
+        return None
+    names = tuple(s.strip() for s in split.replace("+", ",").split(",") if s.strip())
+    if not names:
+        raise ValueError(f"split {split!r} names no split")
+    return names
+
+
+def check_split_kept(path: str, splits: tuple[str, ...] | None, kept: int, present: set[Any]) -> None:
+    """Fail when a split filter kept nothing from a file (a typo would otherwise train on nothing)."""
+    if splits is not None and kept == 0:
+        found = ", ".join(sorted(map(str, present))) or "none (no 'split' keys)"
+        raise AnnotationError(f"{path}: no records of split {', '.join(splits)}; splits in the file: {found}")
 
 
 class RecordDataset(Dataset):

@@ -6,12 +6,12 @@ import re
 from typing import Any
 
 from lavis.common.registry import registry
-from lavis.datasets.builders.base import AnnotationError, RecordDataset, as_paths, read_annotations, record_name
+from lavis.datasets.builders.base import AnnotationError, RecordDataset, as_paths, read_annotations, describe_record
 from lavis.processors.conversation import ROLES
 
 
 def _conversations(path: str, index: int, record: Any, roles: dict[str, str]) -> list[dict[str, str]]:
-    where = record_name(path, index, record)
+    where = describe_record(path, index, record)
     if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
         raise AnnotationError(f"{where}: expected an object with a 'conversations' list")
     messages = []
@@ -76,7 +76,7 @@ class LLaVAConversationBuilder(QwenVLConversationBuilder):
         placeholders = sum(len(IMAGE_PLACEHOLDER.findall(m["content"])) for m in messages)
         if placeholders not in (0, len(images)):
             raise AnnotationError(
-                f"{record_name(path, index, record)}: {placeholders} <image> placeholders for {len(images)} images"
+                f"{describe_record(path, index, record)}: {placeholders} <image> placeholders for {len(images)} images"
             )
         pictures = iter(f"Picture {n}: <img>{img}</img>\n" for n, img in enumerate(images, 1))
         for message in messages:
@@ -84,6 +84,6 @@ class LLaVAConversationBuilder(QwenVLConversationBuilder):
         if images and not placeholders:
             first_user = next((m for m in messages if m["role"] == "user"), None)
             if first_user is None:
-                raise AnnotationError(f"{record_name(path, index, record)}: an image but no human turn to hold it")
+                raise AnnotationError(f"{describe_record(path, index, record)}: an image but no human turn to hold it")
             first_user["content"] = "".join(pictures) + first_user["content"]
         return converted

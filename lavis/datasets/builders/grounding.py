@@ -38,8 +38,10 @@ from typing import Any
 
 from lavis.common.config import ConfigError
 from lavis.common.registry import registry
-from lavis.datasets.builders.base import AnnotationError, RecordDataset, as_paths
-from lavis.datasets.builders.caption import (
+from lavis.datasets.builders.base import (
+    AnnotationError,
+    RecordDataset,
+    as_paths,
     check_split_kept,
     describe_record,
     image_tag,
@@ -321,15 +323,12 @@ def ground_caption(where: str, caption: str, regions: list[tuple[str | None, Any
     return "".join(out) + caption[pos:]
 
 
-@registry.register("builder", "grounded_caption")
-class GroundedCaptionBuilder:
-    """Grounded captioning: one record per image; each region's phrase gets its box inline.
+class RegionRecordsBuilder:
+    """Shared by builders with one record per image and pixel regions: a record with a region outside
+    the image is skipped and counted (``skipped`` after ``build()``, one warning); ``convert``
+    returns the record, or ``None`` for such a skip."""
 
-    Format: JSON list or JSONL of ``{"image", "width", "height", "caption", "regions": [{"phrase",
-    "bbox": [x, y, w, h], "span"?: [start, end]}]}`` (see the module notes and
-    :func:`ground_caption`). Record id: ``id``, else the index. After ``build()``, ``skipped`` is
-    the number of records skipped for a bad box.
-    """
+    record_keys = ""  # named in the error for a file that is not a list
 
     def __init__(self, ann_path: str | list[str], image_root: str = "") -> None:
         self.ann_paths = as_paths(ann_path)
@@ -341,9 +340,7 @@ class GroundedCaptionBuilder:
         for path in self.ann_paths:
             data = load_file(path)
             if not isinstance(data, list):
-                raise AnnotationError(
-                    f"{path}: expected a JSON list or JSONL of {{'image', 'caption', 'regions', ...}}"
-                )
+                raise AnnotationError(f"{path}: expected a JSON list or JSONL of {{{self.record_keys}}}")
             total += len(data)
             for index, record in enumerate(data):
                 record = self.convert(path, index, record, skips)
@@ -352,6 +349,22 @@ class GroundedCaptionBuilder:
         skips.warn(type(self).registry_name, total)
         self.skipped = skips.count
         return RecordDataset(records, self.image_root)
+
+    def convert(self, path: str, index: int, record: Any, skips: SkipCounter) -> dict[str, str] | None:
+        raise NotImplementedError
+
+
+@registry.register("builder", "grounded_caption")
+class GroundedCaptionBuilder(RegionRecordsBuilder):
+    """Grounded captioning: one record per image; each region's phrase gets its box inline.
+
+    Format: JSON list or JSONL of ``{"image", "width", "height", "caption", "regions": [{"phrase",
+    "bbox": [x, y, w, h], "span"?: [start, end]}]}`` (see the module notes and
+    :func:`ground_caption`). Record id: ``id``, else the index. After ``build()``, ``skipped`` is
+    the number of records skipped for a bad box.
+    """
+
+    record_keys = "'image', 'caption', 'regions', ..."
 
     def convert(self, path: str, index: int, record: Any, skips: SkipCounter) -> dict[str, str] | None:
         where = describe_record(path, index, record)

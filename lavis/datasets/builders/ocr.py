@@ -21,9 +21,16 @@ from __future__ import annotations
 from typing import Any
 
 from lavis.common.registry import registry
-from lavis.datasets.builders.base import AnnotationError, RecordDataset, as_paths
-from lavis.datasets.builders.caption import describe_record, image_tag, load_file, require_dict, require_str
-from lavis.datasets.builders.grounding import OutsideImage, SkipCounter, clamp_point, image_size, numbers, pixel_box
+from lavis.datasets.builders.base import AnnotationError, describe_record, image_tag, require_dict, require_str
+from lavis.datasets.builders.grounding import (
+    OutsideImage,
+    RegionRecordsBuilder,
+    SkipCounter,
+    clamp_point,
+    image_size,
+    numbers,
+    pixel_box,
+)
 from lavis.processors.quads import Quad, box_to_quad, ref_quad_text
 
 OCR_PROMPT = "OCR with grounding:"
@@ -56,32 +63,14 @@ def pixel_quad(where: str, region: dict[str, Any], width: float, height: float) 
 
 
 @registry.register("builder", "ocr")
-class OCRBuilder:
+class OCRBuilder(RegionRecordsBuilder):
     """Text reading with grounding: one record per image (see the module notes for the format).
 
     Record id: ``id``, else the index. After ``build()``, ``skipped`` is the number of records
     skipped for a region outside the image.
     """
 
-    def __init__(self, ann_path: str | list[str], image_root: str = "") -> None:
-        self.ann_paths = as_paths(ann_path)
-        self.image_root = image_root
-        self.skipped = 0
-
-    def build(self) -> RecordDataset:
-        skips, total, records = SkipCounter(), 0, []
-        for path in self.ann_paths:
-            data = load_file(path)
-            if not isinstance(data, list):
-                raise AnnotationError(f"{path}: expected a JSON list or JSONL of {{'image', 'width', 'height', 'ocr'}}")
-            total += len(data)
-            for index, record in enumerate(data):
-                record = self.convert(path, index, record, skips)
-                if record is not None:
-                    records.append(record)
-        skips.warn(type(self).registry_name, total)
-        self.skipped = skips.count
-        return RecordDataset(records, self.image_root)
+    record_keys = "'image', 'width', 'height', 'ocr'"
 
     def convert(self, path: str, index: int, record: Any, skips: SkipCounter) -> dict[str, str] | None:
         where = describe_record(path, index, record)

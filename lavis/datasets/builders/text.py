@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from lavis.common.registry import registry
 from lavis.datasets.builders.base import AnnotationError, RecordDataset, as_paths, read_annotations
-from lavis.datasets.builders.caption import describe_record
+from lavis.datasets.builders.base import describe_record
 
 
 @registry.register("builder", "text")

@@ -17,7 +17,7 @@ from typing import Any
 from lavis.common.config import ConfigError
 from lavis.common.registry import registry
 from lavis.datasets.builders.base import AnnotationError, RecordDataset, as_paths
-from lavis.datasets.builders.caption import describe_record, image_tag, load_file, read_json, require_dict, require_str
+from lavis.datasets.builders.base import describe_record, image_tag, load_file, read_json, require_dict, require_str
 
 ANSWER_PROMPT = " Answer:"
 
