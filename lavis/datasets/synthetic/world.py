@@ -14,6 +14,9 @@ written in the same on-disk formats as real data:
                                 ``i``), each with an extra ``"meta"`` key
   ``llava_{split}.json``        LLaVA-format conversations for the first
                                 ``min(n, 200)`` scenes of the split
+  ``shards/{split}-NNNNNN.tar`` webdataset caption shards (builders/webdataset.py)
+  captions, VQAv2, RefCOCO-style, grounded-caption, OCR and text files
+                                (see :mod:`lavis.datasets.synthetic.formats`)
 
 Coordinates: ``Obj.bbox`` is ``(x1, y1, x2, y2)`` in pixels with ``x2, y2``
 exclusive.  In text, boxes use Qwen-VL's ``(x1,y1),(x2,y2)`` where every
