@@ -289,3 +289,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(small_world, tmp_path):
     assert read_metrics(out / "metrics.jsonl")[-1]["step"] == step
     assert "signal 15" in log.read_text()
     assert os.path.getsize(found[0] / ckpt.WEIGHTS_NAME) > 1_000_000
+
+
+def test_resume_with_another_number_of_data_workers_is_refused(load_sft, tmp_path):
+    out = tmp_path / "out"
+    build_runner(load_sft("run.max_steps=2", "run.save_every=2", output_dir=out)).train()
+    resumed = build_runner(load_sft("run.max_steps=4", "run.resume=auto", "run.num_workers=2", output_dir=out))
+    with pytest.raises(ValueError, match=r"written with 1 data workers; .* same number \(run.num_workers=0\)"):
+        resumed.train()
