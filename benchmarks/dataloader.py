@@ -130,6 +130,10 @@ def main() -> None:
     args = parser.parse_args()
 
     os.chdir(REPO)  # the projects' data paths are relative to the repository root
+    busy = os.getloadavg()[0]
+    if busy > 0.5:
+        # Other processes on the cores make torch's worker threads wait on each other: times swing widely.
+        print(f"warning: load average {busy:.1f} before starting; other processes share the {os.cpu_count()} cores")
     work = Path(tempfile.mkdtemp(prefix="dataloader_"))
     for project in PROJECTS if args.project == "both" else [args.project]:
         # A fresh runner per measurement: each starts from the same weights and data position.

@@ -317,7 +317,7 @@ class IterRunner:
                 self.samples_seen += stats.samples
                 self.skipped += stats.skipped
                 self._check_skips()
-                window["loss"] += float(stats.loss_sum)
+                window["loss"] += stats.loss_sum  # a tensor: no device sync until the log line
                 window["tokens"] += stats.target_tokens
                 window["input_tokens"] += stats.input_tokens
                 window["samples"] += stats.samples
@@ -326,7 +326,7 @@ class IterRunner:
                     elapsed = time.perf_counter() - window["start"]
                     last = {
                         "step": self.step,
-                        "loss": window["loss"] / max(window["tokens"], 1),
+                        "loss": float(window["loss"]) / max(window["tokens"], 1),
                         "lr": lr,
                         "grad_norm": float(stats.grad_norm) if stats.grad_norm is not None else None,
                         "tokens_per_s": window["input_tokens"] / elapsed,
