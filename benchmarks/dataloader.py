@@ -1,15 +1,16 @@
 """Data loading vs training: does the loader keep up, and how long does training wait for data?
 
     python benchmarks/dataloader.py [--project sft|multitask|both] [--loader-batches 40]
-                                    [--train-batches 16] [--steps 40] [--warmup 5] [--options key=value ...]
+                                    [--steps 40] [--warmup 5] [--options key=value ...]
 
 For each project (projects/sft.yaml: padded conversations; projects/multitask.yaml: the packed
 multi-task mixture), with the project's own ``run.num_workers`` and batch size:
 
   1. loader samples/s: ``IterRunner.data_iterator()`` alone, no training, over ``--loader-batches``
      batches counted from the first one (worker start-up is reported apart);
-  2. training samples/s: ``train_step`` on ``--train-batches`` batches fetched beforehand (the
-     loader's workers are shut down first), so nothing but the step runs;
+  2. training samples/s: ``train_step`` on batches fetched beforehand (the loader's workers are shut
+     down first), so nothing but the step runs; a fresh runner's stream repeats itself, so these are
+     the very batches of 3's timed window, after the same warm-up;
   3. the real loop: ``IterRunner.train()`` itself with its ``data_iterator`` wrapped to time every
      ``next(batches)``; after ``--warmup`` steps, the share of wall time over ``--steps`` steps spent
      blocked waiting for a batch (target < 5%), and the samples/s that loop achieves.
@@ -17,7 +18,8 @@ multi-task mixture), with the project's own ``run.num_workers`` and batch size:
 The DataLoader workers are processes of their own: in 1 they have the cores to themselves, in 3 they
 compete with the training threads (torch threads and num_workers are printed). The prefetch queue
 (``prefetch_factor`` x workers batches) fills during the warm-up, so a loader slower than training
-shows up in 3 only once the queue is drained: compare 1 and 2 for the steady state.
+shows up in 3 only once the queue is drained: compare 1 and 2 for the steady state. The last line
+compares 3's step time without its waits with 2's: the cost of sharing the cores with the workers.
 """
 
 from __future__ import annotations
@@ -68,29 +70,35 @@ def loader_rate(runner, batches: int) -> tuple[float, float]:
     return first - start, rate
 
 
-def train_rate(runner, batches: int, warmup: int) -> float:
-    """Samples/s of ``train_step`` alone on ``batches`` steps' worth of batches fetched beforehand."""
+def train_rate(runner, steps: int, warmup: int) -> tuple[float, float]:
+    """(samples/s, ms/step) of ``train_step`` alone over ``steps`` steps on batches fetched beforehand.
+
+    A fresh runner's stream gives the same batches in the same order as the real loop's, so with
+    ``steps`` equal to the loop's these are the very batches of the loop's timed window.
+    """
     accum = runner.run.grad_accum
     it = runner.data_iterator()
-    fetched = [next(it) for _ in range((batches + warmup) * accum)]
-    it.close()
+    fetched = [next(it) for _ in range((warmup + steps) * accum)]
+    it.close()  # its workers exit: nothing but the steps runs
     gc.collect()
     runner.model.train()
-    steps = [fetched[i : i + accum] for i in range(0, len(fetched), accum)]
-    for micro in steps[:warmup]:
+    micro_batches = [fetched[i : i + accum] for i in range(0, len(fetched), accum)]
+    for micro in micro_batches[:warmup]:
         runner.set_lr(runner.step)
         runner.train_step(micro)
         runner.step += 1
     samples, start = 0, time.perf_counter()
-    for micro in steps[warmup:]:
+    for micro in micro_batches[warmup:]:
         runner.set_lr(runner.step)
         samples += runner.train_step(micro).samples
         runner.step += 1
-    return samples / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    return samples / elapsed, elapsed / steps * 1e3
 
 
-def real_loop(runner, warmup: int, steps: int) -> tuple[float, float, float]:
-    """Run ``train()``; (share of time blocked in next(batches), samples/s, ms/step) over the window.
+def real_loop(runner, warmup: int, steps: int) -> tuple[float, float, float, float]:
+    """Run ``train()``; over the timed window: (share of time blocked in next(batches), samples/s,
+    ms/step, ms/step not counting the waits).
 
     The window runs from the ``next()`` call that starts step ``warmup + 1`` to the one that starts step
     ``warmup + steps + 1`` (the last step, whose checkpoint save is then outside the window).
@@ -116,44 +124,69 @@ def real_loop(runner, warmup: int, steps: int) -> tuple[float, float, float]:
     window = calls[first:last]
     total = calls[last][0] - calls[first][0]
     waiting = sum(returned - called for called, returned, _ in window)
-    return waiting / total, sum(n for *_, n in window) / total, total / steps * 1e3
+    samples = sum(n for *_, n in window)
+    return waiting / total, samples / total, total / steps * 1e3, (total - waiting) / steps * 1e3
+
+
+def other_cpu_use(seconds: float = 1.0) -> float:
+    """Cores kept busy by other processes over ``seconds`` while this one sleeps (Linux; else 0)."""
+
+    def busy_idle() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields[:8]) - idle, idle
+
+    try:
+        (b0, i0), _, (b1, i1) = busy_idle(), time.sleep(seconds), busy_idle()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return (os.cpu_count() or 1) * (b1 - b0) / max((b1 - b0) + (i1 - i0), 1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", choices=[*PROJECTS, "both"], default="both")
     parser.add_argument("--loader-batches", type=int, default=40, help="batches timed from the loader alone")
-    parser.add_argument("--train-batches", type=int, default=16, help="steps timed on pre-fetched batches")
     parser.add_argument("--steps", type=int, default=40, help="steps of the real loop timed after the warm-up")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (loop and pre-fetched)")
     parser.add_argument("--options", nargs="*", default=[])
     args = parser.parse_args()
 
     os.chdir(REPO)  # the projects' data paths are relative to the repository root
-    busy = os.getloadavg()[0]
-    if busy > 0.5:
-        # Other processes on the cores make torch's worker threads wait on each other: times swing widely.
-        print(f"warning: load average {busy:.1f} before starting; other processes share the {os.cpu_count()} cores")
+    busy = other_cpu_use()
+    if busy > 0.2:
+        # Other processes on the cores make torch's threads wait on each other: times swing widely.
+        print(f"warning: other processes use {busy:.1f} of the {os.cpu_count()} cores; timings will be noisy")
     work = Path(tempfile.mkdtemp(prefix="dataloader_"))
     for project in PROJECTS if args.project == "both" else [args.project]:
-        # A fresh runner per measurement: each starts from the same weights and data position.
-        runner = build(project, work / "loader", args.warmup + args.steps + 1, args.options)
+        # A fresh runner per measurement: each starts from the same weights and the same data position.
+        def fresh(name: str, project: str = project):
+            return build(project, work / name, args.warmup + args.steps + 1, args.options)
+
+        runner = fresh("loader")
         run = runner.run
         startup, loader = loader_rate(runner, args.loader_batches)
         del runner
-        training = train_rate(build(project, work / "train", 10**6, args.options), args.train_batches, args.warmup)
         gc.collect()
-        share, loop, ms = real_loop(build(project, work / "loop", args.warmup + args.steps + 1, args.options), args.warmup, args.steps)
+        training, train_ms = train_rate(fresh("train"), args.steps, args.warmup)
+        gc.collect()
+        share, loop, loop_ms, busy_ms = real_loop(fresh("loop"), args.warmup, args.steps)
         print(
             f"{project} ({PROJECTS[project]}): {'packed' if run.pack else 'padded'}, batch_size {run.batch_size}"
             f"{' rows' if run.pack else ''} x grad_accum {run.grad_accum}, max_len {run.max_len}; "
-            f"num_workers {run.num_workers}, torch threads {torch.get_num_threads()}"
+            f"num_workers {run.num_workers}, torch threads {torch.get_num_threads()}, {os.cpu_count()} cores"
         )
-        print(f"  loader alone        : {loader:8.1f} samples/s  (first batch after {startup:.2f} s, then {args.loader_batches} batches)")
-        print(f"  train_step alone    : {training:8.1f} samples/s  (pre-fetched batches, {args.train_batches} steps)")
-        print(f"  real training loop  : {loop:8.1f} samples/s  ({ms:.0f} ms/step over {args.steps} steps after {args.warmup})")
-        print(f"  waiting for data    : {share:8.1%} of loop time   (target < 5%); loader / train_step = {loader / training:.2f}x")
-
+        print(
+            f"  loader alone       : {loader:8.1f} samples/s  "
+            f"(first batch after {startup:.2f} s, then {args.loader_batches} batches timed)"
+        )
+        print(f"  train_step alone   : {training:8.1f} samples/s  ({train_ms:.0f} ms/step; the loop's {args.steps} batches, pre-fetched)")
+        print(f"  real training loop : {loop:8.1f} samples/s  ({loop_ms:.0f} ms/step over {args.steps} steps after {args.warmup})")
+        print(f"  waiting for data   : {share:8.1%} of loop time   (target < 5%)")
+        print(
+            f"  loader / train_step = {loader / training:.1f}x; loop step minus waits {busy_ms:.0f} ms vs {train_ms:.0f} ms alone "
+            f"({busy_ms / train_ms - 1:+.0%}: workers and loop bookkeeping on the same cores)"
+        )
 
 if __name__ == "__main__":
     main()

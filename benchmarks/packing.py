@@ -1,7 +1,7 @@
 """Packing vs padding: useful (non-pad) tokens per second of training on the SFT + multi-task mix.
 
     python benchmarks/packing.py [--samples 512] [--batch-size 8] [--max-len 512] [--rounds 4]
-                                 [--epochs 1] [--sft-ratio 1.0] [--group-mult 16] [--options key=value ...]
+                                 [--epochs 1] [--sft-ratio 1.0] [--group-mult 8] [--options key=value ...]
 
 One tiny model (projects/multitask.yaml, everything trainable) and one fixed list of processed
 samples drawn once from the seeded mixture of the multi-task sources plus the SFT conversations of
@@ -13,7 +13,8 @@ processed untruncated; those longer than ``max_len`` are dropped from the list f
       (Qwen-VL's finetune.py: ``padding="max_length"``);
   (b) pad-to-longest, length-grouped: shuffle, cut into pools of ``group_mult x batch_size`` samples,
       sort each pool by length, cut into batches of ``batch_size``, shuffle the batches; each batch is
-      padded to its longest sample (LLaVA's ``group_by_length``);
+      padded to its longest sample (LLaVA's ``group_by_length``: its megabatch is world size x batch
+      size, so the default ``--group-mult 8`` is an 8-GPU LLaVA run; 1 is a single-GPU one);
   (c) packed: the stream's greedy packing (fill a row until the next sample does not fit) into
       ``batch_size`` rows of at most ``max_len`` tokens, samples isolated by ``PackCollator``.
 
@@ -127,6 +128,21 @@ def finish(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+def other_cpu_use(seconds: float = 1.0) -> float:
+    """Cores kept busy by other processes over ``seconds`` while this one sleeps (Linux; else 0)."""
+
+    def busy_idle() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields[:8]) - idle, idle
+
+    try:
+        (b0, i0), _, (b1, i1) = busy_idle(), time.sleep(seconds), busy_idle()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return (os.cpu_count() or 1) * (b1 - b0) / max((b1 - b0) + (i1 - i0), 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=512, help="fixed samples drawn once from the mixture")
@@ -136,16 +152,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="passes over the samples per way")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per way first")
     parser.add_argument("--sft-ratio", type=float, default=1.0, help="SFT conversations' ratio (multi-task ratios sum to 1)")
-    parser.add_argument("--group-mult", type=int, default=16, help="(b): length-grouping pool = this x batch size")
+    parser.add_argument("--group-mult", type=int, default=8, help="(b): length-grouping pool = this x batch size (LLaVA: world size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--options", nargs="*", default=[])
     args = parser.parse_args()
 
     os.chdir(REPO)  # the projects' data paths are relative to the repository root
-    busy = os.getloadavg()[0]
-    if busy > 0.5:
-        # Other processes on the cores make torch's worker threads wait on each other: times swing widely.
-        print(f"warning: load average {busy:.1f} before starting; other processes share the {os.cpu_count()} cores")
+    busy = other_cpu_use()
+    if busy > 0.2:
+        # Other processes on the cores make torch's threads wait on each other: times swing widely.
+        print(f"warning: other processes use {busy:.1f} of the {os.cpu_count()} cores; timings will be noisy")
     work = Path(tempfile.mkdtemp(prefix="packing_"))
     cfg = load_config(
         "projects/multitask.yaml",
