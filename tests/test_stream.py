@@ -235,10 +235,9 @@ def test_packing_without_isolation_leaks_between_samples(qwen_setup):
     padding_mask = (packed["labels"] != IGNORE_INDEX) | (packed["input_ids"] != pad_id)
     leaky = {**packed, "attention_mask": padding_mask.long()}
     assert abs(mean_loss([lm_loss(model, leaky)]) - isolated) > 1e-3
-    # isolation="position_ids" passes no mask; then the position resets are all that separates the
-    # samples (transformers derives the packed mask from them): row-wide positions 0..L-1 leak.
-    no_mask = PackCollator(pad_id, isolation="position_ids")([[samples[i] for i in row] for row in ROWS])
-    assert no_mask["attention_mask"] is None
+    # With no mask, the position resets are all that could separate the samples: row-wide
+    # positions 0..L-1 (or none) leak.
+    no_mask = {**packed, "attention_mask": None}
     assert abs(mean_loss([lm_loss(model, {**no_mask, "position_ids": row_positions})]) - isolated) > 1e-3
     assert abs(mean_loss([lm_loss(model, {**no_mask, "position_ids": None})]) - isolated) > 1e-3
     # With the block mask, Qwen2's RoPE (relative) gives the same loss for row-wide positions: the
@@ -297,12 +296,17 @@ def test_pack_collator_builds_block_diagonal_causal_masks():
     # the inputs are untouched (the collator copies labels before masking the first token)
     assert a["labels"].tolist() == [11, 12]
 
-    flash = PackCollator(pad_id=7, isolation="position_ids")([[a, b], [c]])
+    flash = PackCollator(pad_id=7, isolation="cu_seqlens")([[a, b], [c]])
     assert flash["attention_mask"] is None
     for key in ("input_ids", "labels", "position_ids", "pixel_values"):
         assert torch.equal(flash[key], out[key]), key
+    # the flattened batch: a, b | c, then each padding position on its own
+    kwargs = flash["attention_kwargs"]
+    assert kwargs["cu_seq_lens_q"].tolist() == kwargs["cu_seq_lens_k"].tolist() == [0, 2, 5, 8, 9, 10]
+    assert kwargs["cu_seq_lens_q"].dtype == torch.int32
+    assert kwargs["max_length_q"] == kwargs["max_length_k"] == 3
     with pytest.raises(ValueError, match="isolation"):
-        PackCollator(pad_id=7, isolation="cu_seqlens")
+        PackCollator(pad_id=7, isolation="position_ids")
 
 
 # --------------------------------------------------------------------------- 4. greedy packing
@@ -567,3 +571,41 @@ def test_too_many_consecutive_skips_raise_naming_the_dataset():
     sources = [Source("fine", ListStream(two_skips)), Source("broken", ListStream(three_skips))]
     with pytest.raises(RuntimeError, match=r"3 consecutive samples of dataset 'broken'.*missing_image.*corrupt_image"):
         take(BatchStream(sources, IdProcessor(), id_collate, cfg), 1)
+
+
+def reference_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                               cu_seq_lens_q=None, **kwargs):
+    """What flash-attention's varlen kernel computes, in plain SDPA: causal attention within each
+    [cu[i], cu[i+1]) slice of the flattened batch. A CPU stand-in to check what the model is given."""
+    b, h, length, d = query.shape
+    groups = h // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    flat = [x.transpose(0, 1).reshape(1, h, b * length, d) for x in (query, key, value)]
+    cu = cu_seq_lens_q.tolist()
+    outs = [
+        torch.nn.functional.scaled_dot_product_attention(*(x[:, :, s:e] for x in flat), is_causal=True, scale=scaling)
+        for s, e in zip(cu[:-1], cu[1:])
+    ]
+    return torch.cat(outs, 2).reshape(h, b, length, d).permute(1, 2, 0, 3), None
+
+
+def test_cu_seqlens_reach_the_attention_and_isolate_like_the_block_mask(qwen_setup):
+    """The flash-attention path (no mask, cu_seqlens) gives the block mask's loss when the kernel
+    honours cu_seqlens: checked with a reference varlen kernel registered on CPU."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    model, samples, pad_id, packed = qwen_setup
+    isolated = mean_loss([lm_loss(model, packed)])
+    varlen = PackCollator(pad_id, isolation="cu_seqlens")([[samples[i] for i in row] for row in ROWS])
+    AttentionInterface.register("test_varlen_reference", reference_varlen_attention)
+    AttentionMaskInterface.register("test_varlen_reference", lambda *args, **kwargs: None)
+    model.llm.config._attn_implementation = "test_varlen_reference"
+    try:
+        with torch.no_grad():
+            out = model.lm_loss(
+                input_ids=varlen["input_ids"], labels=varlen["labels"], attention_mask=None,
+                position_ids=varlen["position_ids"], pixel_values=varlen["pixel_values"], **varlen["attention_kwargs"],
+            )
+    finally:
+        model.llm.config._attn_implementation = "sdpa"
+    assert abs(float(out.loss_sum.double()) / int(out.num_tokens) - isolated) < 1e-5

@@ -44,14 +44,16 @@ class PackCollator:
 
     Each sample keeps its own position ids (0, 1, ...). Isolation depends on the attention kernel:
     ``block_mask`` builds a block-diagonal causal mask ``[B, 1, L, L]`` (SDPA, eager);
-    ``position_ids`` passes no mask and lets flash-attention derive ``cu_seqlens`` from the position
-    resets. (Position ids alone do NOT isolate samples under SDPA.) The first token of every sample
-    is unsupervised, as it is unpacked: nothing before it belongs to its sample.
+    ``cu_seqlens`` passes no mask but ``attention_kwargs`` with the cumulative sequence lengths of the
+    flattened batch (``cu_seq_lens_q/k``, ``max_length_q/k``) for flash-attention's varlen kernel.
+    (Position ids alone do not reliably isolate samples: transformers only infers boundaries from
+    them in some cases, e.g. flash-attention with a batch of one row.) The first token of every
+    sample is unsupervised, as it is unpacked: nothing before it belongs to its sample.
     """
 
     def __init__(self, pad_id: int, isolation: str = "block_mask") -> None:
-        if isolation not in ("block_mask", "position_ids"):
-            raise ValueError(f"unknown packing isolation '{isolation}'")
+        if isolation not in ("block_mask", "cu_seqlens"):
+            raise ValueError(f"unknown packing isolation '{isolation}'; expected block_mask or cu_seqlens")
         self.pad_id = pad_id
         self.isolation = isolation
 
@@ -90,4 +92,17 @@ class PackCollator:
             out["attention_mask"] = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
         else:
             out["attention_mask"] = None
+            out["attention_kwargs"] = cu_seqlens_kwargs(segments)
         return out
+
+
+def cu_seqlens_kwargs(segments: torch.Tensor) -> dict[str, Any]:
+    """flash-attention varlen arguments for the flattened batch: one sequence per run of equal
+    segment ids in each row (every padding position is a sequence of its own)."""
+    flat = segments.flatten()
+    row_starts = torch.zeros_like(segments, dtype=torch.bool)
+    row_starts[:, 0] = True
+    starts = (torch.cat([flat.new_ones(1, dtype=torch.bool), flat[1:] != flat[:-1]]) | row_starts.flatten())
+    cu = torch.cat([starts.nonzero().flatten(), torch.tensor([flat.numel()])]).to(torch.int32)
+    max_length = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_length, "max_length_k": max_length}

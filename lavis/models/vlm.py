@@ -133,15 +133,18 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        **attention_kwargs,
     ) -> LMLoss:
         """Next-token cross-entropy summed over supervised tokens.
 
         The LM head runs only at supervised positions: with SFT masks most positions are
         prompt or image, so this saves most of the head's compute and the full-vocabulary logits.
+        ``attention_kwargs`` reach the attention kernels (e.g. packed ``cu_seq_lens_q``).
         """
         embeds = self.embed_inputs(input_ids, pixel_values)
         hidden = self.llm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            **attention_kwargs,
         ).last_hidden_state
         targets = labels[:, 1:]
         selected = targets != IGNORE_INDEX

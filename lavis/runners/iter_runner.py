@@ -131,7 +131,12 @@ class IterRunner:
         return lr
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        def move(value):
+            if torch.is_tensor(value):
+                return value.to(self.device, non_blocking=True)
+            return {k: move(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+        return move(batch)
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> StepStats:
         """One optimiser step over ``micro_batches`` (gradient accumulation).

@@ -53,7 +53,7 @@ class LanguageModelingTask:
     def collator(self, processors: Processors, attn_implementation: str) -> PadCollator | PackCollator:
         if not self.cfg.run.pack:
             return PadCollator(pad_id=processors.tokenizer.pad_id)
-        isolation = "position_ids" if attn_implementation.startswith("flash_attention") else "block_mask"
+        isolation = "cu_seqlens" if attn_implementation.startswith("flash_attention") else "block_mask"
         return PackCollator(pad_id=processors.tokenizer.pad_id, isolation=isolation)
 
     def train_step(self, model: VisionLanguageModel, batch: dict) -> LMLoss:
@@ -63,4 +63,5 @@ class LanguageModelingTask:
             attention_mask=batch["attention_mask"],
             position_ids=batch.get("position_ids"),
             pixel_values=batch["pixel_values"],
+            **batch.get("attention_kwargs", {}),
         )
