@@ -42,6 +42,8 @@ sys.path.insert(0, str(REPO))
 from lavis.common.config import load_config  # noqa: E402
 from lavis.runners import build_runner  # noqa: E402
 
+from machine import other_cpu_use  # noqa: E402  (benchmarks/machine.py)
+
 PROJECTS = {"sft": "projects/sft.yaml", "multitask": "projects/multitask.yaml"}
 
 
@@ -126,21 +128,6 @@ def real_loop(runner, warmup: int, steps: int) -> tuple[float, float, float, flo
     waiting = sum(returned - called for called, returned, _ in window)
     samples = sum(n for *_, n in window)
     return waiting / total, samples / total, total / steps * 1e3, (total - waiting) / steps * 1e3
-
-
-def other_cpu_use(seconds: float = 1.0) -> float:
-    """Cores kept busy by other processes over ``seconds`` while this one sleeps (Linux; else 0)."""
-
-    def busy_idle() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]
-        return sum(fields[:8]) - idle, idle
-
-    try:
-        (b0, i0), _, (b1, i1) = busy_idle(), time.sleep(seconds), busy_idle()
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    return (os.cpu_count() or 1) * (b1 - b0) / max((b1 - b0) + (i1 - i0), 1)
 
 
 def main() -> None:

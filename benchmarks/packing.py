@@ -56,6 +56,8 @@ from lavis.datasets.stream import BatchStream, StreamConfig  # noqa: E402
 from lavis.processors.conversation import IGNORE_INDEX  # noqa: E402
 from lavis.runners import build_runner  # noqa: E402
 
+from machine import other_cpu_use  # noqa: E402  (benchmarks/machine.py)
+
 SFT_DATASET = [
     "datasets.synthetic_sft.builder=qwen_vl_conversation",
     "datasets.synthetic_sft.ann_path=data/synthetic/sft_train.json",
@@ -126,21 +128,6 @@ def length_grouped(samples: list[dict[str, Any]], batch_size: int, mult: int, rn
 def finish(batch: dict[str, Any]) -> dict[str, Any]:
     batch["skipped"] = Counter()
     return batch
-
-
-def other_cpu_use(seconds: float = 1.0) -> float:
-    """Cores kept busy by other processes over ``seconds`` while this one sleeps (Linux; else 0)."""
-
-    def busy_idle() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]
-        return sum(fields[:8]) - idle, idle
-
-    try:
-        (b0, i0), _, (b1, i1) = busy_idle(), time.sleep(seconds), busy_idle()
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    return (os.cpu_count() or 1) * (b1 - b0) / max((b1 - b0) + (i1 - i0), 1)
 
 
 def main() -> None:
