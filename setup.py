@@ -20,6 +20,7 @@ setup(
         "safetensors",
         "tqdm",
         "numpy",
+        "pycocoevalcap",
     ],
     extras_require={"dev": ["pytest", "ruff"]},
 )

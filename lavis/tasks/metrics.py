@@ -1,0 +1,268 @@
+"""Evaluation metrics for Qwen-VL-style benchmarks: VQAv2 accuracy, grounding Acc@IoU, captioning
+CIDEr/BLEU-4 and multiple-choice selection by lowest loss.
+
+Everything here is a pure function of its inputs (no global state, no I/O). Captioning needs
+``pycocoevalcap`` (imported lazily) but not Java: text is tokenized by :func:`tokenize_caption`
+instead of the Stanford PTB tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Hashable, Mapping, Sequence
+
+from lavis.processors.boxes import denorm_box, iou, parse_boxes
+
+__all__ = [
+    "caption_scores",
+    "choose_option",
+    "grounding_accuracy",
+    "normalize_vqa_answer",
+    "parse_first_box",
+    "tokenize_caption",
+    "vqa_accuracy",
+    "vqa_score",
+]
+
+Box = tuple[float, float, float, float]
+
+# ---------------------------------------------------------------------------------------------
+# VQAv2 accuracy: the rules of the official evaluation (GT-Vision-Lab/VQA, vqaEval.py).
+# ---------------------------------------------------------------------------------------------
+
+# The official contractions map, verbatim (most values use the typographic apostrophe U+2019,
+# a few use ASCII ', and a few keys are capitalised so never match lowercased text; kept as is).
+_VQA_CONTRACTIONS: dict[str, str] = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn’t’ve", "couldnt’ve": "couldn’t’ve", "didnt": "didn’t", "doesnt": "doesn’t",
+    "dont": "don’t", "hadnt": "hadn’t", "hadnt’ve": "hadn’t’ve", "hadn'tve": "hadn’t’ve",
+    "hasnt": "hasn’t", "havent": "haven’t", "hed": "he’d", "hed’ve": "he’d’ve", "he’dve": "he’d’ve",
+    "hes": "he’s", "howd": "how’d", "howll": "how’ll", "hows": "how’s", "Id’ve": "I’d’ve",
+    "I’dve": "I’d’ve", "Im": "I’m", "Ive": "I’ve", "isnt": "isn’t", "itd": "it’d", "itd’ve": "it’d’ve",
+    "it’dve": "it’d’ve", "itll": "it’ll", "let’s": "let’s", "maam": "ma’am", "mightnt": "mightn’t",
+    "mightnt’ve": "mightn’t’ve", "mightn’tve": "mightn’t’ve", "mightve": "might’ve",
+    "mustnt": "mustn’t", "mustve": "must’ve", "neednt": "needn’t", "notve": "not’ve",
+    "oclock": "o’clock", "oughtnt": "oughtn’t", "ow’s’at": "’ow’s’at", "’ows’at": "’ow’s’at",
+    "’ow’sat": "’ow’s’at", "shant": "shan’t", "shed’ve": "she’d’ve", "she’dve": "she’d’ve",
+    "she’s": "she’s", "shouldve": "should’ve", "shouldnt": "shouldn’t", "shouldnt’ve": "shouldn’t’ve",
+    "shouldn’tve": "shouldn’t’ve", "somebody’d": "somebodyd", "somebodyd’ve": "somebody’d’ve",
+    "somebody’dve": "somebody’d’ve", "somebodyll": "somebody’ll", "somebodys": "somebody’s",
+    "someoned": "someone’d", "someoned’ve": "someone’d’ve", "someone’dve": "someone’d’ve",
+    "someonell": "someone’ll", "someones": "someone’s", "somethingd": "something’d",
+    "somethingd’ve": "something’d’ve", "something’dve": "something’d’ve",
+    "somethingll": "something’ll", "thats": "that’s", "thered": "there’d", "thered’ve": "there’d’ve",
+    "there’dve": "there’d’ve", "therere": "there’re", "theres": "there’s", "theyd": "they’d",
+    "theyd’ve": "they’d’ve", "they’dve": "they’d’ve", "theyll": "they’ll", "theyre": "they’re",
+    "theyve": "they’ve", "twas": "’twas", "wasnt": "wasn’t", "wed’ve": "we’d’ve", "we’dve": "we’d’ve",
+    "weve": "we've", "werent": "weren’t", "whatll": "what’ll", "whatre": "what’re", "whats": "what’s",
+    "whatve": "what’ve", "whens": "when’s", "whered": "where’d", "wheres": "where's",
+    "whereve": "where’ve", "whod": "who’d", "whod’ve": "who’d’ve", "who’dve": "who’d’ve",
+    "wholl": "who’ll", "whos": "who’s", "whove": "who've", "whyll": "why’ll", "whyre": "why’re",
+    "whys": "why’s", "wont": "won’t", "wouldve": "would’ve", "wouldnt": "wouldn’t",
+    "wouldnt’ve": "wouldn’t’ve", "wouldn’tve": "wouldn’t’ve", "yall": "y’all", "yall’ll": "y’all’ll",
+    "y’allll": "y’all’ll", "yall’d’ve": "y’all’d’ve", "y’alld’ve": "y’all’d’ve",
+    "y’all’dve": "y’all’d’ve", "youd": "you’d", "youd’ve": "you’d’ve", "you’dve": "you’d’ve",
+    "youll": "you’ll", "youre": "you’re", "youve": "you’ve",
+}  # fmt: skip
+_VQA_NUMBER_WORDS: dict[str, str] = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}  # fmt: skip
+_VQA_ARTICLES = frozenset({"a", "an", "the"})
+# Note: no '-', '!' or '.' here ('.' has its own rule), but ':' and "'" are, as in the original.
+_VQA_PUNCT = (";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_", ">", "<", "@", "`", ",", "?")
+# The original's "(?!<=\d)" is a (buggy) negative *lookahead*, true before any '.', so this removes
+# every period that is not followed by a digit ("yes." -> "yes", "2.5" stays).
+_VQA_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_VQA_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+# The original passes re.UNICODE (== 32) positionally as ``count``: at most 32 periods are removed.
+_VQA_PERIOD_COUNT = int(re.UNICODE)
+
+
+def _vqa_process_punctuation(text: str) -> str:
+    """The official ``processPunctuation``: each punctuation mark is deleted if it touches a space
+    (or if the text contains a digit,digit comma anywhere), otherwise replaced by a space; then
+    periods not followed by a digit are removed."""
+    out = text
+    strip_all = _VQA_COMMA_STRIP.search(text) is not None
+    for p in _VQA_PUNCT:
+        if strip_all or (p + " " in text) or (" " + p in text):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _VQA_PERIOD_STRIP.sub("", out, count=_VQA_PERIOD_COUNT)
+
+
+def _vqa_process_digit_article(text: str) -> str:
+    """The official ``processDigitArticle``: lowercase, number words -> digits, drop articles,
+    expand apostrophe-less contractions."""
+    words = [_VQA_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    words = [w for w in words if w not in _VQA_ARTICLES]
+    return " ".join(_VQA_CONTRACTIONS.get(w, w) for w in words)
+
+
+def normalize_vqa_answer(text: str) -> str:
+    """Normalise a predicted answer exactly as the official VQA evaluation does.
+
+    Examples: ``"Two."`` -> ``"2"``, ``"a dog"`` -> ``"dog"``, ``"dont"`` -> ``"don’t"`` (U+2019),
+    ``"1,000"`` -> ``"1000"``, ``"2.5"`` -> ``"2.5"``, ``"don't"`` -> ``"don t"``.
+    """
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return _vqa_process_digit_article(_vqa_process_punctuation(text))
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], normalize_answers: bool = False) -> float:
+    """VQA accuracy of one prediction against the human answers (10 in VQAv2).
+
+    Mean over leave-one-out subsets of ``answers`` of ``min(#matches in subset / 3, 1)``: 3 or more
+    agreeing humans -> 0.9..1.0 (3 of 10 gives 0.9), 1 of 10 -> 0.3.
+
+    As in the official code, the prediction is fully normalised (:func:`normalize_vqa_answer`)
+    while the answers, which VQAv2 ships already normalised, only get the punctuation rule, and
+    only when they are not all identical. ``normalize_answers=True`` fully normalises the answers
+    too (for datasets whose answers are raw text).
+    """
+    if not answers:
+        raise ValueError("vqa_accuracy needs at least one ground-truth answer")
+    pred = normalize_vqa_answer(prediction)
+    if normalize_answers:
+        gts = [normalize_vqa_answer(a) for a in answers]
+    elif len(set(answers)) > 1:
+        gts = [_vqa_process_punctuation(a) for a in answers]
+    else:
+        gts = list(answers)
+    matches = [gt == pred for gt in gts]
+    total = sum(matches)
+    # Leaving answer i out keeps total - matches[i] matches among the others.
+    accs = [min(1.0, (total - m) / 3.0) for m in matches]
+    return sum(accs) / len(accs)
+
+
+def vqa_score(
+    predictions: Sequence[str], answers: Sequence[Sequence[str]], normalize_answers: bool = False
+) -> dict[str, float | int]:
+    """Mean :func:`vqa_accuracy` over a dataset: ``{"accuracy": in [0, 1], "count": n}``."""
+    if len(predictions) != len(answers):
+        raise ValueError(f"{len(predictions)} predictions but {len(answers)} answer lists")
+    accs = [vqa_accuracy(p, a, normalize_answers) for p, a in zip(predictions, answers)]
+    return {"accuracy": sum(accs) / len(accs) if accs else 0.0, "count": len(accs)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Grounding (RefCOCO-style): first predicted box, [0, 1000) -> pixels, Acc@IoU>=threshold.
+# ---------------------------------------------------------------------------------------------
+
+# A bare box at the very start of the output: Qwen-VL's grounding prompt ends with "<box>", so the
+# generated continuation is "(x1,y1),(x2,y2)</box>" (the closing tag may be cut by a stop string).
+_LEADING_BARE_BOX = re.compile(r"\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*,\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)")
+
+
+def parse_first_box(text: str, width: int | None = None, height: int | None = None) -> tuple | None:
+    """First box in a generated answer, or ``None`` if there is none.
+
+    Accepts a leading bare ``(x1,y1),(x2,y2)`` (continuation of a ``...<box>`` prompt) or else the
+    first ``<box>(x1,y1),(x2,y2)</box>`` anywhere (via :func:`lavis.processors.boxes.parse_boxes`).
+    Corners are put in order (``x1 <= x2``, ``y1 <= y2``). Returns Qwen-VL's integer [0, 1000)
+    coordinates, or pixel coordinates when ``width`` and ``height`` are given.
+    """
+    m = _LEADING_BARE_BOX.match(text)
+    if m is not None:
+        box = tuple(int(v) for v in m.groups())
+    else:
+        boxes = parse_boxes(text)
+        if not boxes:
+            return None
+        box = boxes[0]
+    x1, y1, x2, y2 = box
+    box = (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+    if width is None and height is None:
+        return box
+    if width is None or height is None:
+        raise ValueError("give both width and height, or neither")
+    return denorm_box(box, width, height)
+
+
+def grounding_accuracy(
+    predictions: Sequence[str],
+    gt_boxes: Sequence[Box],
+    sizes: Sequence[tuple[int, int]],
+    threshold: float = 0.5,
+) -> dict[str, float | int]:
+    """Acc@IoU>=``threshold`` of generated boxes against pixel ground truth ``(x1, y1, x2, y2)``.
+
+    ``sizes`` are the images' ``(width, height)``. A prediction without a parseable box is a miss
+    (counted in ``"unparseable"``). Returns ``{"accuracy", "correct", "unparseable", "count"}``.
+    """
+    if not len(predictions) == len(gt_boxes) == len(sizes):
+        raise ValueError(f"lengths differ: {len(predictions)} predictions, {len(gt_boxes)} boxes, {len(sizes)} sizes")
+    correct = unparseable = 0
+    for text, gt, (width, height) in zip(predictions, gt_boxes, sizes):
+        box = parse_first_box(text, width, height)
+        if box is None:
+            unparseable += 1
+        elif iou(box, tuple(gt)) >= threshold:
+            correct += 1
+    n = len(predictions)
+    return {"accuracy": correct / n if n else 0.0, "correct": correct, "unparseable": unparseable, "count": n}
+
+
+# ---------------------------------------------------------------------------------------------
+# Captioning: CIDEr and BLEU-4 with pycocoevalcap's scorers on Java-free tokenization.
+# ---------------------------------------------------------------------------------------------
+
+_CAPTION_NT = re.compile(r"(?<=\w)n't\b")
+_CAPTION_TOKEN = re.compile(r"n't|'(?:s|re|ve|ll|m|d)\b|\d+(?:[.,]\d+)+|[^\W_]+(?:[-_][^\W_]+)*")
+
+
+def tokenize_caption(text: str) -> str:
+    """Lowercase and tokenize a caption roughly as pycocoevalcap's ``PTBTokenizer`` does, without Java.
+
+    Keeps words (hyphenated words whole: ``"well-known"``), numbers (``"1,000"``, ``"3.5"``) and
+    PTB's clitic splits (``"dog's"`` -> ``dog 's``, ``"don't"`` -> ``do n't``); drops punctuation
+    (``. , ? ! : ; - -- ... ' " ` ( ) [ ] { }``) as PTBTokenizer does. Returns space-joined tokens.
+    """
+    text = text.lower().replace("\u2019", "'").replace("\u2018", "'")
+    text = _CAPTION_NT.sub(" n't", text)
+    return " ".join(_CAPTION_TOKEN.findall(text))
+
+
+def caption_scores(
+    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
+) -> dict[str, float | int]:
+    """Corpus CIDEr (CIDEr-D as in coco-caption) and BLEU-4 of ``predictions`` (one caption per id)
+    against ``references`` (captions per id), both tokenized by :func:`tokenize_caption`.
+
+    Both mappings must have the same ids. Note CIDEr's IDF comes from the references of this set,
+    so it is only meaningful over several images. Returns ``{"CIDEr", "BLEU-4", "count"}``.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    if set(predictions) != set(references):
+        missing = set(references) - set(predictions)
+        extra = set(predictions) - set(references)
+        raise ValueError(f"ids differ: {len(missing)} without prediction, {len(extra)} without references")
+    if not predictions:
+        return {"CIDEr": 0.0, "BLEU-4": 0.0, "count": 0}
+    res = {k: [tokenize_caption(predictions[k])] for k in predictions}
+    gts = {}
+    for k in predictions:
+        if not references[k]:
+            raise ValueError(f"no references for id {k!r}")
+        gts[k] = [tokenize_caption(r) for r in references[k]]
+    cider, _ = Cider().compute_score(gts, res)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return {"CIDEr": float(cider), "BLEU-4": float(bleu[3]), "count": len(res)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice (ScienceQA, MMBench): the option whose answer has the lowest mean loss.
+# ---------------------------------------------------------------------------------------------
+
+
+def choose_option(option_losses: Mapping[str, float]) -> str:
+    """Option with the lowest loss; ties go to the first in the mapping's order, NaN never wins."""
+    if not option_losses:
+        raise ValueError("choose_option needs at least one option")
+    return min(option_losses, key=lambda k: math.inf if math.isnan(option_losses[k]) else option_losses[k])

@@ -1,0 +1,218 @@
+"""Evaluation metrics: VQAv2 accuracy, grounding Acc@0.5, captioning CIDEr/BLEU-4, multiple choice."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lavis.tasks.metrics import (
+    caption_scores,
+    choose_option,
+    grounding_accuracy,
+    normalize_vqa_answer,
+    parse_first_box,
+    tokenize_caption,
+    vqa_accuracy,
+    vqa_score,
+)
+
+# --------------------------------------------------------------------------------------------- VQA
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("two", "2"),
+        ("Ten", "10"),
+        ("none", "0"),
+        ("a dog", "dog"),
+        ("The red an apple", "red apple"),
+        ("yes.", "yes"),
+        ("Yes!", "yes!"),  # '!' is not in the official punctuation list
+        ("2.5", "2.5"),  # a period followed by a digit stays
+        ("3.", "3"),
+        ("dont", "don\u2019t"),  # official contractions use U+2019
+        ("isnt", "isn\u2019t"),
+        ("don't", "don t"),  # "'" is punctuation: replaced by a space when not next to one
+        ("1,000", "1000"),  # digit,digit comma: every punctuation mark is deleted
+        ("red,blue", "red blue"),  # no digit comma, no adjacent space: replaced by a space
+        ("red, blue", "red blue"),  # ", " touches a space: deleted
+        ("  left\tside\n", "left side"),
+        ("well-known", "well-known"),  # '-' is not in the official punctuation list
+    ],
+)
+def test_normalize_vqa_answer(raw: str, expected: str) -> None:
+    assert normalize_vqa_answer(raw) == expected
+
+
+def test_vqa_accuracy_normalised_prediction_matches() -> None:
+    assert vqa_accuracy("two", ["2"] * 10) == 1.0
+    assert vqa_accuracy("a dog", ["dog"] * 10) == 1.0
+    assert vqa_accuracy("yes.", ["yes"] * 10) == 1.0
+    assert vqa_accuracy("dont", ["don\u2019t"] * 10) == 1.0
+    assert vqa_accuracy("1,000", ["1000"] * 10) == 1.0
+    assert vqa_accuracy("cat", ["dog"] * 10) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("agreeing", "expected"),
+    [
+        (0, 0.0),
+        (1, 0.3),  # 9 subsets keep it: 1/3 each; (9 * 1/3 + 0) / 10
+        (2, 0.6),  # (8 * 2/3 + 2 * 1/3) / 10
+        (3, 0.9),  # (7 * 1 + 3 * 2/3) / 10
+        (4, 1.0),  # every 9-subset keeps >= 3
+        (10, 1.0),
+    ],
+)
+def test_vqa_accuracy_human_agreement(agreeing: int, expected: float) -> None:
+    answers = ["cat"] * agreeing + ["dog"] * (10 - agreeing)
+    assert vqa_accuracy("cat", answers) == pytest.approx(expected)
+
+
+def test_vqa_accuracy_ground_truth_handling_is_official() -> None:
+    # Official: answers are not digit/article-normalised (VQAv2 ships them normalised) ...
+    assert vqa_accuracy("2", ["two"] * 10) == 0.0
+    assert vqa_accuracy("2", ["two"] * 10, normalize_answers=True) == 1.0
+    # ... and get the punctuation rule only when they are not all identical.
+    assert vqa_accuracy("yes", ["yes."] * 10) == 0.0
+    assert vqa_accuracy("yes", ["yes."] * 5 + ["no"] * 5) == 1.0
+
+
+def test_vqa_score_means_and_counts() -> None:
+    out = vqa_score(["2", "cat"], [["2"] * 10, ["cat"] + ["dog"] * 9])
+    assert out["count"] == 2
+    assert out["accuracy"] == pytest.approx((1.0 + 0.3) / 2)
+    assert vqa_score([], []) == {"accuracy": 0.0, "count": 0}
+    with pytest.raises(ValueError):
+        vqa_score(["a"], [])
+    with pytest.raises(ValueError):
+        vqa_accuracy("a", [])
+
+
+# --------------------------------------------------------------------------------------- grounding
+
+
+def test_parse_first_box_forms() -> None:
+    assert parse_first_box("<ref>dog</ref><box>(100,200),(500,600)</box>") == (100, 200, 500, 600)
+    # continuation of a prompt ending in "<box>", with or without the closing tag
+    assert parse_first_box("(100,200),(500,600)</box>") == (100, 200, 500, 600)
+    assert parse_first_box(" (100, 200), (500, 600)") == (100, 200, 500, 600)
+    # swapped corners are put in order
+    assert parse_first_box("<box>(500,600),(100,200)</box>") == (100, 200, 500, 600)
+    assert parse_first_box("<box>(100,600),(500,200)</box>") == (100, 200, 500, 600)
+    # the first of several
+    assert parse_first_box("a <box>(1,2),(3,4)</box> b <box>(5,6),(7,8)</box>") == (1, 2, 3, 4)
+    assert parse_first_box("(1,2),(3,4)</box> and <box>(5,6),(7,8)</box>") == (1, 2, 3, 4)
+    # nothing parseable
+    assert parse_first_box("I cannot see a dog.") is None
+    assert parse_first_box("") is None
+    assert parse_first_box("<box>(1,2)</box>") is None
+
+
+def test_parse_first_box_scales_non_square() -> None:
+    # width 200, height 100: x * 200 / 1000, y * 100 / 1000
+    assert parse_first_box("<box>(100,200),(500,600)</box>", 200, 100) == pytest.approx((20, 20, 100, 60))
+    assert parse_first_box("(500,600),(100,200)</box>", 200, 100) == pytest.approx((20, 20, 100, 60))
+    with pytest.raises(ValueError):
+        parse_first_box("<box>(1,2),(3,4)</box>", 200)
+
+
+def test_grounding_accuracy_hand_cases() -> None:
+    preds = [
+        "<ref>dog</ref><box>(100,200),(500,600)</box>",  # non-square exact: IoU 1 -> hit
+        "<box>(500,600),(100,200)</box>",  # swapped corners: hit
+        "(100,200),(500,600)</box>",  # bare continuation of the "<box>" prompt: hit
+        "there is no dog",  # no box: miss, unparseable
+        "<box>(50,0),(150,100)</box>",  # IoU 5000 / 15000 = 1/3: miss
+        "<box>(0,0),(100,50)</box>",  # IoU 5000 / 10000 = 0.5 exactly: hit (>=)
+        # width/height mixed up would give pixels (10,40,50,120): IoU 600/5800 with the GT
+        "<box>(100,400),(500,1200)</box>",
+    ]
+    gts = [(20, 20, 100, 60)] * 3 + [(0, 0, 10, 10)] + [(0, 0, 100, 100)] * 2 + [(20, 20, 100, 60)]
+    sizes = [(200, 100)] * 3 + [(100, 100)] + [(1000, 1000)] * 2 + [(100, 100)]
+    out = grounding_accuracy(preds, gts, sizes)
+    assert out == {"accuracy": pytest.approx(4 / 7), "correct": 4, "unparseable": 1, "count": 7}
+    # the IoU=1/3 case passes a lower threshold
+    assert grounding_accuracy(preds[4:5], gts[4:5], sizes[4:5], threshold=0.3)["correct"] == 1
+    with pytest.raises(ValueError):
+        grounding_accuracy(preds, gts[:2], sizes)
+
+
+# -------------------------------------------------------------------------------------- captioning
+
+PREDS = {
+    1: "A man riding a horse.",
+    2: "Two dogs playing in the snow!",
+    3: "A plate of food, on a table.",
+}
+REFS = {
+    1: ["A man is riding a horse.", "A person rides a brown horse."],
+    2: ["Two dogs play in the snow.", "Dogs running through (fresh) snow."],
+    3: ["A plate with food on it.", "Food on a white plate."],
+}
+# The same captions tokenized by hand as PTBTokenizer would (lowercase, punctuation dropped).
+HAND_RES = {
+    1: ["a man riding a horse"],
+    2: ["two dogs playing in the snow"],
+    3: ["a plate of food on a table"],
+}
+HAND_GTS = {
+    1: ["a man is riding a horse", "a person rides a brown horse"],
+    2: ["two dogs play in the snow", "dogs running through fresh snow"],
+    3: ["a plate with food on it", "food on a white plate"],
+}
+
+
+def test_tokenize_caption() -> None:
+    assert tokenize_caption("A Dog's toy, well-known (really) don't... \"ok\"!") == (
+        "a dog 's toy well-known really do n't ok"
+    )
+    assert tokenize_caption("1,000 people; 3.5 km: end.") == "1,000 people 3.5 km end"
+    assert tokenize_caption("?!") == ""
+
+
+def test_caption_scores_match_pycocoevalcap() -> None:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    for k, pred in PREDS.items():
+        assert [tokenize_caption(pred)] == HAND_RES[k]
+        assert [tokenize_caption(r) for r in REFS[k]] == HAND_GTS[k]
+    out = caption_scores(PREDS, REFS)
+    cider, _ = Cider().compute_score(HAND_GTS, HAND_RES)
+    bleu, _ = Bleu(4).compute_score(HAND_GTS, HAND_RES, verbose=0)
+    assert out["count"] == 3
+    assert out["CIDEr"] == pytest.approx(cider)
+    assert out["BLEU-4"] == pytest.approx(bleu[3])
+    assert out["CIDEr"] > 0
+    assert 0.0 <= out["BLEU-4"] <= 1.0
+
+
+def test_caption_scores_perfect_beats_wrong() -> None:
+    perfect = caption_scores({k: v[0] for k, v in REFS.items()}, REFS)
+    wrong = caption_scores({1: REFS[3][0], 2: REFS[1][0], 3: REFS[2][0]}, REFS)
+    assert perfect["CIDEr"] > wrong["CIDEr"] + 1.0
+    assert perfect["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 <= wrong["BLEU-4"] < perfect["BLEU-4"]
+
+
+def test_caption_scores_bad_input() -> None:
+    with pytest.raises(ValueError):
+        caption_scores({1: "a dog"}, {1: ["a dog"], 2: ["a cat"]})
+    with pytest.raises(ValueError):
+        caption_scores({1: "a dog"}, {1: []})
+    assert caption_scores({}, {})["count"] == 0
+
+
+# --------------------------------------------------------------------------------- multiple choice
+
+
+def test_choose_option() -> None:
+    assert choose_option({"A": 1.2, "B": 0.7, "C": 0.9, "D": 2.0}) == "B"
+    assert choose_option({"A": 0.5, "B": 0.3, "C": 0.3}) == "B"  # tie -> first in order
+    assert choose_option({"C": 0.3, "B": 0.3, "A": 0.9}) == "C"
+    assert choose_option({"A": math.nan, "B": 2.0}) == "B"
+    with pytest.raises(ValueError):
+        choose_option({})
