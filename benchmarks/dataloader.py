@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from lavis.common.config import load_config  # noqa: E402
 from lavis.runners import build_runner  # noqa: E402
 
-from machine import other_cpu_use  # noqa: E402  (benchmarks/machine.py)
+from machine import warn_if_busy  # noqa: E402  (benchmarks/machine.py)
 
 PROJECTS = {"sft": "projects/sft.yaml", "multitask": "projects/multitask.yaml"}
 
@@ -140,10 +140,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.chdir(REPO)  # the projects' data paths are relative to the repository root
-    busy = other_cpu_use()
-    if busy > 0.2:
-        # Other processes on the cores make torch's threads wait on each other: times swing widely.
-        print(f"warning: other processes use {busy:.1f} of the {os.cpu_count()} cores; timings will be noisy")
+    warn_if_busy()
     work = Path(tempfile.mkdtemp(prefix="dataloader_"))
     for project in PROJECTS if args.project == "both" else [args.project]:
         # A fresh runner per measurement: each starts from the same weights and the same data position.

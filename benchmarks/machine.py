@@ -20,3 +20,11 @@ def other_cpu_use(seconds: float = 1.0) -> float:
     except (OSError, ValueError, IndexError):
         return 0.0
     return (os.cpu_count() or 1) * (b1 - b0) / max((b1 - b0) + (i1 - i0), 1)
+
+
+def warn_if_busy(threshold: float = 0.2) -> None:
+    """Print a warning when other processes use the cores: torch's threads then wait on each other
+    and step times swing widely."""
+    busy = other_cpu_use()
+    if busy > threshold:
+        print(f"warning: other processes use {busy:.1f} of the {os.cpu_count()} cores; timings will be noisy")

@@ -56,7 +56,7 @@ from lavis.datasets.stream import BatchStream, StreamConfig  # noqa: E402
 from lavis.processors.conversation import IGNORE_INDEX  # noqa: E402
 from lavis.runners import build_runner  # noqa: E402
 
-from machine import other_cpu_use  # noqa: E402  (benchmarks/machine.py)
+from machine import warn_if_busy  # noqa: E402  (benchmarks/machine.py)
 
 SFT_DATASET = [
     "datasets.synthetic_sft.builder=qwen_vl_conversation",
@@ -145,10 +145,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.chdir(REPO)  # the projects' data paths are relative to the repository root
-    busy = other_cpu_use()
-    if busy > 0.2:
-        # Other processes on the cores make torch's threads wait on each other: times swing widely.
-        print(f"warning: other processes use {busy:.1f} of the {os.cpu_count()} cores; timings will be noisy")
+    warn_if_busy()
     work = Path(tempfile.mkdtemp(prefix="packing_"))
     cfg = load_config(
         "projects/multitask.yaml",

@@ -155,27 +155,13 @@ class VisionLanguageModel(nn.Module):
         loss_sum = F.cross_entropy(logits, targets[selected], reduction="sum")
         return LMLoss(loss_sum=loss_sum, num_tokens=selected.sum())
 
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
-        num_beams: int = 1,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        stop_ids: tuple[int, ...] = (),
-        pad_id: int | None = None,
-    ) -> torch.Tensor:
-        """New tokens [B, T] for left-padded prompts (see :func:`lavis.models.generation.generate`).
-
-        Pass the tokenizer's ``stop_ids`` and ``pad_id`` (``processors.tokenizer``); with no stop ids
-        every row runs ``max_new_tokens``.
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, **options) -> torch.Tensor:
+        """New tokens [B, T] for left-padded prompts; ``options`` as :func:`lavis.models.generation.generate`
+        (``max_new_tokens``, ``num_beams``, ``do_sample``, ``temperature``, ``top_p``, ``stop_ids``,
+        ``pad_id``). Pass the tokenizer's ``stop_ids`` and ``pad_id``; with no stop ids every row runs
+        ``max_new_tokens``.
         """
         from lavis.models.generation import generate
 
-        return generate(
-            self, input_ids, attention_mask, pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams,
-            do_sample=do_sample, temperature=temperature, top_p=top_p, stop_ids=stop_ids, pad_id=pad_id,
-        )
+        return generate(self, input_ids, attention_mask, pixel_values, **options)
