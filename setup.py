@@ -21,6 +21,7 @@ setup(
         "tqdm",
         "numpy",
         "pycocoevalcap",
+        "matplotlib",
     ],
     extras_require={"dev": ["pytest", "ruff"]},
 )

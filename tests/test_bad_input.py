@@ -423,7 +423,7 @@ def test_unknown_run_key_exits_2_with_did_you_mean():
         ("datasets.synthetic_sft.image_rot=x", "unknown key 'datasets.synthetic_sft.image_rot' "
                                                "(did you mean 'image_root'?); valid keys: ann_path, builder, image_root, "
                                                "ratio, synthetic_root"),
-        ("rnu.lr=1", "unknown top-level key 'rnu' in options (did you mean 'run'?); valid keys: model, datasets, run"),
+        ("rnu.lr=1", "unknown top-level key 'rnu' in options (did you mean 'run'?); valid keys: model, datasets, evaluation, run"),
     ],
 )
 def test_unknown_key_exits_2_with_did_you_mean(train_main, capsys, option, expected):
@@ -446,7 +446,7 @@ def test_top_level_typo_in_project_yaml(tmp_path, train_main, capsys):
     code, err = run_main(train_main, capsys, cfg_path=project)
     assert code == 2
     assert err.strip() == (
-        "config error: unknown top-level key 'rnu' in project (did you mean 'run'?); valid keys: model, datasets, run"
+        "config error: unknown top-level key 'rnu' in project (did you mean 'run'?); valid keys: model, datasets, evaluation, run"
     )
 
 

@@ -85,7 +85,11 @@ def test_coco_captions_json(tmp_path):
         ("2", f"<img>b.jpg</img>{CAP}", " Two cats."),
         ("3", f"<img>COCO_val2014_000000000042.jpg</img>{CAP}", " A brown dog"),
     ]
-    assert set(ds[0]) == {"id", "prompt", "target", "image_root"}
+    # The evaluation fields: the image path and the caption alone.
+    assert ds[0] == {
+        "id": "1", "prompt": f"<img>COCO_val2014_000000000042.jpg</img>{CAP}", "target": " A dog runs.",
+        "image": "COCO_val2014_000000000042.jpg", "caption": "A dog runs.", "image_root": "/coco/val2014",
+    }
 
 
 def karpathy(tmp_path) -> str:

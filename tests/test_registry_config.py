@@ -213,7 +213,7 @@ RUN_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(RunConfig)))
 @pytest.mark.parametrize(
     "option, message",
     [
-        ("modle.arch=x", "unknown top-level key 'modle' in options (did you mean 'model'?); valid keys: model, datasets, run"),
+        ("modle.arch=x", "unknown top-level key 'modle' in options (did you mean 'model'?); valid keys: model, datasets, evaluation, run"),
         ("run.max_step=5", f"unknown key 'run.max_step' (did you mean 'max_steps'?); valid keys: {RUN_KEYS}"),
         ("run.warmup=5", f"unknown key 'run.warmup' (did you mean 'warmup_steps'?); valid keys: {RUN_KEYS}"),
         ("model.archh=x", ("unknown key 'model.archh' (did you mean 'arch'?); valid keys: "
@@ -241,7 +241,7 @@ def test_unknown_top_level_key_in_project(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(project)
     assert str(info.value) == (
-        "unknown top-level key 'datset' in project (did you mean 'datasets'?); valid keys: model, datasets, run"
+        "unknown top-level key 'datset' in project (did you mean 'datasets'?); valid keys: model, datasets, evaluation, run"
     )
 
 
@@ -357,7 +357,7 @@ def test_print_config_prints_yaml_and_exits_0(tmp_path):
     printed = yaml.safe_load(proc.stdout)
     assert printed == load_config(SFT_PROJECT, ["run.max_steps=5", "model.vision.image_size=96",
                                                 f"run.output_dir={out}"]).raw
-    assert set(printed) == {"model", "datasets", "run"}
+    assert set(printed) == {"model", "datasets", "evaluation", "run"}
     assert printed["run"]["max_steps"] == 5 and printed["run"]["lr"] == 1e-3
     assert printed["model"]["image_processor"]["image_size"] == 96
     assert printed["model"]["adapter"] == {"type": "qwen_resampler", "num_queries": 36, "num_heads": None}

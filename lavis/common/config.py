@@ -7,7 +7,8 @@ Layers, lowest first:
   4. ``--options key=value`` (dotted keys; values typed as YAML: ``16``, ``2e-5``, ``[0.9,0.98]``).
 
 Component blocks (``model.vision``, ``model.adapter``, ``model.llm``, ``model.tokenizer``,
-``model.image_processor``, each dataset) are checked against the registered class's constructor:
+``model.image_processor``, each dataset, each evaluation's task and builder) are checked against the
+registered class's constructor:
 its argument names are the valid keys and its type hints the valid types. Fixed sections are
 checked against the dataclasses below. Unknown keys fail with a "did you mean".
 """
@@ -39,6 +40,7 @@ DEFAULTS_DIR = {
     "llm": "models/llm",
     "processor": "processors",
     "builder": "datasets",
+    "task": "tasks",
 }
 # model.<key> -> registry kind of that component block.
 MODEL_COMPONENTS = {
@@ -52,6 +54,9 @@ MODEL_COMPONENTS = {
 CONTEXT_ARGS = {"adapter": ("vision_width", "llm_hidden_size")}
 # Keys of a dataset entry that belong to the framework, not to the builder.
 DATASET_KEYS = ("builder", "ratio", "synthetic_root")
+# Keys of an evaluation entry that belong to the framework, not to its task or builder.
+EVAL_KEYS = ("task", "builder", "synthetic_root")
+SECTIONS = ("model", "datasets", "evaluation", "run")
 
 
 class ConfigError(ValueError):
@@ -104,6 +109,27 @@ class DatasetConfig:
 
 
 @dataclass
+class EvalConfig:
+    """One evaluation: a registered evaluation task over a builder's records (``evaluation.<name>``)."""
+
+    task: str
+    builder: str
+    synthetic_root: str | None = None
+    task_params: dict[str, Any] = field(default_factory=dict)
+    builder_params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging; off while ``project`` is null."""
+
+    project: str | None
+    entity: str | None
+    name: str | None
+    tags: list[str]
+
+
+@dataclass
 class LrScaleConfig:
     """Learning-rate multipliers per component."""
 
@@ -145,6 +171,11 @@ class RunConfig:
     keep_last: int
     output_dir: str
     resume: str | None
+    eval_every: int | None
+    eval_batch_size: int
+    best_metric: str | None
+    best_mode: Literal["max", "min"]
+    wandb: WandbConfig
 
 
 @dataclass
@@ -153,6 +184,7 @@ class Config:
 
     model: ModelConfig
     datasets: dict[str, DatasetConfig]
+    evaluation: dict[str, EvalConfig]
     run: RunConfig
     raw: dict[str, Any]
 
@@ -314,7 +346,11 @@ def parse_options(options: list[str] | None) -> dict[str, Any]:
     for opt in options:
         if "=" not in opt:
             raise ConfigError(f"--options expects key=value, got '{opt}'")
-    return OmegaConf.to_container(OmegaConf.from_dotlist(list(options)), resolve=False)
+    try:
+        parsed = OmegaConf.from_dotlist(list(options))
+    except Exception as err:  # a value that is not valid YAML, e.g. an unquoted {...}
+        raise ConfigError(f"--options: cannot parse {' '.join(options)!r}: {err}; quote such values: key='{{a}} b'") from None
+    return OmegaConf.to_container(parsed, resolve=False)
 
 
 def _merge(*layers: dict[str, Any]) -> dict[str, Any]:
@@ -353,10 +389,10 @@ def merge_layers(project: dict[str, Any], options: dict[str, Any]) -> dict[str, 
     base = _load_yaml(CONFIG_ROOT / "default.yaml")
     for name, section in (("project", project), ("options", options)):
         for key in section:
-            if key not in ("model", "datasets", "run"):
+            if key not in SECTIONS:
                 raise ConfigError(
-                    f"unknown top-level key '{key}' in {name}{did_you_mean(key, ['model', 'datasets', 'run'])}; "
-                    "valid keys: model, datasets, run"
+                    f"unknown top-level key '{key}' in {name}{did_you_mean(key, SECTIONS)}; "
+                    f"valid keys: {', '.join(SECTIONS)}"
                 )
     merged = _merge(base, project, options)
     model_base, model_proj, model_opt = (x.get("model") or {} for x in (base, project, options))
@@ -369,7 +405,30 @@ def merge_layers(project: dict[str, Any], options: dict[str, Any]) -> dict[str, 
         name: _merge_dataset(name, data_proj.get(name), data_opt.get(name))
         for name in {**data_proj, **data_opt}
     }
+    eval_proj, eval_opt = project.get("evaluation") or {}, options.get("evaluation") or {}
+    merged["evaluation"] = {
+        name: _merge_evaluation(name, eval_proj.get(name), eval_opt.get(name))
+        for name in {**eval_proj, **eval_opt}
+    }
     return merged
+
+
+def _merge_evaluation(name: str, project: dict | None, options: dict | None) -> dict[str, Any]:
+    """The builder's default YAML, then the task's, then the project's entry, then the overrides."""
+    project, options = project or {}, options or {}
+    where = f"evaluation.{name}"
+    for key, kind in (("task", "task"), ("builder", "builder")):
+        value = options.get(key) or project.get(key)
+        if not value:
+            raise ConfigError(f"'{where}.{key}' is not set; choose one of: {', '.join(_eval_names(kind))}")
+        registry.get(kind, value)
+    task, builder = options.get("task") or project["task"], options.get("builder") or project["builder"]
+    return _merge(component_defaults("builder", builder), component_defaults("task", task), project, options)
+
+
+def _eval_names(kind: str) -> list[str]:
+    names = registry.list(kind)
+    return [n for n in names if getattr(registry.get(kind, n), "is_evaluation", False)] if kind == "task" else names
 
 
 def _merge_dataset(name: str, project: dict | None, options: dict | None) -> dict[str, Any]:
@@ -407,15 +466,62 @@ def build_config(resolved: dict[str, Any]) -> Config:
         if common.ratio <= 0:
             raise ConfigError(f"{where}.ratio must be positive, got {common.ratio}")
         datasets[name] = common
+    evaluation = {name: _evaluation(name, entry) for name, entry in (resolved.get("evaluation") or {}).items()}
     run = to_dataclass(RunConfig, resolved["run"], "run")
-    registry.get("task", run.task)
+    if getattr(registry.get("task", run.task), "is_evaluation", False):
+        raise ConfigError(
+            f"run.task: '{run.task}' is an evaluation task; name it under 'evaluation:' (training tasks: "
+            f"{', '.join(n for n in registry.list('task') if n not in _eval_names('task'))})"
+        )
     registry.get("runner", run.runner)
     registry.get("lr_scheduler", run.lr_scheduler)
     registry.get("model", model_cfg.arch)
-    for key in ("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "save_every", "keep_last"):
+    for key in ("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "save_every", "keep_last", "eval_batch_size"):
         if getattr(run, key) < 1:
             raise ConfigError(f"run.{key} must be >= 1, got {getattr(run, key)}")
-    return Config(model=model_cfg, datasets=datasets, run=run, raw=resolved)
+    _check_eval_schedule(run, evaluation)
+    return Config(model=model_cfg, datasets=datasets, evaluation=evaluation, run=run, raw=resolved)
+
+
+def _evaluation(name: str, entry: dict[str, Any]) -> EvalConfig:
+    """Split an evaluation entry into its task's and its builder's arguments, checking both."""
+    where = f"evaluation.{name}"
+    entry = dict(entry)
+    task_cls, builder_cls = registry.get("task", entry.get("task")), registry.get("builder", entry.get("builder"))
+    if not getattr(task_cls, "is_evaluation", False):
+        raise ConfigError(f"{where}.task: '{entry['task']}' is a training task; evaluation tasks: {', '.join(_eval_names('task'))}")
+    task_args, builder_args = constructor_args(task_cls, "task"), constructor_args(builder_cls, "builder")
+    clash = sorted(set(task_args) & set(builder_args))
+    if clash:  # a registration problem, not a user's: the flat entry would be ambiguous
+        raise ConfigError(f"{where}: task '{entry['task']}' and builder '{entry['builder']}' both take {clash}")
+    _check_keys(entry, [*task_args, *builder_args, *EVAL_KEYS], where)
+    common = to_dataclass(EvalConfig, {k: entry.pop(k) for k in EVAL_KEYS if k in entry}, where)
+    common.task_params = check_params(task_cls, "task", {k: v for k, v in entry.items() if k in task_args}, where)
+    common.builder_params = check_params(builder_cls, "builder", {k: v for k, v in entry.items() if k in builder_args}, where)
+    return common
+
+
+def _check_eval_schedule(run: RunConfig, evaluation: dict[str, EvalConfig]) -> None:
+    if run.eval_every is not None and run.eval_every < 1:
+        raise ConfigError(f"run.eval_every must be >= 1 or null, got {run.eval_every}")
+    if run.eval_every and not evaluation:
+        raise ConfigError("run.eval_every is set but no evaluation is configured: add entries under 'evaluation:'")
+    if run.best_metric is None:
+        return
+    name, _, metric = run.best_metric.partition("/")
+    if name not in evaluation:
+        raise ConfigError(
+            f"run.best_metric '{run.best_metric}': no evaluation named '{name}'{did_you_mean(name, evaluation)}; "
+            f"write it as <evaluation name>/<metric>, evaluations: {', '.join(evaluation) or 'none'}"
+        )
+    metrics = registry.get("task", evaluation[name].task).metric_names
+    if metric not in metrics:
+        raise ConfigError(
+            f"run.best_metric '{run.best_metric}': task '{evaluation[name].task}' reports no metric '{metric}'"
+            f"{did_you_mean(metric, metrics)}; its metrics: {', '.join(metrics)}"
+        )
+    if not run.eval_every:
+        raise ConfigError("run.best_metric needs run.eval_every: the best checkpoint is chosen at evaluations during training")
 
 
 def load_config(cfg_path: str | Path, options: list[str] | None = None) -> Config:

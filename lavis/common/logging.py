@@ -20,13 +20,17 @@ def setup_logging(level: int = logging.INFO) -> None:
 class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl`` and flushes, so a killed run keeps its log.
 
+    ``mirror``: a wandb run (or anything with ``log(dict, step=)`` and ``finish()``) that also gets
+    the numeric values of every record.
+
     ``resume_step``: continue a log from that step; records of later steps (written by the run
     that was interrupted after its last checkpoint) are dropped, so no step appears twice.
     ``None`` starts a new log.
     """
 
-    def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
+    def __init__(self, path: str | Path, resume_step: int | None = None, mirror: Any = None) -> None:
         self.path = Path(path)
+        self.mirror = mirror
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step is not None and self.path.exists():
@@ -38,11 +42,30 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
+        if self.mirror is not None:
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
+            self.mirror.log(numbers, step=record["step"])
 
     def close(self) -> None:
         self._fh.close()
+        if self.mirror is not None:
+            self.mirror.finish()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl``."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def init_wandb(cfg, raw_config: dict[str, Any], output_dir: Path):
+    """A wandb run when ``run.wandb.project`` is set (``WANDB_MODE=disabled`` still turns it off), else None."""
+    if cfg.project is None:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError("run.wandb.project is set but wandb is not installed: pip install wandb") from None
+    return wandb.init(
+        project=cfg.project, entity=cfg.entity, name=cfg.name, tags=list(cfg.tags) or None,
+        config=raw_config, dir=str(output_dir), resume="allow",
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from collections import Counter
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lavis.common.checkpoint import WEIGHTS_NAME, list_checkpoints, load_weights_file
+from lavis.common.checkpoint import META_NAME, WEIGHTS_NAME, list_checkpoints, load_weights_file
 from lavis.common.registry import registry
 from lavis.models import adapters, llm, vision  # noqa: F401  (register the components)
 from lavis.models.vlm import VisionLanguageModel
@@ -99,3 +100,59 @@ def load_stage_checkpoint(model: VisionLanguageModel, path: str) -> None:
     )
     if not loaded:
         raise ValueError(f"model.load_from {file}: the checkpoint holds no weights")
+
+
+def run_dir_of(weights_file: Path) -> Path | None:
+    """The run output directory (holding ``config.yaml``) a checkpoint's weights file belongs to, if any."""
+    for parent in weights_file.resolve().parents[:3]:  # <run>/checkpoints/<step or best>/model.safetensors
+        if (parent / "config.yaml").is_file() and (parent / "checkpoints").is_dir():
+            return parent
+    return None
+
+
+def weights_chain(path: str) -> list[Path]:
+    """The weight files that make up a trained model, oldest first.
+
+    A checkpoint saved with ``run.save_weights: trainable`` holds only what its run trained; the rest
+    (e.g. a frozen ViT) came from that run's ``model.load_from``, which is followed (from the run's
+    ``config.yaml``) until a checkpoint with full weights, or a plain weights file, is reached.
+    """
+    from omegaconf import OmegaConf
+
+    chain: list[Path] = []
+    file = resolve_weights_path(path)
+    while True:
+        if file in chain:
+            raise ValueError(f"model.load_from chain loops back to {file}")
+        chain.insert(0, file)
+        meta_path = file.parent / META_NAME
+        if not meta_path.is_file() or json.loads(meta_path.read_text()).get("weights") != "trainable":
+            return chain
+        run = run_dir_of(file)
+        earlier = OmegaConf.load(run / "config.yaml").model.load_from if run else None
+        if not earlier:
+            log.warning("%s holds trainable weights only and its run names no model.load_from; "
+                        "the other weights are as built from the config", file)
+            return chain
+        try:
+            file = resolve_weights_path(earlier)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{file} holds trainable weights only; the rest comes from its run's model.load_from "
+                f"'{earlier}' ({run / 'config.yaml'}), which is not found from {Path.cwd()}"
+            ) from None
+
+
+def load_trained(model: VisionLanguageModel, path: str) -> list[Path]:
+    """Load a trained model's weights for inference or evaluation (see :func:`weights_chain`)."""
+    chain = weights_chain(path)
+    covered: set[str] = set()
+    for file in chain:
+        state = load_weights_file(file)
+        _, unexpected = model.load_weights(state, str(file))
+        if unexpected:
+            raise ValueError(f"{file}: {len(unexpected)} keys are not in this model, e.g. {unexpected[:5]}")
+        covered |= set(state)
+    kept = Counter(name.split(".", 1)[0] for name, _ in model.named_parameters() if name not in covered)
+    log.info("loaded %s; not in any checkpoint (as built): %s", " <- ".join(map(str, chain[::-1])), dict(kept) or "none")
+    return chain

@@ -43,6 +43,9 @@ class VisionLanguageModel(nn.Module):
         self.image_pad_id = image_pad_id
         self.image_size = image_size
         self.freeze_policies = {name: "trainable" for name in self.COMPONENTS}
+        # Set by attach_processors (lavis.load_model does it) for chat().
+        self.processors = None
+        self.system_message = "You are a helpful assistant."
 
     @property
     def num_image_tokens(self) -> int:
@@ -141,6 +144,23 @@ class VisionLanguageModel(nn.Module):
         prompt or image, so this saves most of the head's compute and the full-vocabulary logits.
         ``attention_kwargs`` reach the attention kernels (e.g. packed ``cu_seq_lens_q``).
         """
+        losses, selected = self.token_losses(input_ids, labels, attention_mask, position_ids, pixel_values, **attention_kwargs)
+        return LMLoss(loss_sum=losses.sum(), num_tokens=selected.sum())
+
+    def token_losses(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        **attention_kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of each supervised next token, and where they are.
+
+        Returns ``(losses [n], selected [B, L-1])``: ``losses`` in the order of ``selected.nonzero()``,
+        i.e. row by row. The LM head runs only at the selected positions.
+        """
         embeds = self.embed_inputs(input_ids, pixel_values)
         hidden = self.llm.get_decoder()(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
@@ -152,8 +172,7 @@ class VisionLanguageModel(nn.Module):
         cap = getattr(self.llm.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        loss_sum = F.cross_entropy(logits, targets[selected], reduction="sum")
-        return LMLoss(loss_sum=loss_sum, num_tokens=selected.sum())
+        return F.cross_entropy(logits, targets[selected], reduction="none"), selected
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, **options) -> torch.Tensor:
@@ -165,3 +184,14 @@ class VisionLanguageModel(nn.Module):
         from lavis.models.generation import generate
 
         return generate(self, input_ids, attention_mask, pixel_values, **options)
+
+    def attach_processors(self, processors, system_message: str) -> None:
+        """Give the model its tokenizer and image transform (and the chat system message) for :meth:`chat`."""
+        self.processors = processors
+        self.system_message = system_message
+
+    def chat(self, query, history=None, **options):
+        """One chat turn: ``(response, history)``; see :func:`lavis.inference.chat` for the arguments."""
+        from lavis.inference import chat
+
+        return chat(self, query, history, **options)

@@ -20,17 +20,18 @@ from tqdm import tqdm
 
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import Config
-from lavis.common.logging import MetricsWriter
+from lavis.common.logging import MetricsWriter, init_wandb
+from lavis.common.precision import autocast
 from lavis.common.optim import build_optimizer
 from lavis.common.registry import registry
 from lavis.datasets.stream import BatchStream, Source, StreamConfig
 from lavis.models import Processors, build_model
 from lavis.models.vlm import VisionLanguageModel
 from lavis.processors.conversation import IGNORE_INDEX
+from lavis.tasks.evaluation import Evaluator, flat_metrics
 
 log = logging.getLogger(__name__)
 
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_SAMPLES_FOR_SKIP_CHECK = 64
 
 
@@ -103,6 +104,9 @@ class IterRunner:
         self.batches_seen = 0
         self.data_states: dict[int, dict] = {}
         self._stop_requested = False
+        # Evaluation during training, and the best value of run.best_metric so far.
+        self.evaluator = Evaluator(cfg, model, processors) if cfg.evaluation and self.run.eval_every else None
+        self.best: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ strategy hooks
 
@@ -119,10 +123,7 @@ class IterRunner:
     # ------------------------------------------------------------------ pieces of a step
 
     def autocast(self):
-        dtype = _AUTOCAST_DTYPES.get(self.run.precision)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.device, self.run.precision)
 
     def set_lr(self, step: int) -> float:
         lr = self.schedule(step, max_steps=self.run.max_steps, warmup_steps=self.run.warmup_steps, lr=self.run.lr, min_lr=self.run.min_lr)
@@ -244,12 +245,41 @@ class IterRunner:
                 "num_workers": self.num_data_workers,
                 "states": self.data_states,
             },
+            "best": self.best,
         }
         meta = {"step": self.step, "weights": self.run.save_weights, "freeze": self.model.freeze_policies}
         path = ckpt.save_checkpoint(ckpt.checkpoint_dir(self.output_dir, self.step), self.weights_to_save(), state, meta)
         ckpt.prune_checkpoints(self.output_dir, self.run.keep_last)
         log.info("saved checkpoint %s", path)
         return path
+
+    def save_best(self) -> Path:
+        """The weights of the best evaluation so far, in ``checkpoints/best`` (never pruned)."""
+        meta = {"step": self.step, "weights": self.run.save_weights, "freeze": self.model.freeze_policies, "best": self.best}
+        path = ckpt.save_checkpoint(self.output_dir / "checkpoints" / "best", self.weights_to_save(), {"step": self.step}, meta)
+        log.info("new best %s = %.4f at step %d: saved %s", self.best["metric"], self.best["value"], self.step, path)
+        return path
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, metrics: MetricsWriter | None = None) -> dict[str, Any]:
+        """Run the configured evaluations now; log them and keep the best checkpoint by ``run.best_metric``."""
+        if self.evaluator is None:
+            raise ValueError("no evaluation during training: set run.eval_every and add entries under 'evaluation:'")
+        results = self.evaluator.evaluate(self.output_dir, step=self.step, model_name=str(self.output_dir))
+        record = {"step": self.step, **flat_metrics(results), "time": time.time()}
+        if metrics is not None:
+            metrics.write(record)
+        if self.run.best_metric:
+            name, _, metric = self.run.best_metric.partition("/")
+            value = float(results[name].metrics[metric])
+            previous = None if self.best is None else self.best["value"]
+            better = previous is None or (value > previous if self.run.best_mode == "max" else value < previous)
+            if better:
+                self.best = {"metric": self.run.best_metric, "value": value, "step": self.step}
+                if self.is_main:
+                    self.save_best()
+        return record
 
     def resume_path(self) -> Path | None:
         if self.run.resume is None:
@@ -286,6 +316,7 @@ class IterRunner:
         self.skipped = Counter(data["skipped"])
         self.batches_seen = data["batches_seen"]
         self.data_states = dict(data["states"])
+        self.best = state.get("best")
         log.info("resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------ the loop
@@ -303,7 +334,11 @@ class IterRunner:
         resume = self.resume_path()
         if resume is not None:
             self.load(resume)
-        metrics = MetricsWriter(self.output_dir / "metrics.jsonl", resume_step=self.step if resume is not None else None)
+        metrics = MetricsWriter(
+            self.output_dir / "metrics.jsonl",
+            resume_step=self.step if resume is not None else None,
+            mirror=init_wandb(self.run.wandb, self.cfg.raw, self.output_dir) if self.is_main else None,
+        )
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
         self.model.train()
         batches = self.data_iterator()
@@ -346,6 +381,8 @@ class IterRunner:
                     if not show_bar and self.is_main:
                         log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f", self.step, run.max_steps, last["loss"], lr, last["tokens_per_s"])
                     window = {"loss": 0.0, "tokens": 0, "input_tokens": 0, "samples": 0, "start": time.perf_counter()}
+                if self.evaluator is not None and (self.step % run.eval_every == 0 or self.step == run.max_steps):
+                    self.evaluate(metrics)
                 if self.step % run.save_every == 0 or self.step == run.max_steps or self._stop_requested:
                     self.save()
         finally:

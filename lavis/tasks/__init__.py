@@ -1,3 +1,4 @@
-"""Tasks: what a training step means and which data it reads."""
+"""Tasks: what a training step means (``sft``, ``pretrain``) and the evaluation tasks
+(``captioning``, ``vqa``, ``grounding``, ``multiple_choice``)."""
 
-from lavis.tasks import sft  # noqa: F401  (registers sft)
+from lavis.tasks import captioning, grounding, multiple_choice, sft, vqa  # noqa: F401  (register)

@@ -1,1 +1,3 @@
-from lavis.datasets.builders import caption, conversation, grounding, ocr, text, vqa, webdataset  # noqa: F401  (register)
+from lavis.datasets.builders import (  # noqa: F401  (register)
+    caption, conversation, grounding, multiple_choice, ocr, text, vqa, webdataset,
+)

@@ -74,12 +74,17 @@ def require_str(where: str, value: Any, what: str) -> str:
     return value.strip()
 
 
-def image_tag(where: str, path: Any) -> str:
-    """``<img>{path}</img>`` for a relative (or absolute) image path; the path itself is not checked."""
+def image_path(where: str, path: Any) -> str:
+    """A relative (or absolute) image path fit for an ``<img>`` tag; the file itself is not checked."""
     path = require_str(where, path, "the image path")
     if "<" in path or ">" in path or "\n" in path:
         raise AnnotationError(f"{where}: image path {path!r} contains '<', '>' or a newline")
-    return f"<img>{path}</img>"
+    return path
+
+
+def image_tag(where: str, path: Any) -> str:
+    """``<img>{path}</img>`` for a checked :func:`image_path`."""
+    return f"<img>{image_path(where, path)}</img>"
 
 
 def parse_splits(split: str | None) -> tuple[str, ...] | None:

@@ -20,7 +20,7 @@ from lavis.datasets.builders.base import (
     as_paths,
     check_split_kept,
     describe_record,
-    image_tag,
+    image_path,
     load_file,
     parse_splits,
     require_dict,
@@ -33,7 +33,14 @@ CAPTION_PROMPT = "Generate the caption in English:"
 
 
 def caption_record(rid: str, image: str, caption: str) -> dict[str, str]:
-    return {"id": rid, "prompt": f"{image}{CAPTION_PROMPT}", "target": f" {caption}"}
+    """A training sample plus the fields evaluation reads (``image`` path, ``caption``)."""
+    return {
+        "id": rid,
+        "prompt": f"<img>{image}</img>{CAPTION_PROMPT}",
+        "target": f" {caption}",
+        "image": image,
+        "caption": caption,
+    }
 
 
 @registry.register("builder", "coco_caption")
@@ -90,7 +97,7 @@ class CocoCaptionBuilder:
         for index, image in enumerate(images):
             where = f"{path}: images[{index}]"
             require_dict(where, image, "id", "file_name")
-            files[image["id"]] = image_tag(where, image["file_name"])
+            files[image["id"]] = image_path(where, image["file_name"])
         records = []
         for index, ann in enumerate(annotations):
             where = describe_record(f"{path}: annotations", index, ann)
@@ -114,7 +121,7 @@ class CocoCaptionBuilder:
             if self.splits is not None and image.get("split") not in self.splits:
                 continue
             filepath = image.get("filepath") or ""
-            tag = image_tag(where, f"{filepath}/{image['filename']}" if filepath else image["filename"])
+            path = image_path(where, f"{filepath}/{image['filename']}" if filepath else image["filename"])
             sentences = image["sentences"]
             if not isinstance(sentences, list) or not sentences:
                 raise AnnotationError(f"{where}: 'sentences' must be a non-empty list")
@@ -128,7 +135,7 @@ class CocoCaptionBuilder:
                     raw = " ".join(map(str, sentence["tokens"]))
                 caption = require_str(swhere, raw, "'raw'")
                 rid = str(sentence["sentid"]) if sentence.get("sentid") is not None else f"{image_id}_{k}"
-                records.append(caption_record(rid, tag, caption))
+                records.append(caption_record(rid, path, caption))
         check_split_kept(path, self.splits, len(records), present)
         return records
 
@@ -140,15 +147,15 @@ class CocoCaptionBuilder:
             present.add(record.get("split"))
             if self.splits is not None and record.get("split") not in self.splits:
                 continue
-            tag = image_tag(where, record["image"])
+            path = image_path(where, record["image"])
             rid = record.get("id", index)
             captions = record["caption"]
             if isinstance(captions, list):
                 if not captions:
                     raise AnnotationError(f"{where}: 'caption' is an empty list")
                 for k, caption in enumerate(captions):
-                    records.append(caption_record(f"{rid}_{k}", tag, require_str(where, caption, f"caption {k}")))
+                    records.append(caption_record(f"{rid}_{k}", path, require_str(where, caption, f"caption {k}")))
             else:
-                records.append(caption_record(str(rid), tag, require_str(where, captions, "'caption'")))
+                records.append(caption_record(str(rid), path, require_str(where, captions, "'caption'")))
         check_split_kept(path, self.splits, len(records), present)
         return records

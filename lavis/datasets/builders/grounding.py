@@ -44,6 +44,7 @@ from lavis.datasets.builders.base import (
     as_paths,
     check_split_kept,
     describe_record,
+    image_path,
     image_tag,
     load_file,
     parse_splits,
@@ -144,8 +145,20 @@ def sentences_of(where: str, value: Any) -> list[str]:
     return out
 
 
-def ref_record(rid: str, image: str, expression: str, box: str) -> dict[str, str]:
-    return {"id": rid, "prompt": f"{image}<ref>{expression}</ref>", "target": f"<box>{box}</box>"}
+def ref_record(
+    rid: str, image: str, expression: str, bbox: tuple[float, float, float, float], size: tuple[float, float]
+) -> dict[str, Any]:
+    """A training sample plus the fields evaluation reads (pixel ``bbox`` x1, y1, x2, y2 and the image size)."""
+    return {
+        "id": rid,
+        "prompt": f"<img>{image}</img><ref>{expression}</ref>",
+        "target": f"<box>{box_text(bbox, *size)}</box>",
+        "image": image,
+        "expression": expression,
+        "bbox": list(bbox),
+        "width": size[0],
+        "height": size[1],
+    }
 
 
 @registry.register("builder", "ref_grounding")
@@ -188,7 +201,7 @@ class RefGroundingBuilder:
         self.skipped = skips.count
         return RecordDataset(records, self.image_root)
 
-    def _plain(self, path: str, records: list[dict[str, str]], skips: SkipCounter) -> int:
+    def _plain(self, path: str, records: list[dict[str, Any]], skips: SkipCounter) -> int:
         data = load_file(path)
         if not isinstance(data, list):
             raise AnnotationError(
@@ -216,7 +229,7 @@ class RefGroundingBuilder:
         check_split_kept(path, self.splits, kept, present)
         return kept
 
-    def _refcoco(self, records: list[dict[str, str]], skips: SkipCounter) -> int:
+    def _refcoco(self, records: list[dict[str, Any]], skips: SkipCounter) -> int:
         refs = read_json(self.refs_path)
         if not isinstance(refs, list):
             raise AnnotationError(
@@ -262,15 +275,15 @@ class RefGroundingBuilder:
 
     @staticmethod
     def _add(records, skips, where, rid, image, size, bbox, sentences) -> None:
-        tag = image_tag(where, image)
+        path = image_path(where, image)
         expressions = sentences_of(where, sentences)
         try:
-            box = box_text(pixel_box(where, bbox, *size), *size)
+            box = pixel_box(where, bbox, *size)
         except OutsideImage as err:
             skips.skip(where, str(err))
             return
         for k, expression in enumerate(expressions):
-            records.append(ref_record(f"{rid}_{k}", tag, expression, box))
+            records.append(ref_record(f"{rid}_{k}", path, expression, box, size))
 
 
 def _spans_overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:

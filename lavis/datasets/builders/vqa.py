@@ -17,22 +17,25 @@ from typing import Any
 from lavis.common.config import ConfigError
 from lavis.common.registry import registry
 from lavis.datasets.builders.base import AnnotationError, RecordDataset, as_paths
-from lavis.datasets.builders.base import describe_record, image_tag, load_file, read_json, require_dict, require_str
+from lavis.datasets.builders.base import describe_record, image_path, load_file, read_json, require_dict, require_str
 
 ANSWER_PROMPT = " Answer:"
 
 
-def vqa_record(rid: str, image: str, question: str, answer: str) -> dict[str, str]:
-    return {"id": rid, "prompt": f"{image}{question}{ANSWER_PROMPT}", "target": f" {answer}"}
+def vqa_record(rid: str, image: str, question: str, answers: list[str], answer: str) -> dict[str, Any]:
+    """A training sample (target: ``answer``) plus the fields evaluation reads (all human ``answers``)."""
+    return {
+        "id": rid,
+        "prompt": f"<img>{image}</img>{question}{ANSWER_PROMPT}",
+        "target": f" {answer}",
+        "image": image,
+        "question": question,
+        "answers": answers,
+    }
 
 
-def choose_answer(where: str, answers: Any, multiple_choice_answer: Any = None) -> str:
-    """``multiple_choice_answer`` when given, else the most frequent answer (ties: the first in order).
-
-    ``answers`` is a list of strings or of VQAv2's ``{"answer": ...}`` objects, or one string.
-    """
-    if multiple_choice_answer is not None:
-        return require_str(where, multiple_choice_answer, "'multiple_choice_answer'")
+def answer_texts(where: str, answers: Any) -> list[str]:
+    """``answers`` as strings: a list of strings or of VQAv2's ``{"answer": ...}`` objects, or one string."""
     if isinstance(answers, str):
         answers = [answers]
     if not isinstance(answers, list):
@@ -42,9 +45,16 @@ def choose_answer(where: str, answers: Any, multiple_choice_answer: Any = None) 
         if isinstance(answer, dict):
             answer = answer.get("answer")
         texts.append(require_str(where, answer, f"answer {k}"))
-    if not texts:
+    return texts
+
+
+def choose_answer(where: str, answers: list[str], multiple_choice_answer: Any = None) -> str:
+    """``multiple_choice_answer`` when given, else the most frequent answer (ties: the first in order)."""
+    if multiple_choice_answer is not None:
+        return require_str(where, multiple_choice_answer, "'multiple_choice_answer'")
+    if not answers:
         raise AnnotationError(f"{where}: no answers; a VQA record needs at least one answer")
-    counts = Counter(texts)  # insertion-ordered: max() returns the first of the most frequent
+    counts = Counter(answers)  # insertion-ordered: max() returns the first of the most frequent
     return max(counts, key=counts.__getitem__)
 
 
@@ -89,7 +99,7 @@ class VQABuilder:
             ) from None
 
     def build(self) -> RecordDataset:
-        records: list[dict[str, str]] = []
+        records: list[dict[str, Any]] = []
         if self.question_paths is None:
             for path in self.ann_paths:
                 records += self._simple(path)
@@ -111,10 +121,12 @@ class VQABuilder:
             answers = record.get("answers", record.get("answer"))
             if answers is None and record.get("multiple_choice_answer") is None:
                 raise AnnotationError(f"{where}: no answers; a VQA record needs 'answers'")
-            answer = choose_answer(where, answers if answers is not None else [], record.get("multiple_choice_answer"))
+            texts = answer_texts(where, answers) if answers is not None else []
+            answer = choose_answer(where, texts, record.get("multiple_choice_answer"))
             rid = record.get("id", record.get("question_id", index))
             question = require_str(where, record["question"], "'question'")
-            records.append(vqa_record(str(rid), image_tag(where, record["image"]), question, answer))
+            image = image_path(where, record["image"])
+            records.append(vqa_record(str(rid), image, question, texts or [answer], answer))
         return records
 
     def _vqav2(self, qpath: str, apath: str) -> list[dict[str, str]]:
@@ -145,7 +157,8 @@ class VQABuilder:
                 raise AnnotationError(
                     f"{awhere}: image_id {ann['image_id']!r} differs from the question's {q['image_id']!r}"
                 )
-            answer = choose_answer(awhere, ann.get("answers", []), ann.get("multiple_choice_answer"))
+            texts = answer_texts(awhere, ann.get("answers", []))
+            answer = choose_answer(awhere, texts, ann.get("multiple_choice_answer"))
             try:
                 image = self.image_pattern.format(split=self.split, image_id=q["image_id"])
             except (ValueError, TypeError) as err:
@@ -153,7 +166,7 @@ class VQABuilder:
                     f"{where}: image_id {q['image_id']!r} does not fit image_pattern {self.image_pattern!r}: {err}"
                 ) from None
             question = require_str(where, q["question"], "'question'")
-            records.append(vqa_record(str(qid), image_tag(where, image), question, answer))
+            records.append(vqa_record(str(qid), image_path(where, image), question, texts or [answer], answer))
         return records
 
 

@@ -1,0 +1,86 @@
+"""Evaluate a trained model: ``python evaluate.py --cfg-path projects/eval/vqa.yaml [--options k=v ...]``.
+
+Runs every entry under ``evaluation:`` on the model of ``model.load_from`` (a run's output_dir or a
+checkpoint; null evaluates the untrained model) and writes ``<run.output_dir>/eval/<name>.json``.
+Under ``torchrun --nproc_per_node N`` the samples are split between the processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from lavis.common import dist
+from lavis.common.config import ConfigError, load_config
+from lavis.common.logging import setup_logging
+from lavis.common.registry import RegistryError
+from lavis.datasets.builders.base import AnnotationError
+
+log = logging.getLogger("evaluate")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg-path", required=True, help="project YAML with an 'evaluation:' section")
+    parser.add_argument("--options", nargs="+", default=[], help="overrides: dotted.key=value ...")
+    return parser.parse_args(argv)
+
+
+def results_table(rows: list[tuple[str, str, str, float | int]]) -> str:
+    """``evaluation | task | metric | value`` as an aligned text table."""
+    header = ("evaluation", "task", "metric", "value")
+    cells = [header] + [(n, t, m, f"{v:.4f}" if isinstance(v, float) else str(v)) for n, t, m, v in rows]
+    widths = [max(len(row[k]) for row in cells) for k in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_config(args.cfg_path, args.options)
+        if not cfg.evaluation:
+            raise ConfigError(f"{args.cfg_path}: nothing to evaluate; add entries under 'evaluation:'")
+    except (ConfigError, RegistryError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    import torch
+
+    from lavis.models import build_model, load_trained
+    from lavis.runners.iter_runner import seed_everything
+    from lavis.tasks.evaluation import Evaluator
+
+    device = dist.init_distributed(cfg.run.device)
+    seed_everything(cfg.run.seed)
+    try:
+        model, processors = build_model(dataclasses.replace(cfg.model, load_from=None))
+        if cfg.model.load_from:
+            load_trained(model, cfg.model.load_from)
+        else:
+            log.warning("model.load_from is null: evaluating the untrained model")
+        model.to(device)
+        evaluator = Evaluator(cfg, model, processors)
+    except (ConfigError, RegistryError, AnnotationError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    torch.set_grad_enabled(False)
+    results = evaluator.evaluate(cfg.run.output_dir, model_name=cfg.model.load_from)
+    if dist.is_main():
+        rows = [
+            (name, r.task, metric, value)
+            for name, r in results.items()
+            for metric, value in r.metrics.items()
+            if metric in evaluator.tasks[name].metric_names or metric == "skipped"
+        ]
+        print(results_table(rows))
+        print(f"predictions and metrics: {cfg.run.output_dir}/eval/<name>.json")
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Multiple-choice builder: ScienceQA / MMBench-style questions as JSONL (or a JSON list).
+
+Each line::
+
+    {"id"?, "image"?: "sqa/1.png", "question": "Which is a mammal?", "choices": ["frog", "cat"],
+     "answer": 1, "hint"?: "context text", "split"?}
+
+``choices`` is a list (lettered A, B, ...) or a mapping ``{"A": "frog", "B": "cat"}``; ``answer`` is
+an index into the choices or a letter. ``hint`` (MMBench) or ``context`` (ScienceQA) is optional
+(``N/A`` when absent, as Qwen-VL writes it). Every record becomes, as in Qwen-VL's evaluation::
+
+    prompt  "<img>{image}</img>Context: {hint}\\nQuestion: {question}\\nOptions: A. frog\\nB. cat\\nAnswer:"
+    target  " B"
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lavis.common.registry import registry
+from lavis.datasets.builders.base import (
+    AnnotationError,
+    RecordDataset,
+    as_paths,
+    check_split_kept,
+    describe_record,
+    image_path,
+    parse_splits,
+    read_annotations,
+    require_dict,
+    require_str,
+)
+
+LETTERS = "ABCDEFGHIJ"
+MC_PROMPT = "Context: {hint}\nQuestion: {question}\nOptions: {options}\nAnswer:"
+
+
+def options_text(choices: list[str]) -> str:
+    """``A. frog\\nB. cat``: the choices lettered, one per line."""
+    return "\n".join(f"{LETTERS[k]}. {choice}" for k, choice in enumerate(choices))
+
+
+def _choices(where: str, value: Any) -> list[str]:
+    if isinstance(value, dict):
+        letters = list(value)
+        if letters != list(LETTERS[: len(letters)]):
+            raise AnnotationError(f"{where}: 'choices' keys must be A, B, C, ... in order, got {letters}")
+        value = list(value.values())
+    if not isinstance(value, list) or not 2 <= len(value) <= len(LETTERS):
+        raise AnnotationError(f"{where}: 'choices' must list 2 to {len(LETTERS)} options, got {value!r}")
+    return [require_str(where, c, f"choice {k}") for k, c in enumerate(value)]
+
+
+def _answer_letter(where: str, answer: Any, n: int) -> str:
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < n:
+        return LETTERS[answer]
+    if isinstance(answer, str) and answer.strip() in LETTERS[:n]:
+        return answer.strip()
+    raise AnnotationError(f"{where}: 'answer' must be a choice index (0..{n - 1}) or letter (A..{LETTERS[n - 1]}), got {answer!r}")
+
+
+@registry.register("builder", "multiple_choice")
+class MultipleChoiceBuilder:
+    """Multiple-choice questions (see the module notes). ``split`` keeps records with that ``"split"``.
+
+    Records carry, besides the training prompt/target, ``question``, ``hint``, ``choices`` and the
+    ``answer`` letter for the ``multiple_choice`` evaluation task. Record id: ``id``, else the index.
+    """
+
+    def __init__(self, ann_path: str | list[str], image_root: str = "", split: str | None = None) -> None:
+        self.ann_paths = as_paths(ann_path)
+        self.image_root = image_root
+        self.split = split
+        self.splits = parse_splits(split)
+
+    def build(self) -> RecordDataset:
+        records: list[dict[str, Any]] = []
+        for path in self.ann_paths:
+            present, kept = set(), 0
+            for index, record in enumerate(read_annotations(path)):
+                where = describe_record(path, index, record)
+                require_dict(where, record, "question", "choices", "answer")
+                present.add(record.get("split"))
+                if self.splits is not None and record.get("split") not in self.splits:
+                    continue
+                kept += 1
+                records.append(self._record(where, record, index))
+            check_split_kept(path, self.splits, kept, present)
+        return RecordDataset(records, self.image_root)
+
+    @staticmethod
+    def _record(where: str, record: dict[str, Any], index: int) -> dict[str, Any]:
+        choices = _choices(where, record["choices"])
+        answer = _answer_letter(where, record["answer"], len(choices))
+        question = require_str(where, record["question"], "'question'")
+        hint = record.get("hint") or record.get("context") or "N/A"
+        image = image_path(where, record["image"]) if record.get("image") is not None else None
+        text = MC_PROMPT.format(hint=hint, question=question, options=options_text(choices))
+        return {
+            "id": str(record.get("id", index)),
+            "prompt": (f"<img>{image}</img>" if image else "") + text,
+            "target": f" {answer}",
+            "image": image,
+            "question": question,
+            "hint": hint,
+            "choices": choices,
+            "answer": answer,
+        }

@@ -1,0 +1,124 @@
+"""Inference on a trained model: :func:`load_model`, Qwen-VL's chat format and multi-turn chat.
+
+    import lavis
+    model, processors = lavis.load_model("outputs/sft")
+    response, history = model.chat([{"image": "data/synthetic/images/test/000000.png"},
+                                    {"text": "What colour is the shape?"}])
+    response, history = model.chat("Where is it?", history=history)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lavis.common.config import load_config
+from lavis.models import Processors, build_model, load_trained, resolve_weights_path, run_dir_of
+from lavis.models.generation import left_pad
+from lavis.models.vlm import VisionLanguageModel
+from lavis.processors.conversation import IMAGE_SPAN, ConversationEncoder
+from lavis.processors.errors import SkipSample
+from lavis.processors.image import load_image
+
+log = logging.getLogger(__name__)
+
+History = list[tuple[str, str]]
+
+
+def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None) -> tuple[VisionLanguageModel, Processors]:
+    """A trained model and its processors, ready for ``generate`` and ``chat``.
+
+    ``path``: a run's ``output_dir`` (its newest checkpoint), a checkpoint directory (e.g.
+    ``<output_dir>/checkpoints/best``) or its ``model.safetensors``. The model is built from the
+    run's ``config.yaml``; weights saved trainable-only are completed from the run's own
+    ``model.load_from`` chain. ``device``: ``auto`` = CUDA when available. ``dtype``: cast the
+    weights (e.g. ``torch.bfloat16``); default keeps fp32.
+    """
+    weights = resolve_weights_path(str(path))
+    run_dir = run_dir_of(weights)
+    if run_dir is None:
+        raise FileNotFoundError(f"{path}: no run config.yaml next to the checkpoint (expected <output_dir>/config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    model, processors = build_model(dataclasses.replace(cfg.model, load_from=None))
+    load_trained(model, str(weights))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device=device, dtype=dtype).eval()
+    model.attach_processors(processors, cfg.model.system_message)
+    return model, processors
+
+
+def from_list_format(items: list[dict[str, Any]], first_picture: int = 1) -> str:
+    """Qwen-VL's query format: ``[{"image": path}, {"text": ...}, {"box": (x1, y1, x2, y2), "ref"?}]`` ->
+    ``Picture 1: <img>path</img>\\n...``. Boxes are in Qwen-VL's [0, 1000) coordinates.
+    """
+    parts, picture = [], first_picture
+    for item in items:
+        if "image" in item:
+            parts.append(f"Picture {picture}: <img>{item['image']}</img>\n")
+            picture += 1
+        elif "box" in item:
+            x1, y1, x2, y2 = (int(v) for v in item["box"])
+            ref = f"<ref>{item['ref']}</ref>" if item.get("ref") else ""
+            parts.append(f"{ref}<box>({x1},{y1}),({x2},{y2})</box>")
+        elif "text" in item:
+            parts.append(item["text"])
+        else:
+            raise ValueError(f"unknown query item {item!r}: expected a key 'image', 'text' or 'box'")
+    return "".join(parts)
+
+
+def chat(
+    model: VisionLanguageModel,
+    query: str | list[dict[str, Any]],
+    history: History | None = None,
+    system_message: str | None = None,
+    max_new_tokens: int = 256,
+    **generation: Any,
+) -> tuple[str, History]:
+    """One chat turn: the response to ``query`` after ``history``, and the history including it.
+
+    ``query``: text (with ``<img>path</img>`` where images go) or Qwen-VL's list format; in the list
+    format pictures are numbered on from those already in ``history``. Image paths are read from
+    disk as given (relative paths: from the working directory). ``generation``: options of
+    :meth:`VisionLanguageModel.generate` (``num_beams``, ``do_sample``, ``temperature``, ``top_p``).
+    """
+    if model.processors is None:
+        raise ValueError("this model has no processors attached: use lavis.load_model, or model.attach_processors(...)")
+    history = list(history or [])
+    if not isinstance(query, str):
+        seen = sum(len(IMAGE_SPAN.findall(q)) for q, _ in history)
+        query = from_list_format(query, first_picture=seen + 1)
+    tokenizer, image_processor = model.processors.tokenizer, model.processors.image
+    encoder = ConversationEncoder(tokenizer, model.num_image_tokens, system_message or model.system_message, 1 << 30)
+    messages = []
+    for past_query, past_response in history:
+        messages += [{"role": "user", "content": past_query}, {"role": "assistant", "content": past_response}]
+    messages.append({"role": "user", "content": query})
+    encoded = encoder.encode_messages(messages, add_generation_prompt=True)
+    pixels = []
+    for path in encoded.images:
+        try:
+            pixels.append(image_processor(load_image(path)))
+        except SkipSample as err:
+            raise FileNotFoundError(str(err)) from None
+    size = image_processor.image_size
+    input_ids, attention_mask = left_pad([encoded.input_ids], tokenizer.pad_id)
+    tokens = model.generate(
+        input_ids,
+        attention_mask,
+        torch.stack(pixels) if pixels else torch.zeros(0, 3, size, size),
+        max_new_tokens=max_new_tokens,
+        stop_ids=tokenizer.stop_ids,
+        pad_id=tokenizer.pad_id,
+        **generation,
+    )[0].tolist()
+    stops = set(tokenizer.stop_ids)
+    end = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
+    response = tokenizer.decode(tokens[:end])
+    return response, history + [(query, response)]
+

@@ -1,0 +1,296 @@
+"""Evaluation: one path for ``evaluate.py`` and for evaluation during training.
+
+An evaluation (``evaluation.<name>`` in the config) pairs a registered evaluation task with a
+dataset builder. The task turns the builder's records into :class:`EvalSample` prompts (Qwen-VL's
+evaluation prompts by default), the :class:`Evaluator` generates (or, for multiple choice, scores
+the options' losses) in left-padded batches, and the task turns the gathered predictions into
+metrics. With ``torchrun`` the samples are split into contiguous shards, one per process, and the
+results gathered so every process gets the same metrics; the main process writes
+``<output_dir>/eval/<name>.json`` with the metrics and every prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lavis.common import dist
+from lavis.common.config import Config, ConfigError
+from lavis.common.precision import autocast
+from lavis.common.registry import registry
+from lavis.models.generation import left_pad
+from lavis.processors.conversation import IGNORE_INDEX, ConversationEncoder
+from lavis.processors.errors import SkipSample
+from lavis.processors.image import load_image
+from lavis.tasks.metrics import choose_option
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class EvalSample:
+    """One prompt to answer: its images, the text after them, and what the metric compares against.
+
+    ``options``: continuations to rank by loss (multiple choice); empty for generation tasks.
+    """
+
+    id: str
+    images: list[str]
+    text: str
+    image_root: str
+    reference: dict[str, Any]
+    options: list[str] = field(default_factory=list)
+
+
+class EvalTask:
+    """Base of the evaluation tasks (registered under the ``task`` kind, used in ``evaluation:``).
+
+    Subclasses set ``metric_names`` and implement :meth:`samples` and :meth:`metrics`; a task
+    that ranks options instead of generating also sets ``scores_options``.
+
+    ``prompt``: the text after the image, formatted with the record's fields (e.g. ``{question}``).
+    ``chat``: wrap it as a ChatML user turn (``Picture 1: <img>…</img>\\n{prompt}``, system message
+    and assistant prefix) for chat models; otherwise the raw ``<img>…</img>{prompt}`` of Qwen-VL's
+    own evaluation. ``max_samples``: evaluate only the first N samples (e.g. during training).
+    """
+
+    is_evaluation = True
+    metric_names: tuple[str, ...] = ()
+    scores_options = False
+    prompt_fields: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        prompt: str,
+        chat: bool = False,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        max_samples: int | None = None,
+    ) -> None:
+        try:
+            prompt.format(**{name: "x" for name in self.prompt_fields})
+        except (KeyError, IndexError, ValueError) as err:
+            fields = ", ".join("{" + f + "}" for f in self.prompt_fields) or "none"
+            raise ConfigError(f"{self.registry_name}: prompt {prompt!r} cannot be formatted ({err!r}); fields: {fields}") from None
+        if max_new_tokens < 1 or num_beams < 1:
+            raise ConfigError(f"{self.registry_name}: max_new_tokens and num_beams must be >= 1")
+        if max_samples is not None and max_samples < 1:
+            raise ConfigError(f"{self.registry_name}: max_samples must be >= 1 or null, got {max_samples}")
+        self.prompt = prompt
+        self.chat = chat
+        self.max_new_tokens = max_new_tokens
+        self.num_beams = num_beams
+        self.max_samples = max_samples
+
+    def samples(self, records: Sequence[dict[str, Any]]) -> list[EvalSample]:
+        """The prompts of this evaluation, in a fixed order."""
+        raise NotImplementedError
+
+    def prediction(self, output: str) -> str:
+        """The answer in a generated text (by default the text itself, stripped)."""
+        return output.strip()
+
+    def metrics(self, results: list[dict[str, Any]]) -> dict[str, float | int]:
+        """Metrics over all results (each ``{"id", "output", "prediction", **reference}``)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def require(record: dict[str, Any], *keys: str, builder_hint: str) -> None:
+        missing = [k for k in keys if k not in record]
+        if missing:
+            raise ConfigError(
+                f"record {record.get('id')!r} has no {', '.join(missing)}: this task reads records of {builder_hint}"
+            )
+
+
+@dataclass
+class EvalResult:
+    """What one evaluation produced: its metrics, per-sample results and skipped samples by reason."""
+
+    name: str
+    task: str
+    metrics: dict[str, float | int]
+    results: list[dict[str, Any]]
+    skipped: dict[str, int]
+    seconds: float
+
+    def to_json(self, step: int | None, model: str | None) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "task": self.task,
+            "step": step,
+            "model": model,
+            "metrics": self.metrics,
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 2),
+            "predictions": self.results,
+        }
+
+
+class Evaluator:
+    """Runs every evaluation of a config on a model; see the module notes."""
+
+    def __init__(self, cfg: Config, model, processors) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = processors.tokenizer
+        self.image_processor = processors.image
+        # Prompts are never cut: an evaluation sample must be seen whole.
+        self.encoder = ConversationEncoder(
+            processors.tokenizer, model.num_image_tokens, cfg.model.system_message, max_len=1 << 30
+        )
+        self.tasks: dict[str, EvalTask] = {}
+        self.samples: dict[str, list[EvalSample]] = {}
+        for name, entry in cfg.evaluation.items():
+            if entry.synthetic_root:
+                from lavis.datasets.synthetic.world import ensure_world
+
+                ensure_world(entry.synthetic_root)
+            task = registry.get("task", entry.task)(**entry.task_params)
+            records = registry.get("builder", entry.builder)(**entry.builder_params).build()
+            samples = task.samples(records)
+            if task.max_samples is not None:
+                samples = samples[: task.max_samples]
+            if not samples:
+                raise ConfigError(f"evaluation.{name}: the data holds no samples")
+            self.tasks[name], self.samples[name] = task, samples
+            log.info("evaluation %s (%s on %s): %d samples", name, entry.task, entry.builder, len(samples))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.llm.get_input_embeddings().weight.device
+
+    # ------------------------------------------------------------------ the loop
+
+    def evaluate(self, output_dir: str | Path | None = None, step: int | None = None, model_name: str | None = None) -> dict[str, EvalResult]:
+        """Every evaluation; writes ``<output_dir>/eval/<name>.json`` on the main process when given."""
+        was_training = self.model.training
+        self.model.eval()
+        out: dict[str, EvalResult] = {}
+        try:
+            for name in self.tasks:
+                out[name] = self.evaluate_one(name)
+                log.info("evaluation %s: %s (%.0f s)", name, _format_metrics(out[name].metrics), out[name].seconds)
+                if output_dir is not None and dist.is_main():
+                    path = Path(output_dir) / "eval" / f"{name}.json"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(out[name].to_json(step, model_name), indent=1))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def evaluate_one(self, name: str) -> EvalResult:
+        task, samples = self.tasks[name], self.samples[name]
+        started = time.perf_counter()
+        start, end = dist.shard_bounds(len(samples), dist.world_size(), dist.rank())
+        results, skipped = self._run(task, samples[start:end])
+        gathered = dist.all_gather_objects((results, skipped))
+        results = [r for part, _ in gathered for r in part]
+        skipped = sum((Counter(s) for _, s in gathered), Counter())
+        metrics = task.metrics(results) if results else {**{m: 0.0 for m in task.metric_names}, "count": 0}
+        metrics["skipped"] = sum(skipped.values())
+        return EvalResult(name, task.registry_name, metrics, results, dict(skipped), time.perf_counter() - started)
+
+    def _run(self, task: EvalTask, samples: list[EvalSample]) -> tuple[list[dict[str, Any]], Counter]:
+        """Results of this process's samples, in sample order, and the samples skipped by reason."""
+        skipped: Counter = Counter()
+        prepared = []
+        for sample in samples:
+            try:
+                prepared.append((sample, self._prompt_ids(task, sample), self._pixels(sample)))
+            except SkipSample as skip:
+                skipped[skip.reason] += 1
+                log.warning("evaluation: skipping sample %s: %s", sample.id, skip)
+        outputs: dict[str, dict[str, Any]] = {}
+        # Similar lengths together: less padding; results do not depend on the batch (left padding).
+        order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][1]))
+        batch_size = self.cfg.run.eval_batch_size
+        for i in range(0, len(order), batch_size):
+            batch = [prepared[j] for j in order[i : i + batch_size]]
+            with torch.no_grad(), autocast(self.device, self.cfg.run.precision):
+                answers = self._score_options(batch) if task.scores_options else self._generate(task, batch)
+            for (sample, _, _), output in zip(batch, answers):
+                prediction = output if task.scores_options else task.prediction(output)
+                outputs[sample.id] = {"id": sample.id, "output": output, "prediction": prediction, **sample.reference}
+        return [outputs[s.id] for s, _, _ in prepared], skipped
+
+    # ------------------------------------------------------------------ inputs
+
+    def _prompt_ids(self, task: EvalTask, sample: EvalSample) -> list[int]:
+        if task.chat:
+            pictures = "".join(f"Picture {k + 1}: <img>{path}</img>\n" for k, path in enumerate(sample.images))
+            messages = [{"role": "user", "content": pictures + sample.text}]
+            return self.encoder.encode_messages(messages, add_generation_prompt=True).input_ids
+        images = "".join(f"<img>{path}</img>" for path in sample.images)
+        return self.encoder.encode_text(images + sample.text, supervised=False).input_ids
+
+    def _pixels(self, sample: EvalSample) -> torch.Tensor:
+        size = self.image_processor.image_size
+        if not sample.images:
+            return torch.zeros(0, 3, size, size)
+        root = Path(sample.image_root or "")
+        return torch.stack([self.image_processor(load_image(root / path)) for path in sample.images])
+
+    # ------------------------------------------------------------------ generation and scoring
+
+    def _generate(self, task: EvalTask, batch: list[tuple[EvalSample, list[int], torch.Tensor]]) -> list[str]:
+        input_ids, attention_mask = left_pad([ids for _, ids, _ in batch], self.tokenizer.pad_id)
+        tokens = self.model.generate(
+            input_ids,
+            attention_mask,
+            torch.cat([pixels for _, _, pixels in batch]),
+            max_new_tokens=task.max_new_tokens,
+            num_beams=task.num_beams,
+            stop_ids=self.tokenizer.stop_ids,
+            pad_id=self.tokenizer.pad_id,
+        )
+        return [self.decode(row.tolist()) for row in tokens]
+
+    def decode(self, tokens: list[int]) -> str:
+        """Generated tokens up to (without) the first stop token, as text."""
+        stops = set(self.tokenizer.stop_ids)
+        end = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
+        return self.tokenizer.decode(tokens[:end])
+
+    def _score_options(self, batch: list[tuple[EvalSample, list[int], torch.Tensor]]) -> list[str]:
+        """For each sample, the option whose tokens have the lowest mean loss after the prompt."""
+        rows, labels, pixels, owners = [], [], [], []
+        for k, (sample, prompt_ids, sample_pixels) in enumerate(batch):
+            for option in sample.options:
+                option_ids = self.encoder.encode_text(option, supervised=True).input_ids
+                rows.append(prompt_ids + option_ids)
+                labels.append([IGNORE_INDEX] * len(prompt_ids) + option_ids)
+                pixels.append(sample_pixels)
+                owners.append(k)
+        length = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_id
+        input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=self.device)
+        label_ids = torch.tensor([lab + [IGNORE_INDEX] * (length - len(lab)) for lab in labels], device=self.device)
+        attention_mask = (torch.arange(length)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long()
+        losses, selected = self.model.token_losses(
+            input_ids, label_ids, attention_mask.to(self.device), pixel_values=torch.cat(pixels).to(self.device)
+        )
+        row_of_token = selected.nonzero()[:, 0]
+        sums = torch.zeros(len(rows), device=losses.device).index_add_(0, row_of_token, losses)
+        means = (sums / selected.sum(1).clamp(min=1)).tolist()
+        choices, row = [], 0
+        for sample, _, _ in batch:
+            choices.append(choose_option(dict(zip(sample.options, means[row : row + len(sample.options)]))).strip())
+            row += len(sample.options)
+        return choices
+
+
+def _format_metrics(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def flat_metrics(results: dict[str, EvalResult], prefix: str = "eval/") -> dict[str, float | int]:
+    """``{"eval/<name>/<metric>": value}`` for metrics.jsonl and wandb."""
+    return {f"{prefix}{name}/{metric}": value for name, result in results.items() for metric, value in result.metrics.items()}

@@ -1,0 +1,48 @@
+"""VQA evaluation: VQAv2 accuracy with the official answer normalisation and 10-choose-9 averaging."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lavis.common.registry import registry
+from lavis.tasks.evaluation import EvalSample, EvalTask
+from lavis.tasks.metrics import vqa_score
+
+
+@registry.register("task", "vqa")
+class VQATask(EvalTask):
+    """Answers each question (records of the ``vqa`` builder: VQAv2 questions + annotations, or
+    JSONL) and scores VQAv2 accuracy against all human answers. Qwen-VL's prompt: ``{question} Answer:``.
+    """
+
+    metric_names = ("accuracy",)
+    prompt_fields = ("question",)
+
+    def __init__(
+        self,
+        prompt: str = "{question} Answer:",
+        chat: bool = False,
+        max_new_tokens: int = 10,
+        num_beams: int = 1,
+        max_samples: int | None = None,
+    ) -> None:
+        super().__init__(prompt, chat, max_new_tokens, num_beams, max_samples)
+
+    def samples(self, records: Sequence[dict[str, Any]]) -> list[EvalSample]:
+        out = []
+        for record in records:
+            self.require(record, "image", "question", "answers", builder_hint="vqa")
+            out.append(
+                EvalSample(
+                    id=record["id"],
+                    images=[record["image"]],
+                    text=self.prompt.format(question=record["question"]),
+                    image_root=record.get("image_root", ""),
+                    reference={"image": record["image"], "question": record["question"], "answers": record["answers"]},
+                )
+            )
+        return out
+
+    def metrics(self, results: list[dict[str, Any]]) -> dict[str, float | int]:
+        return vqa_score([r["prediction"] for r in results], [r["answers"] for r in results])
