@@ -18,17 +18,20 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# Qwen-VL's three stages on the embedded default, each starting from the previous one's output.
+# Qwen-VL's three stages on the embedded default, each starting from the previous one's output,
+# then the final model evaluated on the held-out test split (prints the results table).
 demo: install
 	$(PY) train.py --cfg-path projects/pretrain.yaml
 	$(PY) train.py --cfg-path projects/multitask.yaml --options model.load_from=outputs/pretrain
 	$(PY) train.py --cfg-path projects/sft.yaml --options model.load_from=outputs/multitask
+	$(PY) evaluate.py --cfg-path projects/eval/demo.yaml
 
 test: install
 	$(PY) -m pytest -q tests
 
 bench: install
 	$(PY) benchmarks/step_overhead.py
+	$(PY) benchmarks/eval_gap.py
 
 clean:
 	rm -rf $(VENV) outputs data/synthetic

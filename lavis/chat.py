@@ -85,7 +85,10 @@ def interactive(session: ChatSession, images: list[str]) -> None:
             saved = session.draw(arg.strip() or "boxes.png")
             print(f"saved {saved}" if saved else "(nothing to draw: no picture or response yet)", file=sys.stderr)
         else:
-            print(f"assistant> {session.ask(line, pending)}")
+            try:
+                print(f"assistant> {session.ask(line, pending)}")
+            except (FileNotFoundError, ValueError) as err:
+                print(f"error: {err}", file=sys.stderr)
             pending = []
 
 
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         print(session.ask(args.query, args.image))
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT
     if args.draw:

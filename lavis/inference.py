@@ -99,7 +99,10 @@ def chat(
     for past_query, past_response in history:
         messages += [{"role": "user", "content": past_query}, {"role": "assistant", "content": past_response}]
     messages.append({"role": "user", "content": query})
-    encoded = encoder.encode_messages(messages, add_generation_prompt=True)
+    try:
+        encoded = encoder.encode_messages(messages, add_generation_prompt=True)
+    except SkipSample as err:  # e.g. a stray <img> token in the text
+        raise ValueError(str(err)) from None
     pixels = []
     for path in encoded.images:
         try:

@@ -258,13 +258,11 @@ def test_chat_errors(runs, varied, tmp_path):
         bare.chat("Hello", max_new_tokens=2)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: chat leaks the internal SkipSample for a stray <img>")
 def test_chat_rejects_a_stray_image_token_with_value_error(varied):
     with pytest.raises(ValueError):
         varied[1][0].chat("What is <img> here?", max_new_tokens=2)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: interactive lavis.chat dies on a missing image (FileNotFoundError)")
 def test_interactive_chat_survives_a_missing_image(varied, monkeypatch, capsys):
     from lavis.chat import ChatSession, interactive
 

@@ -80,13 +80,16 @@ def resolve_weights_path(path: str) -> Path:
     found = list_checkpoints(p)
     if found:
         return found[-1] / WEIGHTS_NAME
-    raise FileNotFoundError(f"model.load_from: no checkpoint at {path} (a .safetensors file, a checkpoint "
+    raise FileNotFoundError(f"no checkpoint at {path} (expected a .safetensors file, a checkpoint "
                             "directory or a run's output_dir)")
 
 
 def load_stage_checkpoint(model: VisionLanguageModel, path: str) -> None:
     """Start from an earlier stage's weights (trainable-only or full), reporting what was not covered."""
-    file = resolve_weights_path(path)
+    try:
+        file = resolve_weights_path(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"model.load_from: {err}") from None
     state = load_weights_file(file)
     _, unexpected = model.load_weights(state, str(file))
     if unexpected:
