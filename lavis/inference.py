@@ -18,7 +18,7 @@ import torch
 
 from lavis.common.config import load_config
 from lavis.models import Processors, build_model, load_trained, resolve_weights_path, run_dir_of
-from lavis.models.generation import left_pad
+from lavis.models.generation import left_pad, until_stop
 from lavis.models.vlm import VisionLanguageModel
 from lavis.processors.conversation import IMAGE_SPAN, ConversationEncoder
 from lavis.processors.errors import SkipSample
@@ -120,8 +120,6 @@ def chat(
         pad_id=tokenizer.pad_id,
         **generation,
     )[0].tolist()
-    stops = set(tokenizer.stop_ids)
-    end = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
-    response = tokenizer.decode(tokens[:end])
+    response = tokenizer.decode(until_stop(tokens, tokenizer.stop_ids))
     return response, history + [(query, response)]
 

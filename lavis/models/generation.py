@@ -119,3 +119,9 @@ def pad_after_stop(tokens: torch.Tensor, stop_ids: Sequence[int], pad_id: int) -
     is_stop = torch.isin(tokens, torch.tensor(list(stop_ids), device=tokens.device))
     after = (is_stop.long().cumsum(-1) - is_stop.long()) > 0  # positions strictly after the first stop
     return tokens.masked_fill(after, pad_id)
+
+
+def until_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    """The generated tokens before the first stop id (the text of an answer)."""
+    stops = set(stop_ids)
+    return list(next((tokens[:k] for k, t in enumerate(tokens) if t in stops), tokens))

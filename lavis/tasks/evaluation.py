@@ -26,7 +26,7 @@ from lavis.common import dist
 from lavis.common.config import Config, ConfigError
 from lavis.common.precision import autocast
 from lavis.common.registry import registry
-from lavis.models.generation import left_pad
+from lavis.models.generation import left_pad, until_stop
 from lavis.processors.conversation import IGNORE_INDEX, ConversationEncoder
 from lavis.processors.errors import SkipSample
 from lavis.processors.image import load_image
@@ -251,13 +251,7 @@ class Evaluator:
             stop_ids=self.tokenizer.stop_ids,
             pad_id=self.tokenizer.pad_id,
         )
-        return [self.decode(row.tolist()) for row in tokens]
-
-    def decode(self, tokens: list[int]) -> str:
-        """Generated tokens up to (without) the first stop token, as text."""
-        stops = set(self.tokenizer.stop_ids)
-        end = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
-        return self.tokenizer.decode(tokens[:end])
+        return [self.tokenizer.decode(until_stop(row.tolist(), self.tokenizer.stop_ids)) for row in tokens]
 
     def _score_options(self, batch: list[tuple[EvalSample, list[int], torch.Tensor]]) -> list[str]:
         """For each sample, the option whose tokens have the lowest mean loss after the prompt."""
