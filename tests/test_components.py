@@ -48,6 +48,21 @@ def test_vit_loads_local_weights_at_another_size(tmp_path, suffix):
     assert torch.allclose(loaded["pos_embed"], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("class_token", [False, True])
+def test_vit_sincos_position_init(class_token):
+    from lavis.models.adapters.qwen_resampler import get_2d_sincos_pos_embed
+
+    kwargs = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    vit = TimmViT("vit_tiny_patch16_224", 64, class_token=class_token, model_kwargs=kwargs, pos_embed_init="sincos")
+    pos = vit.model.pos_embed.detach()[0]
+    assert torch.equal(pos[-64:], get_2d_sincos_pos_embed(32, 8))
+    assert not pos[:-64].any()  # the class position starts at zero
+    assert vit.model.pos_embed.requires_grad  # a starting point, still trained
+    torch.manual_seed(0)
+    random_init = TimmViT("vit_tiny_patch16_224", 64, class_token=class_token, model_kwargs=kwargs)
+    assert not torch.equal(random_init.model.pos_embed.detach()[0, -64:], pos[-64:])
+
+
 def test_vit_weights_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         TimmViT("vit_tiny_patch16_224", image_size=64, pretrained=str(tmp_path / "nope.pth"), model_kwargs=TINY_VIT)

@@ -6,6 +6,7 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import Literal
 
 import timm
 import torch
@@ -23,7 +24,8 @@ class TimmViT(nn.Module):
 
     ``model_kwargs`` are passed to ``timm.create_model`` (e.g. ``depth``, ``embed_dim`` for a small
     preset). Position embeddings follow ``image_size``: a weights file trained at another size is
-    interpolated on load, and inputs of another size are interpolated on the fly.
+    interpolated on load, and inputs of another size are interpolated on the fly. ``pos_embed_init``:
+    ``random`` (timm's) or ``sincos`` (2D sin-cos values, for ViTs trained from scratch).
     """
 
     def __init__(
@@ -34,6 +36,7 @@ class TimmViT(nn.Module):
         class_token: bool | None = None,
         model_kwargs: dict | None = None,
         gradient_checkpointing: bool = False,
+        pos_embed_init: Literal["random", "sincos"] = "random",
     ) -> None:
         super().__init__()
         kwargs = dict(model_kwargs or {})
@@ -51,10 +54,28 @@ class TimmViT(nn.Module):
         self.image_size = image_size
         self.patch_size = tuple(self.model.patch_embed.patch_size)
         self.width = self.model.embed_dim
-        if pretrained and torch.get_default_device().type != "meta":  # meta: shapes only
+        on_meta = torch.get_default_device().type == "meta"  # meta: shapes only
+        if pos_embed_init == "sincos" and not on_meta:
+            self.init_sincos_pos_embed()
+        if pretrained and not on_meta:
             self.load_pretrained(pretrained)
         if gradient_checkpointing:
             self.model.set_grad_checkpointing(True)
+
+    @torch.no_grad()
+    def init_sincos_pos_embed(self) -> None:
+        """Fixed 2D sin-cos values as the (still trainable) position embeddings' starting point; prefix
+        (class) positions start at zero. Spatial layout is then known from step 0, which a ViT trained
+        from scratch on little data otherwise learns slowly."""
+        from lavis.models.adapters.qwen_resampler import get_2d_sincos_pos_embed
+
+        pos_embed = self.model.pos_embed
+        rows, cols = self.model.patch_embed.grid_size
+        if rows != cols:
+            raise ValueError(f"timm_vit: pos_embed_init=sincos needs a square patch grid, got {rows}x{cols}")
+        table = get_2d_sincos_pos_embed(pos_embed.shape[-1], rows).to(pos_embed.dtype)
+        pos_embed.zero_()
+        pos_embed[0, pos_embed.shape[1] - rows * cols :] = table
 
     @property
     def grid(self) -> tuple[int, int]:
