@@ -118,6 +118,7 @@ def chat(
         max_new_tokens=max_new_tokens,
         stop_ids=tokenizer.stop_ids,
         pad_id=tokenizer.pad_id,
+        suppress_ids=tokenizer.image_span_ids,
         **generation,
     )[0].tolist()
     response = tokenizer.decode(until_stop(tokens, tokenizer.stop_ids))

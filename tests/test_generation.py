@@ -210,3 +210,19 @@ def test_generate_keeps_training_mode_and_rejects_right_padding(setup):
         model.eval()
     with pytest.raises(ValueError, match="left-padded"):
         model.generate(ids, mask.flip(1), max_new_tokens=2)
+
+
+def test_suppressed_ids_are_never_generated(setup):
+    """Tokens that row 0 emits freely never appear once suppressed (greedy and beam); chat and
+    evaluation suppress the image-span tokens this way."""
+    model, proc, prompts = setup
+    pad = proc.tokenizer.pad_id
+    ids, mask, pixels = batch_of(prompts, pad)
+    free = model.generate(ids, mask, pixels, max_new_tokens=MAX_NEW, stop_ids=(), pad_id=pad)
+    banned = sorted(set(free[0].tolist()) - {pad})[:3]
+    assert banned
+    for beams in (1, 2):
+        out = model.generate(ids, mask, pixels, max_new_tokens=MAX_NEW, num_beams=beams, stop_ids=(), pad_id=pad,
+                             suppress_ids=banned)
+        assert not set(out.flatten().tolist()) & set(banned)
+    assert len(proc.tokenizer.image_span_ids) == 3

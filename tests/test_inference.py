@@ -227,7 +227,7 @@ def test_chat_is_greedy_generate_on_the_chatml_prompt(varied, images):
         pictures.append(processors.image(load_image(path)))
         input_ids, mask = left_pad([prompt + [tok.im_start_id, *tok.encode("assistant"), *nl]], tok.pad_id)
         tokens = model.generate(input_ids, mask, torch.stack(pictures), max_new_tokens=MAX_NEW,
-                                stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0].tolist()
+                                stop_ids=tok.stop_ids, pad_id=tok.pad_id, suppress_ids=tok.image_span_ids)[0].tolist()
         assert 0 < len(tokens) <= MAX_NEW
         end = next((k for k, t in enumerate(tokens) if t in tok.stop_ids), len(tokens))
         expected = tok.decode(tokens[:end])

@@ -127,12 +127,13 @@ def test_layering_default_component_project_options():
     assert cfg.model.freeze.llm == "trainable" and cfg.model.system_message == "You are a helpful assistant."
     # the project over configs/default.yaml
     assert cfg.model.freeze.vision == "frozen" and cfg.run.save_weights == "full"
-    assert (cfg.run.max_steps, cfg.run.batch_size, cfg.run.lr, cfg.run.output_dir) == (300, 16, 1e-3, "outputs/sft")
+    assert (cfg.run.max_steps, cfg.run.batch_size, cfg.run.lr, cfg.run.output_dir) == (600, 16, 1e-3, "outputs/sft")
     # the component's default YAML (configs/models/...) fills what the project (tiny preset) leaves out
     assert cfg.model.llm.params["attn_implementation"] == "sdpa" and cfg.model.llm.params["trust_remote_code"] is False
     assert cfg.model.vision.params["pretrained"] is None and cfg.model.vision.params["gradient_checkpointing"] is False
     # the project (tiny preset) over the component's default YAML (vit_base_patch16_224, 224, 256 queries)
     assert cfg.model.vision.params["name"] == "vit_tiny_patch16_224" and cfg.model.vision.params["image_size"] == 64
+    assert cfg.model.vision.params["pos_embed_init"] == "sincos"  # the tiny preset over the component default
     assert cfg.model.adapter.type == "qwen_resampler"
     assert cfg.model.adapter.params == {"num_queries": 36, "num_heads": None}
     # datasets: the builder's default YAML under the project's entry

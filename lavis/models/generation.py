@@ -52,12 +52,14 @@ def generate(
     top_p: float = 1.0,
     stop_ids: Sequence[int] = (),
     pad_id: int | None = None,
+    suppress_ids: Sequence[int] = (),
 ) -> torch.Tensor:
     """New tokens [B, T] (T <= ``max_new_tokens``) for left-padded prompts; rows that stopped are padded.
 
     ``model``: a :class:`~lavis.models.vlm.VisionLanguageModel`. ``pixel_values``: all images of the
     batch, in row order then text order (as the collator stacks them). ``stop_ids``: generation of a
     row ends after it emits one of these (kept in the output); later positions hold ``pad_id``.
+    ``suppress_ids``: tokens never generated (chat and evaluation pass the image-span tokens).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -94,6 +96,8 @@ def generate(
             "pad_token_id": pad_id,
             "use_cache": True,
         }
+        if suppress_ids:
+            options["suppress_tokens"] = [int(i) for i in suppress_ids]
         if do_sample:
             options.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
         if num_beams > 1:

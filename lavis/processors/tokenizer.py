@@ -34,6 +34,8 @@ class TextTokenizer:
         self.img_start_id, self.img_end_id, self.img_pad_id = ids[IMG_START], ids[IMG_END], ids[IMG_PAD]
         self.pad_id = self.eod_id
         self.stop_ids = (self.im_end_id, self.eod_id)
+        # Only the prompt builds image spans; generated text that held one could not be fed back.
+        self.image_span_ids = (self.img_start_id, self.img_end_id, self.img_pad_id)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special-token strings in it become their single ids."""

@@ -250,6 +250,7 @@ class Evaluator:
             num_beams=task.num_beams,
             stop_ids=self.tokenizer.stop_ids,
             pad_id=self.tokenizer.pad_id,
+            suppress_ids=self.tokenizer.image_span_ids,
         )
         return [self.tokenizer.decode(until_stop(row.tolist(), self.tokenizer.stop_ids)) for row in tokens]
 
