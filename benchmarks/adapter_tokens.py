@@ -9,7 +9,8 @@ encoder and adapter and prints, per hidden dimension averaged:
   within image   std over the token positions of one picture (how much the tokens differ from each other)
 
 A resampler whose queries all attend alike gives nearly identical tokens (within << across): the
-LLM then sees one summary vector repeated, and questions about positions or boxes cannot be learned.
+LLM then sees one summary vector repeated, and positions can reach it only through the attended
+patches' content. (The demo's first recipe: 0.007; the current one: about 0.9.)
 """
 
 from __future__ import annotations

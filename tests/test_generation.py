@@ -225,4 +225,5 @@ def test_suppressed_ids_are_never_generated(setup):
         out = model.generate(ids, mask, pixels, max_new_tokens=MAX_NEW, num_beams=beams, stop_ids=(), pad_id=pad,
                              suppress_ids=banned)
         assert not set(out.flatten().tolist()) & set(banned)
-    assert len(proc.tokenizer.image_span_ids) == 3
+    spans = [proc.tokenizer.decode([i]) for i in proc.tokenizer.image_span_ids]
+    assert spans == ["<img>", "</img>", "<imgpad>"]
