@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(results_table(rows))
         print(f"predictions and metrics: {cfg.run.output_dir}/eval/<name>.json")
     dist.barrier()
+    dist.shutdown()
     return 0
 
 

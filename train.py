@@ -19,6 +19,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def print_plan(cfg) -> None:
+    """Parameters per component and the per-rank memory of the run, from the model built on the meta device."""
+    from lavis.common.dist import launched_world_size
+    from lavis.models import build_model
+    from lavis.runners.strategies import build_strategy
+
+    model, _ = build_model(cfg.model, meta=True)
+    print("# parameters (built on the meta device: no weights read)")
+    print("\n".join(f"# {line}" for line in model.parameter_report().splitlines()))
+    world_size = cfg.run.world_size_hint or launched_world_size()
+    strategy = build_strategy(cfg.run.strategy)
+    estimate = strategy.memory_estimate(model, cfg.run.precision, world_size)
+    gib = 1024**3
+    print(f"# per-rank memory at {world_size} rank(s), run.strategy={cfg.run.strategy.type}, run.precision="
+          f"{cfg.run.precision} (set the world size with --options run.world_size_hint=N; activations not included)")
+    for name, label in (("parameters", "parameters"), ("gradients", "gradients"), ("optimizer", "AdamW state")):
+        print(f"#   {label:<28} {estimate[name] / gib:9.2f} GiB")
+    total = estimate["parameters"] + estimate["gradients"] + estimate["optimizer"]
+    print(f"#   {'total (persistent)':<28} {total / gib:9.2f} GiB")
+    if "gathered" in estimate:
+        print(f"#   {'+ gathered units (transient)':<28} {estimate['gathered'] / gib:9.2f} GiB")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
@@ -29,20 +52,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.print_config:
         print(cfg.to_yaml(), end="")
-        from lavis.models import build_model
-
-        model, _ = build_model(cfg.model, meta=True)
-        print("# parameters (built on the meta device: no weights read)")
-        print("\n".join(f"# {line}" for line in model.parameter_report().splitlines()))
+        print_plan(cfg)
         return 0
     from lavis.runners import build_runner
+    from lavis.runners.strategies import build_strategy
 
+    strategy = build_strategy(cfg.run.strategy)
     try:
-        runner = build_runner(cfg)
-    except (ConfigError, RegistryError, AnnotationError, FileNotFoundError) as err:
+        strategy.setup(cfg.run.device, cfg.run.dist_timeout_s)  # join the process group first
+        runner = build_runner(cfg, strategy)
+    except (ConfigError, RegistryError, AnnotationError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    runner.train()
+    try:
+        runner.train()
+    finally:
+        strategy.teardown()
     return 0
 
 

@@ -51,7 +51,7 @@ def main() -> None:
     inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "pixel_values")}
 
     def bare_step() -> None:
-        out = bare_model.lm_loss(**inputs)
+        out = bare_model(**inputs)
         (out.loss_sum / out.num_tokens).backward()
         bare_opt.step()
         bare_opt.zero_grad(set_to_none=True)

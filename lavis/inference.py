@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lavis.common.config import load_config
-from lavis.models import Processors, build_model, load_trained, resolve_weights_path, run_dir_of
+from lavis.models import Processors, build_model, config_of, load_trained, resolve_weights_path
 from lavis.models.generation import left_pad, until_stop
 from lavis.models.vlm import VisionLanguageModel
 from lavis.processors.conversation import IMAGE_SPAN, ConversationEncoder
@@ -39,10 +39,10 @@ def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None
     weights (e.g. ``torch.bfloat16``); default keeps fp32.
     """
     weights = resolve_weights_path(str(path))
-    run_dir = run_dir_of(weights)
-    if run_dir is None:
-        raise FileNotFoundError(f"{path}: no run config.yaml next to the checkpoint (expected <output_dir>/config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    config = config_of(weights)
+    if config is None:
+        raise FileNotFoundError(f"{path}: no config.yaml in the checkpoint or its run (expected <output_dir>/config.yaml)")
+    cfg = load_config(config)
     model, processors = build_model(dataclasses.replace(cfg.model, load_from=None))
     load_trained(model, str(weights))
     if device == "auto":

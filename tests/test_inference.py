@@ -121,9 +121,15 @@ def test_load_model_without_a_run_is_a_helpful_file_not_found(runs, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint") as err:
         lavis.load_model(empty, device="cpu")
     assert str(empty) in str(err.value)
-    # A checkpoint directory outside any run: there is no config.yaml to build the model from.
+    # A checkpoint directory outside any run carries its own config.yaml: it loads alone.
     loose = tmp_path / "loose"
     shutil.copytree(runs["A"] / STEP_DIR, loose)
+    model, _ = lavis.load_model(loose, device="cpu")
+    expected = load_file(str(weights_of(runs["A"])))
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[k], v) for k, v in expected.items())
+    # Without it (and outside a run) there is nothing to build the model from.
+    (loose / "config.yaml").unlink()
     for path in (loose, loose / "model.safetensors"):
         with pytest.raises(FileNotFoundError, match="config.yaml"):
             lavis.load_model(path, device="cpu")
@@ -155,9 +161,10 @@ def test_missing_load_from_of_a_trainable_only_run_is_a_file_not_found(runs, tmp
     moved = tmp_path / "B"
     shutil.copytree(runs["B"], moved)
     missing = tmp_path / "gone" / "A"
-    config = OmegaConf.load(moved / "config.yaml")
-    config.model.load_from = str(missing)
-    OmegaConf.save(config, moved / "config.yaml")
+    for path in moved.rglob("config.yaml"):  # the run's and each checkpoint's own
+        config = OmegaConf.load(path)
+        config.model.load_from = str(missing)
+        OmegaConf.save(config, path)
     with pytest.raises(FileNotFoundError, match="trainable weights only") as err:
         lavis.load_model(moved, device="cpu")
     assert str(missing) in str(err.value)

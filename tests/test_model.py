@@ -134,7 +134,7 @@ def test_images_and_pads_that_do_not_match_raise(tiny):
 
 
 def test_collated_samples_with_0_1_2_images(tiny, small_world):
-    """The real path: conversations -> sample processor -> pad collator -> lm_loss."""
+    """The real path: conversations -> sample processor -> pad collator -> the loss through forward."""
     cfg, model, proc = tiny()
     encoder = ConversationEncoder(proc.tokenizer, model.num_image_tokens, cfg.model.system_message, 256)
     process = SampleProcessor(encoder, proc.image)
@@ -164,7 +164,7 @@ def test_collated_samples_with_0_1_2_images(tiny, small_world):
     with torch.no_grad():
         embeds = model.embed_inputs(ids, batch["pixel_values"])
         feats = model.encode_images(batch["pixel_values"])
-        out = model.lm_loss(ids, batch["labels"], batch["attention_mask"], pixel_values=batch["pixel_values"])
+        out = model(ids, labels=batch["labels"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
     assert torch.equal(embeds[pads], feats.reshape(-1, feats.shape[-1]))
     supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert int(out.num_tokens) == supervised > 0
@@ -310,7 +310,7 @@ def test_text_only_batch_still_gives_visual_parameters_a_zero_gradient(tiny, pix
     batch = text_only_batch(proc)
     pixel_values = torch.zeros(0, 3, 64, 64) if pixels == "empty" else None  # the collator gives "empty"
     model.train()
-    out = model.lm_loss(**batch, pixel_values=pixel_values)
+    out = model(**batch, pixel_values=pixel_values)
     (out.loss_sum / out.num_tokens).backward()
     for name in ("vision", "adapter"):
         params = list(getattr(model, name).named_parameters())
@@ -323,7 +323,7 @@ def test_text_only_batch_still_gives_visual_parameters_a_zero_gradient(tiny, pix
 def test_text_only_batch_with_frozen_vision(tiny):
     _, model, proc = tiny("model.freeze.vision=frozen")
     model.train()
-    out = model.lm_loss(**text_only_batch(proc), pixel_values=torch.zeros(0, 3, 64, 64))
+    out = model(**text_only_batch(proc), pixel_values=torch.zeros(0, 3, 64, 64))
     out.loss_sum.backward()
     assert all(p.grad is None for p in model.vision.parameters())
     assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in model.adapter.parameters())

@@ -18,7 +18,7 @@ from lavis.common.registry import KINDS, Registry, RegistryError, registry
 
 # --------------------------------------------------------------------------- registry
 
-KIND_LIST = "model, vision_encoder, adapter, llm, builder, processor, task, runner, lr_scheduler"
+KIND_LIST = "model, vision_encoder, adapter, llm, builder, processor, task, runner, strategy, lr_scheduler"
 
 
 def test_kinds_are_the_designed_ones():

@@ -164,7 +164,7 @@ def real_samples(built) -> list[dict]:
 
 def lm_loss(model, batch: dict) -> tuple[float, int]:
     with torch.no_grad():
-        out = model.lm_loss(
+        out = model(
             input_ids=batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"],
             position_ids=batch.get("position_ids"), pixel_values=batch["pixel_values"],
         )
@@ -602,7 +602,7 @@ def test_cu_seqlens_reach_the_attention_and_isolate_like_the_block_mask(qwen_set
     model.llm.config._attn_implementation = "test_varlen_reference"
     try:
         with torch.no_grad():
-            out = model.lm_loss(
+            out = model(
                 input_ids=varlen["input_ids"], labels=varlen["labels"], attention_mask=None,
                 position_ids=varlen["position_ids"], pixel_values=varlen["pixel_values"], **varlen["attention_kwargs"],
             )

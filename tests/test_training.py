@@ -169,10 +169,11 @@ def test_resume_after_sigkill_is_bitwise_identical(small_world, tmp_path):
 
         sb = torch.load(out_b / "checkpoints" / final / ckpt.STATE_NAME, weights_only=True)
         assert sa["step"] == sb["step"] == steps
-        assert sa["data"] == sb["data"]  # the same data position, stream cursors included
-        assert sa["data"]["samples_seen"] == steps * 4 and sa["data"]["skipped"] == {}  # 96 > 64: crosses an epoch
-        opt_a, opt_b = sa["optimizer"]["state"], sb["optimizer"]["state"]
-        assert opt_a.keys() == opt_b.keys()
+        assert sa["data"] == sb["data"] and sa["ranks"][0]["data_states"] == sb["ranks"][0]["data_states"]
+        assert sa["data"]["samples_seen"] == steps * 4 and sa["ranks"][0]["skipped"] == {}  # 96 > 64: crosses an epoch
+        opt_a = torch.load(out_a / "checkpoints" / final / ckpt.OPTIMIZER_NAME, weights_only=True)["state"]
+        opt_b = torch.load(out_b / "checkpoints" / final / ckpt.OPTIMIZER_NAME, weights_only=True)["state"]
+        assert opt_a.keys() == opt_b.keys() == wa.keys()  # keyed by parameter name
         for i in opt_a:
             assert torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"])
             assert torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"])
@@ -197,7 +198,7 @@ def test_keep_last_prunes_older_checkpoints(load_sft, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000006", "step_00000007"]
     for name, step in (("step_00000006", 6), ("step_00000007", 7)):
         d = out / "checkpoints" / name
-        assert sorted(p.name for p in d.iterdir()) == ["meta.json", "model.safetensors", "state.pt"]
+        assert sorted(p.name for p in d.iterdir()) == ["config.yaml", "meta.json", "model.safetensors", "optimizer.pt", "state.pt"]
         assert json.loads((d / "meta.json").read_text())["step"] == step
         assert torch.load(d / "state.pt", weights_only=True)["step"] == step
 
@@ -257,7 +258,10 @@ def test_checkpoint_holds_only_trainable_weights(load_sft, tmp_path):
     params = dict(model.named_parameters())
     assert all(torch.equal(weights[k], params[k].detach()) for k in weights)
     meta = json.loads((d / ckpt.META_NAME).read_text())
-    assert meta == {"step": 1, "weights": "trainable", "freeze": {"vision": "frozen", "adapter": "trainable", "llm": "trainable"}}
+    assert meta == {
+        "step": 1, "weights": "trainable", "freeze": {"vision": "frozen", "adapter": "trainable", "llm": "trainable"},
+        "strategy": "single", "world_size": 1, "sharded": False,
+    }
 
     # Resuming it under another freeze policy is refused with a reason.
     other = build_runner(load_sft("run.max_steps=2", f"run.resume={d}", *QUICK, output_dir=tmp_path / "o"))

@@ -1,4 +1,13 @@
-"""Checkpoint I/O: atomic directory writes, safetensors weights, resumable training state."""
+"""Checkpoint I/O: atomic directory writes, weights as safetensors or sharded, resumable training state.
+
+A checkpoint is a directory ``<output_dir>/checkpoints/step_<n>/`` holding ``meta.json`` (written
+last), ``config.yaml`` (the run's config), ``state.pt`` (step, data position, every rank's RNG) and
+the weights and optimiser state in one of two layouts:
+
+- full: ``model.safetensors`` and ``optimizer.pt`` (one process, DDP);
+- sharded: ``model/`` and ``optimizer/``, ``torch.distributed.checkpoint`` directories in which each
+  rank wrote its own shard (FSDP). They load on any number of ranks, under any strategy.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +23,30 @@ import torch
 from safetensors.torch import load_file, save_file
 
 WEIGHTS_NAME = "model.safetensors"
+SHARDED_WEIGHTS_NAME = "model"
+OPTIMIZER_NAME = "optimizer.pt"
+SHARDED_OPTIMIZER_NAME = "optimizer"
 STATE_NAME = "state.pt"
 META_NAME = "meta.json"
+CONFIG_NAME = "config.yaml"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
+def is_sharded(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.distributed.checkpoint`` directory."""
+    return (Path(path) / ".metadata").is_file()
+
+
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from safetensors, or from a torch file with ``weights_only=True``."""
+    """Read a state dict from safetensors, a sharded directory (gathered into whole tensors), or a
+    torch file with ``weights_only=True``."""
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}")
+    if path.is_dir():
+        if not is_sharded(path):
+            raise FileNotFoundError(f"{path} is a directory but not a sharded checkpoint (no .metadata)")
+        return read_sharded(path)
     if path.suffix == ".safetensors":
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -29,6 +54,51 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     return state
+
+
+def sharded_keys(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """The tensors of a sharded directory: name -> (whole shape, dtype), read from its metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(path)).read_metadata()
+    return {
+        name: (meta.size, meta.properties.dtype)
+        for name, meta in metadata.state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
+
+
+def read_sharded(path: Path, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Whole tensors from a sharded directory, in this process alone (whatever wrote it)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {
+        name: torch.empty(size, dtype=dtype)
+        for name, (size, dtype) in sharded_keys(path).items()
+        if keys is None or name in keys
+    }
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return state
+
+
+def weights_path(checkpoint: Path) -> Path:
+    """The weights of a checkpoint directory: ``model.safetensors`` or the sharded ``model/``."""
+    sharded = Path(checkpoint) / SHARDED_WEIGHTS_NAME
+    return sharded if is_sharded(sharded) else Path(checkpoint) / WEIGHTS_NAME
+
+
+def weight_names(checkpoint: Path) -> set[str]:
+    """Names of the tensors a checkpoint's weights hold (no tensor is read)."""
+    path = weights_path(checkpoint)
+    if path.is_dir():
+        return set(sharded_keys(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return set(f.keys())
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -44,23 +114,31 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(
-    target: Path, weights: dict[str, torch.Tensor], state: dict[str, Any], meta: dict[str, Any]
-) -> Path:
-    """Write weights + state + meta into a temporary directory, then rename it into place.
-
-    A reader never sees a half-written checkpoint: ``meta.json`` is written last and the
-    directory only appears under its final name once complete.
-    """
+def staging_dir(target: Path, owner_pid: int | None = None) -> Path:
+    """The temporary directory a checkpoint is written into before :func:`commit` renames it into place."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    return target.parent / f".{target.name}.tmp-{owner_pid or os.getpid()}"
+
+
+def prepare_staging(target: Path, owner_pid: int | None = None) -> Path:
+    """Create an empty staging directory for ``target`` (removing a stale one of the same owner)."""
+    tmp = staging_dir(target, owner_pid)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS_NAME))
-    torch.save(state, tmp / STATE_NAME)
+    return tmp
+
+
+def commit(tmp: Path, target: Path, meta: dict[str, Any]) -> Path:
+    """Write ``meta.json`` last, flush everything to disk and rename ``tmp`` to ``target``.
+
+    A reader never sees a half-written checkpoint: the directory only appears under its final name
+    once complete, and an older checkpoint of the same name is replaced in one rename.
+    """
+    target = Path(target)
     (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
-    _fsync_dir(tmp)
+    for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+        _fsync_dir(sub)
     if target.exists():
         stale = target.parent / f".{target.name}.old-{os.getpid()}"
         os.rename(target, stale)
@@ -84,13 +162,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(weights, state, meta) of a checkpoint directory."""
-    path = Path(path)
-    weights = load_file(str(path / WEIGHTS_NAME))
-    state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
-    meta = json.loads((path / META_NAME).read_text())
-    return weights, state, meta
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / META_NAME).read_text())
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:

@@ -7,7 +7,8 @@ Layers, lowest first:
   4. ``--options key=value`` (dotted keys; values typed as YAML: ``16``, ``2e-5``, ``[0.9,0.98]``).
 
 Component blocks (``model.vision``, ``model.adapter``, ``model.llm``, ``model.tokenizer``,
-``model.image_processor``, each dataset, each evaluation's task and builder) are checked against the
+``model.image_processor``, ``run.strategy``, each dataset, each evaluation's task and builder) are
+checked against the
 registered class's constructor:
 its argument names are the valid keys and its type hints the valid types. Fixed sections are
 checked against the dataclasses below. Unknown keys fail with a "did you mean".
@@ -41,6 +42,7 @@ DEFAULTS_DIR = {
     "processor": "processors",
     "builder": "datasets",
     "task": "tasks",
+    "strategy": "strategies",
 }
 # model.<key> -> registry kind of that component block.
 MODEL_COMPONENTS = {
@@ -144,7 +146,9 @@ class RunConfig:
 
     task: str
     runner: str
-    strategy: Literal["single"]
+    strategy: ComponentConfig
+    dist_timeout_s: float
+    world_size_hint: int | None
     precision: Literal["fp32", "bf16", "fp16"]
     device: str
     seed: int
@@ -394,7 +398,10 @@ def merge_layers(project: dict[str, Any], options: dict[str, Any]) -> dict[str, 
                     f"unknown top-level key '{key}' in {name}{did_you_mean(key, SECTIONS)}; "
                     f"valid keys: {', '.join(SECTIONS)}"
                 )
+    base, project, options = (_with_strategy_block(x) for x in (base, project, options))
     merged = _merge(base, project, options)
+    run_base, run_proj, run_opt = ((x.get("run") or {}).get("strategy") for x in (base, project, options))
+    merged["run"]["strategy"] = _merge_component("strategy", "run.strategy", run_base, run_proj, run_opt)
     model_base, model_proj, model_opt = (x.get("model") or {} for x in (base, project, options))
     for key, kind in MODEL_COMPONENTS.items():
         merged["model"][key] = _merge_component(
@@ -411,6 +418,14 @@ def merge_layers(project: dict[str, Any], options: dict[str, Any]) -> dict[str, 
         for name in {**eval_proj, **eval_opt}
     }
     return merged
+
+
+def _with_strategy_block(layer: dict[str, Any]) -> dict[str, Any]:
+    """``run.strategy`` as a component block: ``run.strategy: fsdp`` is short for ``{type: fsdp}``."""
+    run = layer.get("run")
+    if isinstance(run, dict) and isinstance(run.get("strategy"), str):
+        return {**layer, "run": {**run, "strategy": {"type": run["strategy"]}}}
+    return layer
 
 
 def _merge_evaluation(name: str, project: dict | None, options: dict | None) -> dict[str, Any]:
@@ -467,7 +482,9 @@ def build_config(resolved: dict[str, Any]) -> Config:
             raise ConfigError(f"{where}.ratio must be positive, got {common.ratio}")
         datasets[name] = common
     evaluation = {name: _evaluation(name, entry) for name, entry in (resolved.get("evaluation") or {}).items()}
-    run = to_dataclass(RunConfig, resolved["run"], "run")
+    run_block = dict(resolved["run"])
+    strategy = _component("strategy", run_block.pop("strategy"), "run.strategy")
+    run = to_dataclass(RunConfig, {**run_block, "strategy": vars(strategy)}, "run")
     if getattr(registry.get("task", run.task), "is_evaluation", False):
         raise ConfigError(
             f"run.task: '{run.task}' is an evaluation task; name it under 'evaluation:' (training tasks: "
@@ -479,6 +496,10 @@ def build_config(resolved: dict[str, Any]) -> Config:
     for key in ("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "save_every", "keep_last", "eval_batch_size"):
         if getattr(run, key) < 1:
             raise ConfigError(f"run.{key} must be >= 1, got {getattr(run, key)}")
+    if run.dist_timeout_s <= 0:
+        raise ConfigError(f"run.dist_timeout_s must be > 0, got {run.dist_timeout_s}")
+    if run.world_size_hint is not None and run.world_size_hint < 1:
+        raise ConfigError(f"run.world_size_hint must be >= 1 or null, got {run.world_size_hint}")
     _check_eval_schedule(run, evaluation)
     return Config(model=model_cfg, datasets=datasets, evaluation=evaluation, run=run, raw=resolved)
 

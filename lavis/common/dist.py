@@ -7,26 +7,48 @@ helpers return the single-process answer, so the same code runs with and without
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 
-def init_distributed(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: ``cuda:<LOCAL_RANK>`` when CUDA is available, else the CPU; ``cuda`` gets the local rank too."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    return torch.device(device)
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 600.0, always: bool = False) -> torch.device:
     """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); return this process's device.
 
-    ``device``: ``auto`` picks ``cuda:<LOCAL_RANK>`` when CUDA is available, else the CPU; the
-    backend follows the device (NCCL on CUDA, gloo on the CPU).
+    The backend follows the device (NCCL on CUDA, gloo on the CPU). A collective that waits longer
+    than ``timeout_s`` fails instead of hanging. ``always``: also make a group of one process when
+    not launched by ``torchrun`` (strategies that need a process group: DDP, FSDP).
     """
-    if device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    target = torch.device(device)
+    target = resolve_device(device)
     if target.type == "cuda":
         torch.cuda.set_device(target)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if (launched or always) and not dist.is_initialized():
+        options = {"backend": "nccl" if target.type == "cuda" else "gloo", "timeout": timedelta(seconds=timeout_s)}
+        if target.type == "cuda":
+            options["device_id"] = target
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(**options)
+        else:  # one process, no launcher: an in-memory rendezvous
+            dist.init_process_group(**options, store=dist.HashStore(), rank=0, world_size=1)
     return target
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher (``torchrun``) started; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_distributed() -> bool:
@@ -34,11 +56,11 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def is_main() -> bool:
@@ -64,3 +86,9 @@ def all_gather_objects(obj: Any) -> list[Any]:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (if any): every process calls it at the end of a run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

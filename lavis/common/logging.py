@@ -52,6 +52,16 @@ class MetricsWriter:
             self.mirror.finish()
 
 
+class NullMetricsWriter:
+    """What ranks other than the main one log to: nothing (rank 0 writes the run's metrics)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl``."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

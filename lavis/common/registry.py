@@ -22,6 +22,7 @@ KINDS = (
     "processor",
     "task",
     "runner",
+    "strategy",
     "lr_scheduler",
 )
 

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import torch
 
-from lavis.common.checkpoint import META_NAME, WEIGHTS_NAME, list_checkpoints, load_weights_file
+from lavis.common.checkpoint import (
+    CONFIG_NAME,
+    META_NAME,
+    SHARDED_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    is_sharded,
+    list_checkpoints,
+    load_weights_file,
+    weights_path,
+)
 from lavis.common.registry import registry
 from lavis.models import adapters, llm, vision  # noqa: F401  (register the components)
 from lavis.models.vlm import VisionLanguageModel
@@ -62,6 +71,7 @@ def build_model(cfg, meta: bool = False) -> tuple[VisionLanguageModel, Processor
     if cfg.load_from and not meta:
         load_stage_checkpoint(model, cfg.load_from)
     model.apply_freeze({"vision": cfg.freeze.vision, "adapter": cfg.freeze.adapter, "llm": cfg.freeze.llm})
+    model.apply_activation_checkpointing()
     image_processor = build_component("processor", cfg.image_processor)
     if image_processor.image_size != vision.image_size:
         raise ValueError(
@@ -71,15 +81,16 @@ def build_model(cfg, meta: bool = False) -> tuple[VisionLanguageModel, Processor
 
 
 def resolve_weights_path(path: str) -> Path:
-    """A weights file, a checkpoint directory, or an output directory (its newest checkpoint)."""
+    """A weights file or sharded weights directory, a checkpoint directory, or an output directory
+    (its newest checkpoint) -> the weights (``model.safetensors`` or the sharded ``model/``)."""
     p = Path(path)
-    if p.is_file():
+    if p.is_file() or is_sharded(p):
         return p
-    if (p / WEIGHTS_NAME).is_file():
-        return p / WEIGHTS_NAME
+    if (p / WEIGHTS_NAME).is_file() or is_sharded(p / SHARDED_WEIGHTS_NAME):
+        return weights_path(p)
     found = list_checkpoints(p)
     if found:
-        return found[-1] / WEIGHTS_NAME
+        return weights_path(found[-1])
     raise FileNotFoundError(f"no checkpoint at {path} (expected a .safetensors file, a checkpoint "
                             "directory or a run's output_dir)")
 
@@ -108,9 +119,19 @@ def load_stage_checkpoint(model: VisionLanguageModel, path: str) -> None:
 def run_dir_of(weights_file: Path) -> Path | None:
     """The run output directory (holding ``config.yaml``) a checkpoint's weights file belongs to, if any."""
     for parent in weights_file.resolve().parents[:3]:  # <run>/checkpoints/<step or best>/model.safetensors
-        if (parent / "config.yaml").is_file() and (parent / "checkpoints").is_dir():
+        if (parent / CONFIG_NAME).is_file() and (parent / "checkpoints").is_dir():
             return parent
     return None
+
+
+def config_of(weights_file: Path) -> Path | None:
+    """The ``config.yaml`` a model's weights were trained with: the checkpoint's own (checkpoints
+    and exports carry one), else its run's."""
+    own = weights_file.parent / CONFIG_NAME
+    if own.is_file():
+        return own
+    run = run_dir_of(weights_file)
+    return run / CONFIG_NAME if run else None
 
 
 def weights_chain(path: str) -> list[Path]:
@@ -131,8 +152,8 @@ def weights_chain(path: str) -> list[Path]:
         meta_path = file.parent / META_NAME
         if not meta_path.is_file() or json.loads(meta_path.read_text()).get("weights") != "trainable":
             return chain
-        run = run_dir_of(file)
-        earlier = OmegaConf.load(run / "config.yaml").model.load_from if run else None
+        config = config_of(file)
+        earlier = OmegaConf.load(config).model.load_from if config else None
         if not earlier:
             log.warning("%s holds trainable weights only and its run names no model.load_from; "
                         "the other weights are as built from the config", file)
@@ -142,7 +163,7 @@ def weights_chain(path: str) -> list[Path]:
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"{file} holds trainable weights only; the rest comes from its run's model.load_from "
-                f"'{earlier}' ({run / 'config.yaml'}), which is not found from {Path.cwd()}"
+                f"'{earlier}' ({config}), which is not found from {Path.cwd()}"
             ) from None
 
 

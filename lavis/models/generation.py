@@ -53,6 +53,7 @@ def generate(
     stop_ids: Sequence[int] = (),
     pad_id: int | None = None,
     suppress_ids: Sequence[int] = (),
+    synced: bool = False,
 ) -> torch.Tensor:
     """New tokens [B, T] (T <= ``max_new_tokens``) for left-padded prompts; rows that stopped are padded.
 
@@ -60,6 +61,8 @@ def generate(
     batch, in row order then text order (as the collator stacks them). ``stop_ids``: generation of a
     row ends after it emits one of these (kept in the output); later positions hold ``pad_id``.
     ``suppress_ids``: tokens never generated (chat and evaluation pass the image-span tokens).
+    ``synced``: every rank keeps stepping until all ranks are done (sharded parameters: each decoding
+    step gathers them, so the ranks must take the same number of steps).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -95,6 +98,7 @@ def generate(
             "eos_token_id": stop_ids or None,
             "pad_token_id": pad_id,
             "use_cache": True,
+            "synced_gpus": synced,
         }
         if suppress_ids:
             options["suppress_tokens"] = [int(i) for i in suppress_ids]

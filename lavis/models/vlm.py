@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +18,53 @@ from lavis.processors.conversation import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 
+def component_blocks(component: nn.Module) -> list[nn.Module]:
+    """A component's repeated blocks, as they sit in the model (activation-checkpoint wrappers included).
+
+    The component's own ``blocks()`` when it has one (the timm ViT); for a transformers model the
+    modules of the classes its ``_no_split_modules`` names (the decoder layers); else the component.
+    """
+    if callable(getattr(component, "blocks", None)):
+        return component.blocks()
+    names = set(getattr(component, "_no_split_modules", None) or ())
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            inner = getattr(child, "_checkpoint_wrapped_module", child)
+            if type(inner).__name__ in names:
+                found.append(child)
+            else:
+                visit(child)
+
+    if names:
+        visit(component)
+    return found or [component]
+
+
+WRAPPER_NAMES = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without the prefixes wrappers add (activation checkpointing, compile)."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_NAMES)
+
+
 @dataclass
 class LMLoss:
     """Summed cross-entropy over the supervised tokens, and their count."""
 
     loss_sum: torch.Tensor
     num_tokens: torch.Tensor
+
+
+@dataclass
+class TokenLosses:
+    """Cross-entropy of each supervised next token (``losses [n]``, row by row) and where they are
+    (``selected [B, L-1]``)."""
+
+    losses: torch.Tensor
+    selected: torch.Tensor
 
 
 @registry.register("model", "qwen_vl")
@@ -43,6 +85,8 @@ class VisionLanguageModel(nn.Module):
         self.image_pad_id = image_pad_id
         self.image_size = image_size
         self.freeze_policies = {name: "trainable" for name in self.COMPONENTS}
+        # Run the visual path in every forward, with or without images (set by sharding strategies).
+        self.vision_every_step = False
         # Set by attach_processors (lavis.load_model does it) for chat().
         self.processors = None
         self.system_message = "You are a helpful assistant."
@@ -79,6 +123,36 @@ class VisionLanguageModel(nn.Module):
         result = self.load_state_dict(state, strict=False)
         return result.missing_keys, result.unexpected_keys
 
+    def blocks(self) -> dict[str, list[nn.Module]]:
+        """The repeated blocks of each component (ViT blocks, LLM decoder layers; the adapter is one
+        block): the units of sharding and of activation checkpointing."""
+        return {name: list(component_blocks(component)) for name, component in self.components.items()}
+
+    def apply_activation_checkpointing(self) -> list[str]:
+        """Wrap every block of the components built with ``gradient_checkpointing: true`` in a
+        non-reentrant ``checkpoint_wrapper`` (before any sharding); returns those components' names."""
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            CheckpointImpl,
+            CheckpointWrapper,
+            checkpoint_wrapper,
+        )
+
+        wrapped = []
+        for name, component in self.components.items():
+            if not getattr(component, "activation_checkpointing", False):
+                continue
+            blocks = {id(b) for b in component_blocks(component) if not isinstance(b, CheckpointWrapper)}
+            for parent in list(component.modules()):
+                for child_name, child in list(parent.named_children()):
+                    if id(child) in blocks:
+                        parent.register_module(child_name, checkpoint_wrapper(child, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+            wrapped.append(name)
+        return wrapped
+
+    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Trainable parameters by canonical name (as in checkpoints: no wrapper prefixes)."""
+        return {canonical_name(n): p for n, p in self.named_parameters() if p.requires_grad}
+
     def parameter_report(self) -> str:
         return format_parameter_counts(parameter_counts(self.components), self.freeze_policies)
 
@@ -111,8 +185,10 @@ class VisionLanguageModel(nn.Module):
                     f"{feats.shape[0]} images x {feats.shape[1]} tokens do not fill the {expected} <imgpad> positions"
                 )
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), feats)
-        elif self.training and (self._trains(self.vision) or self._trains(self.adapter)):
-            # A text-only batch must still touch the visual parameters, or DDP/FSDP ranks desynchronise.
+        elif self.vision_every_step or (self.training and (self._trains(self.vision) or self._trains(self.adapter))):
+            # A batch without images still runs the visual path, on a blank image weighted by zero: trained
+            # visual parameters then get a (zero) gradient on every rank (DDP waits for all of them), and
+            # sharded ones are gathered on every rank (FSDP's collectives must match across ranks).
             blank = torch.zeros(1, 3, self.image_size, self.image_size, device=embeds.device)
             embeds = embeds + 0.0 * self.encode_images(blank).sum().to(embeds.dtype)
         return embeds
@@ -123,28 +199,23 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        reduction: Literal["sum", "none"] = "sum",
         **llm_kwargs,
     ):
-        """The LLM's own output (logits, cache) for the multimodal input."""
-        embeds = self.embed_inputs(input_ids, pixel_values)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **llm_kwargs)
+        """With ``labels``: the next-token loss (:class:`LMLoss`, or :class:`TokenLosses` with
+        ``reduction="none"``). Without: the LLM's own output (logits, cache) for the multimodal input.
 
-    def lm_loss(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        **attention_kwargs,
-    ) -> LMLoss:
-        """Next-token cross-entropy summed over supervised tokens.
-
-        The LM head runs only at supervised positions: with SFT masks most positions are
-        prompt or image, so this saves most of the head's compute and the full-vocabulary logits.
-        ``attention_kwargs`` reach the attention kernels (e.g. packed ``cu_seq_lens_q``).
+        Training and scoring go through here, never around it: DDP and FSDP hook ``forward`` (gradient
+        synchronisation, parameter gathering). ``llm_kwargs`` reach the LLM; with labels they are the
+        attention kernels' extra inputs (e.g. packed ``cu_seq_lens_q``).
         """
-        losses, selected = self.token_losses(input_ids, labels, attention_mask, position_ids, pixel_values, **attention_kwargs)
+        if labels is None:
+            embeds = self.embed_inputs(input_ids, pixel_values)
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **llm_kwargs)
+        losses, selected = self.token_losses(input_ids, labels, attention_mask, position_ids, pixel_values, **llm_kwargs)
+        if reduction == "none":
+            return TokenLosses(losses=losses, selected=selected)
         return LMLoss(loss_sum=losses.sum(), num_tokens=selected.sum())
 
     def token_losses(
@@ -156,10 +227,12 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         **attention_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy of each supervised next token, and where they are.
+        """Cross-entropy of each supervised next token, and where they are (called by :meth:`forward`).
 
         Returns ``(losses [n], selected [B, L-1])``: ``losses`` in the order of ``selected.nonzero()``,
-        i.e. row by row. The LM head runs only at the selected positions.
+        i.e. row by row. The LM head runs only at the selected positions: with SFT masks most
+        positions are prompt or image, so this saves most of the head's compute and the
+        full-vocabulary logits.
         """
         embeds = self.embed_inputs(input_ids, pixel_values)
         hidden = self.llm.get_decoder()(

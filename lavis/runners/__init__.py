@@ -1,3 +1,4 @@
-"""Runners: the training loop."""
+"""Runners: the training loop, and the strategies that spread it over processes."""
 
+from lavis.runners import strategies  # noqa: F401  (registers single, ddp, fsdp)
 from lavis.runners.iter_runner import IterRunner, build_runner  # noqa: F401  (registers iter_runner)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import signal
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import Config
-from lavis.common.logging import MetricsWriter, init_wandb
+from lavis.common.logging import MetricsWriter, NullMetricsWriter, init_wandb
 from lavis.common.precision import autocast
 from lavis.common.optim import build_optimizer
 from lavis.common.registry import registry
@@ -28,6 +27,7 @@ from lavis.datasets.stream import BatchStream, Source, StreamConfig
 from lavis.models import Processors, build_model
 from lavis.models.vlm import VisionLanguageModel
 from lavis.processors.conversation import IGNORE_INDEX
+from lavis.runners.strategies import Strategy, build_strategy, parameter_names
 from lavis.tasks.evaluation import Evaluator, flat_metrics
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def derived_seed(seed: int, *parts: int) -> int:
+    """A seed for a sub-stream (a rank, a restart step), a pure function of its parts."""
+    return int.from_bytes(random.Random(f"{seed}:" + ":".join(map(str, parts))).randbytes(4), "little")
 
 
 def rng_state() -> dict[str, Any]:
@@ -64,14 +69,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 @dataclass
 class StepStats:
-    """What one optimiser step did."""
+    """What one optimiser step did, summed over every rank."""
 
-    loss_sum: torch.Tensor  # summed token loss over the accumulation window
+    loss_sum: float  # summed token loss over the accumulation window
     target_tokens: int
     input_tokens: int
     samples: int
     grad_norm: torch.Tensor | None
-    skipped: Counter
+    skipped: Counter  # this rank's skips
+    stop: bool  # a rank was asked to stop (SIGTERM): every rank stops after this step
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss of a step was NaN or infinite on some rank; every rank stops at that step."""
 
 
 @registry.register("runner", "iter_runner")
@@ -79,46 +89,64 @@ class IterRunner:
     """Trains for ``run.max_steps`` optimiser steps with accumulation, clipping, autocast,
     atomic checkpoints, exact resume, ``metrics.jsonl`` and a progress bar.
 
-    Device placement, gradient synchronisation and sharding go through the ``strategy``
-    methods (``_wrap``, ``_no_sync``, ``_all_reduce``) so distributed strategies slot in here.
+    Everything that depends on how the processes share the work (wrapping, gradient
+    synchronisation, reductions, checkpoint layout) goes through ``self.strategy``; the loop is the
+    same for one process, DDP and FSDP. ``self.model`` is the :class:`VisionLanguageModel`,
+    ``self.wrapped`` what the strategy made of it (what the task calls).
     """
 
-    def __init__(self, cfg: Config, model: VisionLanguageModel, processors: Processors, task, sources: list[Source]) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        model: VisionLanguageModel,
+        processors: Processors,
+        task,
+        sources: list[Source],
+        strategy: Strategy | None = None,
+    ) -> None:
         self.cfg = cfg
         self.run = cfg.run
+        if strategy is None:
+            strategy = build_strategy(self.run.strategy)
+            strategy.setup(self.run.device, self.run.dist_timeout_s)
+        self.strategy = strategy
         self.model = model
         self.processors = processors
         self.task = task
         self.sources = sources
         self.output_dir = Path(self.run.output_dir)
-        self.device = torch.device(self.run.device if self.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.to(self.device)
+        self.device = self.strategy.device
+        self.wrapped = self.strategy.prepare(model, self.run.precision)
         self.optimizer = build_optimizer(self.model.components, self.run)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.schedule = registry.get("lr_scheduler", self.run.lr_scheduler)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.run.precision == "fp16" else None
+        if self.strategy.world_size > 1:  # every rank built the same model from run.seed; now each draws its own
+            seed_everything(derived_seed(self.run.seed, self.strategy.rank))
         self.step = 0
         self.samples_seen = 0
         self.skipped: Counter = Counter()
-        # Data position: the stream state after the last batch consumed from each worker.
+        # Data position: the stream state after the last batch consumed from each of this rank's workers.
+        self.data_seed = self.run.seed
         self.batches_seen = 0
         self.data_states: dict[int, dict] = {}
         self._stop_requested = False
         # Evaluation during training, and the best value of run.best_metric so far.
-        self.evaluator = Evaluator(cfg, model, processors) if cfg.evaluation and self.run.eval_every else None
+        self.evaluator = (
+            Evaluator(cfg, model, processors, strategy=self.strategy, wrapped=self.wrapped)
+            if cfg.evaluation and self.run.eval_every
+            else None
+        )
         self.best: dict[str, Any] | None = None
-
-    # ------------------------------------------------------------------ strategy hooks
-
-    def _no_sync(self, last_micro_batch: bool):
-        return contextlib.nullcontext()
-
-    def _all_reduce(self, value: int) -> int:
-        return value
 
     @property
     def is_main(self) -> bool:
-        return True
+        return self.strategy.is_main
+
+    @property
+    def global_batch(self) -> int:
+        """Samples (rows, when packed) per optimiser step over all ranks."""
+        return self.run.batch_size * self.run.grad_accum * self.strategy.world_size
 
     # ------------------------------------------------------------------ pieces of a step
 
@@ -142,24 +170,46 @@ class IterRunner:
     def train_step(self, micro_batches: list[dict[str, Any]]) -> StepStats:
         """One optimiser step over ``micro_batches`` (gradient accumulation).
 
-        The loss is normalised by the supervised tokens of the whole window (all ranks), so every
-        token weighs the same whatever the micro-batch it sits in.
+        The loss is normalised by the supervised tokens of the whole window on all ranks, so every
+        token weighs the same whatever the micro-batch and the rank it sits in (the strategy's
+        gradient averaging over ranks is undone by ``gradient_divisor``). Before the optimiser
+        steps, one reduction tells every rank the step's totals, whether some rank's loss is not
+        finite (every rank then raises :class:`NonFiniteLoss`) and whether some rank was asked to stop.
         """
-        target_tokens = self._all_reduce(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches))
-        normaliser = max(target_tokens, 1)
-        loss_sum = torch.zeros((), device=self.device)
+        strategy = self.strategy
+        local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+        target_tokens = int(strategy.all_reduce(torch.tensor([local_targets], dtype=torch.float64, device=self.device)).item())
+        normaliser = max(target_tokens, 1) / strategy.gradient_divisor
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, batch in enumerate(micro_batches):
             batch = self.to_device(batch)
-            with self._no_sync(i == len(micro_batches) - 1), self.autocast():
-                out = self.task.train_step(self.model, batch)
+            with strategy.no_sync(self.wrapped, sync=i == len(micro_batches) - 1), self.autocast():
+                out = self.task.train_step(self.wrapped, batch)
             loss = out.loss_sum / normaliser
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum += out.loss_sum.detach().float()
+            loss_sum += out.loss_sum.detach().double()
+        local = torch.stack([
+            loss_sum,
+            (~torch.isfinite(loss_sum)).double(),
+            torch.tensor(float(self._stop_requested), dtype=torch.float64, device=self.device),
+            torch.tensor(float(sum(b["num_input_tokens"] for b in micro_batches)), dtype=torch.float64, device=self.device),
+            torch.tensor(float(sum(b["num_samples"] for b in micro_batches)), dtype=torch.float64, device=self.device),
+        ])
+        # The only device sync of a step: the totals decide, the same on every rank, whether to go on.
+        total_loss, non_finite, stop, input_tokens, samples = strategy.all_reduce(local.clone()).tolist()
+        if non_finite:
+            ranks = [r for r, bad in enumerate(strategy.all_gather_object(bool(local[1]))) if bad]
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(
+                f"non-finite loss at step {self.step + 1} on rank(s) {ranks} (of {strategy.world_size}): "
+                "every rank stopped before the optimiser step; the last checkpoint is intact. Lower run.lr, "
+                "check the data, or use run.precision=bf16 rather than fp16"
+            )
         grad_norm = None
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.run.clip_grad:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.run.clip_grad)
+            grad_norm = strategy.clip_grad_norm(self.trainable, self.run.clip_grad)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -167,12 +217,13 @@ class IterRunner:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(
-            loss_sum=loss_sum,
+            loss_sum=total_loss,
             target_tokens=target_tokens,
-            input_tokens=sum(b["num_input_tokens"] for b in micro_batches),
-            samples=sum(b["num_samples"] for b in micro_batches),
+            input_tokens=int(input_tokens),
+            samples=int(samples),
             grad_norm=grad_norm,
             skipped=sum((b["skipped"] for b in micro_batches), Counter()),
+            stop=bool(stop),
         )
 
     # ------------------------------------------------------------------ data
@@ -182,7 +233,7 @@ class IterRunner:
         return max(1, self.run.num_workers)
 
     def data_iterator(self) -> Iterator[dict[str, Any]]:
-        """Batches from the configured sources, continuing from ``self.data_states``."""
+        """This rank's batches from the configured sources, continuing from ``self.data_states``."""
         stream = BatchStream(
             self.sources,
             self.task.sample_processor(self.model, self.processors),
@@ -191,7 +242,9 @@ class IterRunner:
                 batch_size=self.run.batch_size,
                 max_len=self.run.max_len,
                 pack=self.run.pack,
-                seed=self.run.seed,
+                seed=self.data_seed,
+                rank=self.strategy.rank,
+                world_size=self.strategy.world_size,
                 states=dict(self.data_states),
                 worker_offset=self.batches_seen % self.num_data_workers,
             ),
@@ -206,6 +259,7 @@ class IterRunner:
             # Its own generator: creating the iterator must not draw from the global RNG, whose state a
             # resume has just restored (dropout after a resume would differ from an uninterrupted run).
             generator=torch.Generator().manual_seed(self.run.seed),
+            worker_init_fn=_ignore_sigterm,
         )
         for batch in loader:
             position = batch.pop("data_state")
@@ -215,7 +269,7 @@ class IterRunner:
 
     def _check_skips(self) -> None:
         total_skipped = sum(self.skipped.values())
-        attempts = self.samples_seen + total_skipped
+        attempts = self.samples_seen // self.strategy.world_size + total_skipped
         if attempts >= MIN_SAMPLES_FOR_SKIP_CHECK and total_skipped > self.run.max_skip_ratio * attempts:
             raise RuntimeError(
                 f"{total_skipped} of {attempts} samples were skipped ({dict(self.skipped)}), more than "
@@ -225,39 +279,52 @@ class IterRunner:
     # ------------------------------------------------------------------ checkpoints
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        """Trainable parameters by checkpoint name (this rank's shards under FSDP)."""
+        return self.model.named_trainable_parameters()
 
-    def weights_to_save(self) -> dict[str, torch.Tensor]:
-        if self.run.save_weights == "full":
-            return dict(self.model.named_parameters())
-        return self.trainable_state()
+    def weight_names(self) -> set[str]:
+        """What a checkpoint holds: the trainable parameters, or all of them (``run.save_weights``)."""
+        return parameter_names(self.model) if self.run.save_weights == "full" else set(self.trainable_state())
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "weights": self.run.save_weights,
+            "freeze": self.model.freeze_policies,
+            "strategy": self.run.strategy.type,
+        }
 
     def save(self) -> Path:
+        """Write a resumable checkpoint (every rank takes part) and prune old ones."""
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "rng": rng_state(),
             "data": {
                 "samples_seen": self.samples_seen,
-                "skipped": dict(self.skipped),
                 "batches_seen": self.batches_seen,
                 "num_workers": self.num_data_workers,
-                "states": self.data_states,
+                "seed": self.data_seed,
             },
             "best": self.best,
         }
-        meta = {"step": self.step, "weights": self.run.save_weights, "freeze": self.model.freeze_policies}
-        path = ckpt.save_checkpoint(ckpt.checkpoint_dir(self.output_dir, self.step), self.weights_to_save(), state, meta)
-        ckpt.prune_checkpoints(self.output_dir, self.run.keep_last)
-        log.info("saved checkpoint %s", path)
+        rank_state = {"rng": rng_state(), "data_states": self.data_states, "skipped": dict(self.skipped)}
+        path = self.strategy.save(
+            ckpt.checkpoint_dir(self.output_dir, self.step), self.wrapped, self.optimizer, self.weight_names(),
+            state, rank_state, self._meta(), self.cfg.to_yaml(),
+        )
+        if self.is_main:
+            ckpt.prune_checkpoints(self.output_dir, self.run.keep_last)
+            log.info("saved checkpoint %s", path)
         return path
 
     def save_best(self) -> Path:
         """The weights of the best evaluation so far, in ``checkpoints/best`` (never pruned)."""
-        meta = {"step": self.step, "weights": self.run.save_weights, "freeze": self.model.freeze_policies, "best": self.best}
-        path = ckpt.save_checkpoint(self.output_dir / "checkpoints" / "best", self.weights_to_save(), {"step": self.step}, meta)
-        log.info("new best %s = %.4f at step %d: saved %s", self.best["metric"], self.best["value"], self.step, path)
+        path = self.strategy.save(
+            self.output_dir / "checkpoints" / "best", self.wrapped, None, self.weight_names(),
+            {"step": self.step}, None, {**self._meta(), "best": self.best}, self.cfg.to_yaml(),
+        )
+        if self.is_main:
+            log.info("new best %s = %.4f at step %d: saved %s", self.best["metric"], self.best["value"], self.step, path)
         return path
 
     # ------------------------------------------------------------------ evaluation
@@ -275,10 +342,9 @@ class IterRunner:
             value = float(results[name].metrics[metric])
             previous = None if self.best is None else self.best["value"]
             better = previous is None or (value > previous if self.run.best_mode == "max" else value < previous)
-            if better:
+            if better:  # the same decision on every rank: the metrics were gathered
                 self.best = {"metric": self.run.best_metric, "value": value, "step": self.step}
-                if self.is_main:
-                    self.save_best()
+                self.save_best()
         return record
 
     def resume_path(self) -> Path | None:
@@ -290,33 +356,53 @@ class IterRunner:
         return Path(self.run.resume)
 
     def load(self, path: Path) -> None:
-        """Restore trainable weights, optimiser, RNG and data position from a checkpoint."""
-        weights, state, meta = ckpt.load_checkpoint(path)
+        """Restore weights, optimiser, RNG and data position from a checkpoint.
+
+        A checkpoint of another world size (or layout, or strategy) restores weights and optimiser
+        state; the data order then restarts from the checkpoint's step in a new deterministic order.
+        """
+        path = Path(path)
+        meta = ckpt.read_meta(path)
+        names = ckpt.weight_names(path)
         expected = set(self.trainable_state())
-        allowed = expected | (set(dict(self.model.named_parameters())) if meta["weights"] == "full" else set())
-        missing, unexpected = expected - set(weights), set(weights) - allowed
+        allowed = expected | (parameter_names(self.model) if meta["weights"] == "full" else set())
+        missing, unexpected = expected - names, names - allowed
         if missing or unexpected:
             raise ValueError(
                 f"{path} does not match the trainable parameters: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]} (was the freeze policy changed?)"
             )
-        self.model.load_state_dict(weights, strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = self.strategy.load(path, self.wrapped, self.optimizer)
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
         self.step = state["step"]
         data = state["data"]
-        if data["num_workers"] != self.num_data_workers:
-            raise ValueError(
-                f"{path} was written with {data['num_workers']} data workers; the data order can only be "
-                f"continued with the same number (run.num_workers={data['num_workers'] if data['num_workers'] > 1 else 0})"
-            )
         self.samples_seen = data["samples_seen"]
-        self.skipped = Counter(data["skipped"])
-        self.batches_seen = data["batches_seen"]
-        self.data_states = dict(data["states"])
         self.best = state.get("best")
+        ranks, world_size = state["ranks"], self.strategy.world_size
+        if len(ranks) == world_size:
+            if data["num_workers"] != self.num_data_workers:
+                raise ValueError(
+                    f"{path} was written with {data['num_workers']} data workers; the data order can only be "
+                    f"continued with the same number (run.num_workers={data['num_workers'] if data['num_workers'] > 1 else 0})"
+                )
+            mine = ranks[self.strategy.rank]
+            set_rng_state(mine["rng"])
+            self.skipped = Counter(mine["skipped"])
+            self.data_seed = data["seed"]
+            self.batches_seen = data["batches_seen"]
+            self.data_states = dict(mine["data_states"])
+        else:
+            self.data_seed = derived_seed(self.run.seed, self.step, world_size)
+            seed_everything(derived_seed(self.data_seed, self.strategy.rank))
+            self.skipped, self.batches_seen, self.data_states = Counter(), 0, {}
+            if self.is_main:
+                log.warning(
+                    "%s was written by %d ranks and this run has %d: weights and optimiser state are restored, "
+                    "but the data order cannot be continued; it restarts at step %d in a new order (seeded by "
+                    "run.seed, the step and the world size, so a rerun repeats it)",
+                    path, len(ranks), world_size, self.step,
+                )
         log.info("resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------ the loop
@@ -328,19 +414,29 @@ class IterRunner:
     def train(self) -> dict[str, Any]:
         """Run until ``run.max_steps``; returns the last logged metrics."""
         run = self.run
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(self.output_dir / "config.yaml")
-        log.info("parameters:\n%s", self.model.parameter_report())
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(self.output_dir / "config.yaml")
+            log.info("parameters:\n%s", self.model.parameter_report())
+            log.info(
+                "global batch %d = batch_size %d x grad_accum %d x %d rank(s) (run.strategy=%s)%s",
+                self.global_batch, run.batch_size, run.grad_accum, self.strategy.world_size, run.strategy.type,
+                "; rows packed to run.max_len" if run.pack else "",
+            )
         resume = self.resume_path()
         if resume is not None:
             self.load(resume)
-        metrics = MetricsWriter(
-            self.output_dir / "metrics.jsonl",
-            resume_step=self.step if resume is not None else None,
-            mirror=init_wandb(self.run.wandb, self.cfg.raw, self.output_dir) if self.is_main else None,
+        metrics = (
+            MetricsWriter(
+                self.output_dir / "metrics.jsonl",
+                resume_step=self.step if resume is not None else None,
+                mirror=init_wandb(self.run.wandb, self.cfg.raw, self.output_dir),
+            )
+            if self.is_main
+            else NullMetricsWriter()
         )
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
-        self.model.train()
+        self.wrapped.train()
         batches = self.data_iterator()
         # The bar only on an interactive terminal; logs and CI get one line per log_every steps instead.
         show_bar = self.is_main and sys.stderr.isatty()
@@ -349,30 +445,33 @@ class IterRunner:
         first: dict[str, Any] = {}
         last: dict[str, Any] = {}
         started = time.perf_counter()
+        stop = False
         try:
-            while self.step < run.max_steps and not self._stop_requested:
+            while self.step < run.max_steps and not stop:
                 lr = self.set_lr(self.step)
                 stats = self.train_step([next(batches) for _ in range(run.grad_accum)])
+                stop = stats.stop
                 self.step += 1
                 self.samples_seen += stats.samples
                 self.skipped += stats.skipped
                 self._check_skips()
-                window["loss"] += stats.loss_sum  # a tensor: no device sync until the log line
+                window["loss"] += stats.loss_sum
                 window["tokens"] += stats.target_tokens
                 window["input_tokens"] += stats.input_tokens
                 window["samples"] += stats.samples
                 bar.update(1)
                 if self.step % run.log_every == 0 or self.step == run.max_steps:
                     elapsed = time.perf_counter() - window["start"]
+                    skipped = sum(map(Counter, self.strategy.all_gather_object(dict(self.skipped))), Counter())
                     last = {
                         "step": self.step,
-                        "loss": float(window["loss"]) / max(window["tokens"], 1),
+                        "loss": window["loss"] / max(window["tokens"], 1),
                         "lr": lr,
                         "grad_norm": float(stats.grad_norm) if stats.grad_norm is not None else None,
                         "tokens_per_s": window["input_tokens"] / elapsed,
                         "samples_per_s": window["samples"] / elapsed,
-                        "skipped": sum(self.skipped.values()),
-                        "skipped_by_reason": dict(self.skipped),
+                        "skipped": sum(skipped.values()),
+                        "skipped_by_reason": dict(skipped),
                         "time": time.time(),
                     }
                     metrics.write(last)
@@ -383,12 +482,14 @@ class IterRunner:
                     window = {"loss": 0.0, "tokens": 0, "input_tokens": 0, "samples": 0, "start": time.perf_counter()}
                 if self.evaluator is not None and (self.step % run.eval_every == 0 or self.step == run.max_steps):
                     self.evaluate(metrics)
-                if self.step % run.save_every == 0 or self.step == run.max_steps or self._stop_requested:
+                if self.step % run.save_every == 0 or self.step == run.max_steps or stop:
                     self.save()
         finally:
             bar.close()
             metrics.close()
             signal.signal(signal.SIGTERM, previous_handler)
+        if stop and self.is_main:
+            log.warning("stopped at step %d on a signal; continue with run.resume=auto", self.step)
         if self.skipped:
             log.warning("skipped samples by reason: %s", dict(self.skipped))
         if first and self.is_main:
@@ -400,11 +501,20 @@ class IterRunner:
         return last
 
 
-def build_runner(cfg: Config) -> IterRunner:
-    """Config -> task, model, processors, dataset -> the configured runner."""
+def _ignore_sigterm(worker_id: int) -> None:
+    # torchrun signals the whole process group: data workers must live on until the trainer has
+    # saved its checkpoint (the trainer ends them itself).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def build_runner(cfg: Config, strategy: Strategy | None = None) -> IterRunner:
+    """Config -> strategy (joined), task, model, processors, dataset -> the configured runner."""
+    if strategy is None:
+        strategy = build_strategy(cfg.run.strategy)
+        strategy.setup(cfg.run.device, cfg.run.dist_timeout_s)
     seed_everything(cfg.run.seed)
     task = registry.get("task", cfg.run.task)(cfg)
     model, processors = build_model(cfg.model)
     sources = task.build_sources()
     runner_cls = registry.get("runner", cfg.run.runner)
-    return runner_cls(cfg, model, processors, task, sources)
+    return runner_cls(cfg, model, processors, task, sources, strategy=strategy)

@@ -11,6 +11,7 @@ results gathered so every process gets the same metrics; the main process writes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -137,9 +138,15 @@ class EvalResult:
 class Evaluator:
     """Runs every evaluation of a config on a model; see the module notes."""
 
-    def __init__(self, cfg: Config, model, processors) -> None:
+    def __init__(self, cfg: Config, model, processors, strategy=None, wrapped=None) -> None:
+        """``strategy``/``wrapped``: during training, the runner's strategy and the model as it wrapped
+        it. With sharded parameters every rank must run the same forward calls: batches are then
+        padded to the same count on every rank and generation runs in lock-step."""
         self.cfg = cfg
         self.model = model
+        self.strategy = strategy
+        self.wrapped = wrapped if wrapped is not None else model
+        self.lockstep = bool(strategy is not None and strategy.sharded and strategy.world_size > 1)
         self.tokenizer = processors.tokenizer
         self.image_processor = processors.image
         # Prompts are never cut: an evaluation sample must be seen whole.
@@ -190,7 +197,7 @@ class Evaluator:
         task, samples = self.tasks[name], self.samples[name]
         started = time.perf_counter()
         start, end = dist.shard_bounds(len(samples), dist.world_size(), dist.rank())
-        results, skipped = self._run(task, samples[start:end])
+        results, skipped = self._run(task, samples[start:end], filler=samples[0])
         gathered = dist.all_gather_objects((results, skipped))
         results = [r for part, _ in gathered for r in part]
         skipped = sum((Counter(s) for _, s in gathered), Counter())
@@ -198,8 +205,12 @@ class Evaluator:
         metrics["skipped"] = sum(skipped.values())
         return EvalResult(name, task.registry_name, metrics, results, dict(skipped), time.perf_counter() - started)
 
-    def _run(self, task: EvalTask, samples: list[EvalSample]) -> tuple[list[dict[str, Any]], Counter]:
-        """Results of this process's samples, in sample order, and the samples skipped by reason."""
+    def _run(self, task: EvalTask, samples: list[EvalSample], filler: EvalSample) -> tuple[list[dict[str, Any]], Counter]:
+        """Results of this process's samples, in sample order, and the samples skipped by reason.
+
+        ``filler``: the sample whose batch a rank with fewer batches runs (results dropped) while
+        others finish, when evaluation runs in lock-step.
+        """
         skipped: Counter = Counter()
         prepared = []
         for sample in samples:
@@ -212,14 +223,23 @@ class Evaluator:
         # Similar lengths together: less padding; results do not depend on the batch (left padding).
         order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][1]))
         batch_size = self.cfg.run.eval_batch_size
-        for i in range(0, len(order), batch_size):
-            batch = [prepared[j] for j in order[i : i + batch_size]]
-            with torch.no_grad(), autocast(self.device, self.cfg.run.precision):
-                answers = self._score_options(batch) if task.scores_options else self._generate(task, batch)
-            for (sample, _, _), output in zip(batch, answers):
+        batches = [[prepared[j] for j in order[i : i + batch_size]] for i in range(0, len(order), batch_size)]
+        padding = None
+        if self.lockstep:
+            most = max(dist.all_gather_objects(len(batches)))
+            padding = batches[0] if batches else [(filler, self._prompt_ids(task, filler), self._pixels(filler))]
+            batches += [None] * (most - len(batches))
+        for batch in batches:
+            with torch.no_grad(), autocast(self.device, self.cfg.run.precision), self._gathered():
+                run = batch or padding
+                answers = self._score_options(run) if task.scores_options else self._generate(task, run)
+            for (sample, _, _), output in zip(batch or [], answers):
                 prediction = output if task.scores_options else task.prediction(output)
                 outputs[sample.id] = {"id": sample.id, "output": output, "prediction": prediction, **sample.reference}
         return [outputs[s.id] for s, _, _ in prepared], skipped
+
+    def _gathered(self):
+        return self.strategy.evaluation(self.wrapped) if self.strategy is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ inputs
 
@@ -251,6 +271,7 @@ class Evaluator:
             stop_ids=self.tokenizer.stop_ids,
             pad_id=self.tokenizer.pad_id,
             suppress_ids=self.tokenizer.image_span_ids,
+            synced=self.lockstep,
         )
         return [self.tokenizer.decode(until_stop(row.tolist(), self.tokenizer.stop_ids)) for row in tokens]
 
@@ -269,9 +290,11 @@ class Evaluator:
         input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=self.device)
         label_ids = torch.tensor([lab + [IGNORE_INDEX] * (length - len(lab)) for lab in labels], device=self.device)
         attention_mask = (torch.arange(length)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long()
-        losses, selected = self.model.token_losses(
-            input_ids, label_ids, attention_mask.to(self.device), pixel_values=torch.cat(pixels).to(self.device)
+        out = self.wrapped(
+            input_ids, labels=label_ids, attention_mask=attention_mask.to(self.device),
+            pixel_values=torch.cat(pixels).to(self.device), reduction="none",
         )
+        losses, selected = out.losses, out.selected
         row_of_token = selected.nonzero()[:, 0]
         sums = torch.zeros(len(rows), device=losses.device).index_add_(0, row_of_token, losses)
         means = (sums / selected.sum(1).clamp(min=1)).tolist()

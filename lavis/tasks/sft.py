@@ -57,7 +57,8 @@ class LanguageModelingTask:
         return PackCollator(pad_id=processors.tokenizer.pad_id, isolation=isolation)
 
     def train_step(self, model: VisionLanguageModel, batch: dict) -> LMLoss:
-        return model.lm_loss(
+        """The batch's summed loss, through the model's ``forward`` (the strategy's wrapper sees it)."""
+        return model(
             input_ids=batch["input_ids"],
             labels=batch["labels"],
             attention_mask=batch["attention_mask"],

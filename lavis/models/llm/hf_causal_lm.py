@@ -47,6 +47,6 @@ def hf_causal_lm(
         if model_type is None:
             raise ValueError("model.llm.config needs a 'model_type' (e.g. qwen2) to build a model without weights")
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), **options)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Applied per decoder layer by the composite model (VisionLanguageModel.apply_activation_checkpointing).
+    model.activation_checkpointing = gradient_checkpointing
     return model

@@ -59,8 +59,8 @@ class TimmViT(nn.Module):
             self.init_sincos_pos_embed()
         if pretrained and not on_meta:
             self.load_pretrained(pretrained)
-        if gradient_checkpointing:
-            self.model.set_grad_checkpointing(True)
+        # Applied by the composite model (VisionLanguageModel.apply_activation_checkpointing), per block.
+        self.activation_checkpointing = gradient_checkpointing
 
     @torch.no_grad()
     def init_sincos_pos_embed(self) -> None:
@@ -99,6 +99,10 @@ class TimmViT(nn.Module):
         if result.unexpected_keys:
             log.warning("%s: ignored %d unexpected keys, e.g. %s", path, len(result.unexpected_keys), result.unexpected_keys[:5])
         log.info("vision weights loaded from %s", path)
+
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks (units of sharding and activation checkpointing)."""
+        return list(self.model.blocks)
 
     @property
     def num_layers(self) -> int:

@@ -1,0 +1,371 @@
+"""Training strategies: how one run spreads over processes (``run.strategy: single | ddp | fsdp``).
+
+A strategy is one object that owns everything the processes must agree on: joining the process
+group, wrapping the model before the optimiser exists, skipping gradient synchronisation on
+accumulation steps, clipping, reductions across ranks, evaluation in lock-step, and reading and
+writing checkpoints (whole files, or one shard per rank under FSDP). The runner only calls it; a new
+strategy is one registered class here plus one YAML in ``configs/strategies/``.
+
+Checkpoints go through ``torch.distributed.checkpoint.state_dict``: weights and optimiser state are
+keyed by parameter name whatever the wrapping, so a checkpoint written under one strategy and world
+size loads under another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+import torch.distributed as tdist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from lavis.common import checkpoint as ckpt
+from lavis.common import dist
+from lavis.common.registry import registry
+from lavis.models.vlm import VisionLanguageModel, canonical_name
+
+log = logging.getLogger(__name__)
+
+
+class Strategy:
+    """Base: one process, no wrapping. Subclasses override what differs."""
+
+    sharded = False  # parameters sharded across ranks: sharded checkpoints, lock-step evaluation
+    needs_process_group = False
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+
+    # ------------------------------------------------------------------ processes
+
+    def setup(self, device: str = "auto", timeout_s: float = 600.0) -> torch.device:
+        """Join the process group (``train.py`` calls this before building anything); return the device."""
+        self.device = dist.init_distributed(device, timeout_s, always=self.needs_process_group)
+        return self.device
+
+    def teardown(self) -> None:
+        dist.shutdown()
+
+    @property
+    def rank(self) -> int:
+        return dist.rank()
+
+    @property
+    def world_size(self) -> int:
+        return dist.world_size()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            tdist.barrier()
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (in place; returned for convenience)."""
+        if self.world_size > 1:
+            tdist.all_reduce(tensor)
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return dist.all_gather_objects(obj)
+
+    # ------------------------------------------------------------------ the model
+
+    def prepare(self, model: VisionLanguageModel, precision: str) -> nn.Module:
+        """Move ``model`` to the device and wrap it; returns the module the runner calls."""
+        return model.to(self.device)
+
+    def unwrap(self, model: nn.Module) -> VisionLanguageModel:
+        return model
+
+    @property
+    def gradient_divisor(self) -> int:
+        """What the gradient synchronisation divides by (DDP and FSDP average over ranks): the runner
+        multiplies the loss by it, so the gradient is that of the summed loss over the global batch."""
+        return 1
+
+    def no_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward and backward; ``sync`` on the last of a step."""
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm (over every rank's shard); returns the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    @contextlib.contextmanager
+    def evaluation(self, model: nn.Module) -> Iterator[None]:
+        """Context for generation and scoring outside ``forward`` (sharded parameters gathered)."""
+        yield
+
+    # ------------------------------------------------------------------ planning
+
+    def memory_estimate(self, model: VisionLanguageModel, precision: str, world_size: int) -> dict[str, int]:
+        """Bytes per rank of parameters, gradients and AdamW state for ``model`` (built on the meta
+        device: arithmetic only) at ``world_size`` ranks; activations are not included.
+
+        ``gathered``: when parameters are sharded, the whole parameters held at once in the compute
+        dtype: the root unit (embeddings, LM head, norms: gathered for the whole step) and the two
+        largest blocks (one in use, one prefetched).
+        """
+        params = list(model.parameters())
+        shards = world_size if self.sharded else 1
+        param_bytes = sum(p.numel() * p.element_size() for p in params)
+        trainable = [p for p in params if p.requires_grad]
+        grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
+        estimate = {
+            "parameters": param_bytes // shards,
+            "gradients": grad_bytes // shards,
+            "optimizer": 2 * grad_bytes // shards,  # AdamW: exp_avg and exp_avg_sq, in the parameters' dtype
+        }
+        if self.sharded:
+            def gathered(tensors) -> int:
+                return sum(p.numel() * (2 if precision == "bf16" else p.element_size()) for p in tensors)
+
+            blocks = [block for component_blocks in model.blocks().values() for block in component_blocks]
+            in_blocks = {id(p) for block in blocks for p in block.parameters()}
+            units = sorted((gathered(block.parameters()) for block in blocks), reverse=True)
+            estimate["gathered"] = gathered(p for p in params if id(p) not in in_blocks) + sum(units[:2])
+        return estimate
+
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _state_options(self, **kw) -> StateDictOptions:
+        return StateDictOptions(full_state_dict=not self.sharded, cpu_offload=not self.sharded, **kw)
+
+    def model_state(self, model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
+        """The parameters named in ``names`` (canonical names): whole tensors, or this rank's shards."""
+        state = get_model_state_dict(model, options=self._state_options())
+        return {k: v for k, v in state.items() if k in names}
+
+    def save(
+        self,
+        target: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        weight_names: set[str],
+        state: dict[str, Any],
+        rank_state: dict[str, Any] | None,
+        meta: dict[str, Any],
+        config_yaml: str,
+    ) -> Path:
+        """Write a checkpoint atomically; every rank calls it.
+
+        All ranks write into one staging directory (named by rank 0), and rank 0 renames it into
+        place once every rank has finished: a run killed during a save keeps its previous checkpoint.
+        """
+        owner = self.all_gather_object(os.getpid())[0]
+        if self.is_main:
+            tmp = ckpt.prepare_staging(target, owner)
+        self.barrier()
+        tmp = ckpt.staging_dir(target, owner)
+        weights = self.model_state(model, weight_names)
+        optim = get_optimizer_state_dict(model, optimizer, options=self._state_options()) if optimizer else None
+        if self.sharded:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(weights, checkpoint_id=str(tmp / ckpt.SHARDED_WEIGHTS_NAME))
+            if optim is not None:
+                dcp.save(optim, checkpoint_id=str(tmp / ckpt.SHARDED_OPTIMIZER_NAME))
+        elif self.is_main:
+            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / ckpt.WEIGHTS_NAME))
+            if optim is not None:
+                torch.save(optim, tmp / ckpt.OPTIMIZER_NAME)
+        ranks = self.all_gather_object(rank_state)
+        if self.is_main:
+            torch.save({**state, "ranks": ranks, "world_size": self.world_size}, tmp / ckpt.STATE_NAME)
+            (tmp / ckpt.CONFIG_NAME).write_text(config_yaml)
+            ckpt.commit(tmp, target, {**meta, "world_size": self.world_size, "sharded": self.sharded})
+        self.barrier()
+        return target
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """Restore weights (those the checkpoint holds) and optimiser state; returns ``state.pt``.
+
+        Either layout loads under any strategy and world size: whole tensors are sharded on load,
+        shards are re-partitioned by ``torch.distributed.checkpoint``.
+        """
+        path = Path(path)
+        weights = ckpt.weights_path(path)
+        names = ckpt.weight_names(path)
+        if weights.is_dir():
+            import torch.distributed.checkpoint as dcp
+
+            target = self.model_state(model, names)
+            dcp.load(target, checkpoint_id=str(weights))
+            set_model_state_dict(model, target, options=StateDictOptions(strict=False))
+        else:
+            whole = load_file(str(weights))
+            set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, strict=False))
+        if optimizer is not None:
+            self._load_optimizer(path, model, optimizer)
+        return torch.load(path / ckpt.STATE_NAME, map_location="cpu", weights_only=True)
+
+    def _load_optimizer(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        sharded_dir = path / ckpt.SHARDED_OPTIMIZER_NAME
+        if ckpt.is_sharded(sharded_dir):
+            import torch.distributed.checkpoint as dcp
+
+            target = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=False))
+            dcp.load(target, checkpoint_id=str(sharded_dir))
+            set_optimizer_state_dict(model, optimizer, target, options=StateDictOptions(full_state_dict=False))
+        elif (path / ckpt.OPTIMIZER_NAME).is_file():
+            whole = torch.load(path / ckpt.OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+            set_optimizer_state_dict(model, optimizer, whole, options=StateDictOptions(full_state_dict=True))
+        else:
+            raise FileNotFoundError(f"{path} holds no optimiser state (written by an older version?)")
+
+
+@registry.register("strategy", "single")
+class SingleProcess(Strategy):
+    """One process on one device (``python train.py``)."""
+
+    def setup(self, device: str = "auto", timeout_s: float = 600.0) -> torch.device:
+        launched = dist.launched_world_size()
+        if launched > 1:
+            raise ValueError(
+                f"run.strategy=single, but the launcher started {launched} processes: "
+                "use run.strategy=ddp or run.strategy=fsdp under torchrun"
+            )
+        return super().setup(device, timeout_s)
+
+
+@registry.register("strategy", "ddp")
+class DDPStrategy(Strategy):
+    """Data parallel: a whole model per rank, gradients all-reduced (``DistributedDataParallel``).
+
+    ``bucket_cap_mb``: gradient bucket size; ``find_unused_parameters``: only for models whose
+    forward leaves trained parameters out (ours does not: text-only batches still run the visual
+    path); ``static_graph``: the same parameters are used in every step (lets DDP skip checks).
+    """
+
+    needs_process_group = True
+
+    def __init__(self, bucket_cap_mb: int = 25, find_unused_parameters: bool = False, static_graph: bool = False) -> None:
+        super().__init__()
+        self.bucket_cap_mb = bucket_cap_mb
+        self.find_unused_parameters = find_unused_parameters
+        self.static_graph = static_graph
+
+    def prepare(self, model: VisionLanguageModel, precision: str) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model.to(self.device)
+        return DistributedDataParallel(
+            model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            bucket_cap_mb=self.bucket_cap_mb,
+            find_unused_parameters=self.find_unused_parameters,
+            static_graph=self.static_graph,
+        )
+
+    def unwrap(self, model: nn.Module) -> VisionLanguageModel:
+        return model.module
+
+    @property
+    def gradient_divisor(self) -> int:
+        return self.world_size
+
+    def no_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if sync else model.no_sync()
+
+
+@registry.register("strategy", "fsdp")
+class FSDPStrategy(Strategy):
+    """Fully sharded data parallel (FSDP2, ``fully_shard``): parameters, gradients and optimiser
+    state split over the ranks of a 1-D device mesh.
+
+    Units: every ViT block, every LLM decoder layer, the adapter, then the root (embeddings, norms,
+    LM head). Blocks of components with ``gradient_checkpointing: true`` are already wrapped in
+    activation checkpointing (see :meth:`VisionLanguageModel.apply_activation_checkpointing`).
+    Under ``run.precision: bf16`` parameters are gathered in bf16 and gradients reduced in
+    ``reduce_dtype``; the sharded master weights and AdamW state stay fp32.
+
+    ``reshard_after_forward``: free gathered parameters after each unit's forward (less memory, one
+    more all-gather in backward). ``encode_images_every_step``: run the visual path on a blank image
+    when a rank's batch has none, so every rank issues the same collectives (without it a step in which
+    one rank has images and another none fails or hangs; only turn it off to see that).
+    """
+
+    sharded = True
+    needs_process_group = True
+
+    def __init__(
+        self,
+        reshard_after_forward: bool = True,
+        reduce_dtype: Literal["float32", "bfloat16"] = "float32",
+        encode_images_every_step: bool = True,
+    ) -> None:
+        super().__init__()
+        self.reshard_after_forward = reshard_after_forward
+        self.reduce_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[reduce_dtype]
+        self.encode_images_every_step = encode_images_every_step
+
+    def prepare(self, model: VisionLanguageModel, precision: str) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if precision == "fp16":
+            raise ValueError("run.strategy=fsdp supports run.precision fp32 or bf16 (fp16 needs a sharded gradient scaler)")
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if precision == "bf16" else None,
+            reduce_dtype=self.reduce_dtype if precision == "bf16" else None,
+        )
+        model.to(self.device)
+        options = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": self.reshard_after_forward}
+        units = 0
+        for blocks in model.blocks().values():
+            for block in blocks:
+                fully_shard(block, **options)
+                units += 1
+        fully_shard(model, **options)
+        model.vision_every_step = self.encode_images_every_step
+        log.info("fsdp: %d units + root sharded over %d ranks (%s)", units, self.world_size, self.device.type)
+        return model
+
+    @property
+    def gradient_divisor(self) -> int:
+        return self.world_size
+
+    def no_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    @contextlib.contextmanager
+    def evaluation(self, model: nn.Module) -> Iterator[None]:
+        # Generation calls the embeddings and the LM head directly, not through the root's forward:
+        # gather the root's parameters for the duration (the blocks gather their own).
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+
+
+def build_strategy(component) -> Strategy:
+    """The configured strategy (``run.strategy``, a :class:`~lavis.common.config.ComponentConfig`)."""
+    return registry.get("strategy", component.type)(**component.params)
+
+
+def parameter_names(model: VisionLanguageModel) -> set[str]:
+    """Every parameter's checkpoint name (no wrapper prefixes)."""
+    return {canonical_name(n) for n, _ in model.named_parameters()}
