@@ -19,6 +19,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# What the process-group backends say when a peer died or stopped answering (gloo raises plain RuntimeErrors).
+COMMUNICATION_ERRORS = ("Timed out", "timed out", "Connection reset", "Connection closed", "NCCL", "gloo", "c10d")
+
+
+def is_communication_error(err: RuntimeError) -> bool:
+    """Whether ``err`` is a failed collective (a peer died or hung) rather than a fault of this rank."""
+    from torch.distributed import DistError
+
+    return isinstance(err, DistError) or any(marker in str(err) for marker in COMMUNICATION_ERRORS)
+
+
 def print_plan(cfg) -> None:
     """Parameters per component and the per-rank memory of the run, from the model built on the meta device."""
     from lavis.common.dist import launched_world_size
@@ -55,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(cfg)
         return 0
     from lavis.runners import build_runner
+    from lavis.runners.iter_runner import NonFiniteLoss
     from lavis.runners.strategies import build_strategy
 
     strategy = build_strategy(cfg.run.strategy)
@@ -66,8 +78,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         runner.train()
-    finally:
-        strategy.teardown()
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        if strategy.world_size == 1 or not is_communication_error(err):
+            raise
+        print(
+            f"error: rank {strategy.rank} of {strategy.world_size}: a collective operation failed ({err}). Another rank "
+            f"died or stopped answering for run.dist_timeout_s={cfg.run.dist_timeout_s:g}; see the first error in the "
+            "job's log. The last complete checkpoint is intact: continue with run.resume=auto",
+            file=sys.stderr,
+        )
+        return 1
+    strategy.teardown()
     return 0
 
 

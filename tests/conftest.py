@@ -28,6 +28,10 @@ TINY_PRESET = REPO / "configs" / "models" / "presets" / "tiny.yaml"
 SMALL_WORLD_SIZES = {"train": 64, "val": 8, "test": 8}
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "distributed: starts several processes with torchrun (run alone: pytest -m distributed)")
+
+
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory) -> Path:
     """A synthetic world with 64 train scenes (about 0.1 s to generate), shared by the session."""
@@ -84,3 +88,18 @@ def popen_train(options: list[str], log_path: Path, cfg_path: Path = SFT_PROJECT
     """Start train.py in the background; stdout and stderr go to ``log_path``."""
     with open(log_path, "w") as log:  # the child keeps its own descriptor
         return subprocess.Popen(train_command(options, cfg_path), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def eval_options(world: Path, *names: str, max_samples: int | None = None) -> list[str]:
+    """``--options`` adding evaluations of the small world's val split (vqa, grounding, caption)."""
+    w = str(world)
+    entries = {
+        "vqa": ["task=vqa", "builder=vqa", f"ann_path={w}/vqa_val.jsonl"],
+        "grounding": ["task=grounding", "builder=ref_grounding", f"ann_path={w}/refs_val.json"],
+        "caption": ["task=captioning", "builder=coco_caption", f"ann_path={w}/captions_val.json"],
+    }
+    options = []
+    for name in names:
+        extra = [f"image_root={w}"] + ([f"max_samples={max_samples}"] if max_samples else [])
+        options += [f"evaluation.{name}.{kv}" for kv in entries[name] + extra]
+    return options

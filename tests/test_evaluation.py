@@ -21,22 +21,7 @@ from lavis.models import build_model
 from lavis.processors.boxes import box_text
 from lavis.tasks.evaluation import Evaluator
 
-from conftest import REPO, TINY_PRESET
-
-
-def eval_options(world: Path, *names: str, max_samples: int | None = None) -> list[str]:
-    """``--options`` adding evaluations of the small world's val split (vqa, grounding, caption)."""
-    w = str(world)
-    entries = {
-        "vqa": ["task=vqa", "builder=vqa", f"ann_path={w}/vqa_val.jsonl"],
-        "grounding": ["task=grounding", "builder=ref_grounding", f"ann_path={w}/refs_val.json"],
-        "caption": ["task=captioning", "builder=coco_caption", f"ann_path={w}/captions_val.json"],
-    }
-    options = []
-    for name in names:
-        extra = [f"image_root={w}"] + ([f"max_samples={max_samples}"] if max_samples else [])
-        options += [f"evaluation.{name}.{kv}" for kv in entries[name] + extra]
-    return options
+from conftest import REPO, TINY_PRESET, eval_options
 
 
 @pytest.fixture

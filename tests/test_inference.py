@@ -157,6 +157,27 @@ def test_trainable_only_checkpoint_is_completed_from_its_load_from_chain(runs):
     assert {name for name, _ in model.named_parameters()} <= set(a_state) | set(b_state)
 
 
+def test_export_of_a_trainable_only_run(runs, tmp_path):
+    """``--weights trainable`` writes what B's checkpoint holds and keeps its load_from; ``--weights full``
+    completes it from A (B's load_from) into one file that stands alone, here in bf16."""
+    from lavis.export import export
+
+    a_state, b_state = load_file(str(weights_of(runs["A"]))), load_file(str(weights_of(runs["B"])))
+    part = export(runs["B"], tmp_path / "part")
+    assert load_file(str(part / "model.safetensors")).keys() == b_state.keys()
+    assert OmegaConf.load(part / "config.yaml").model.load_from == str(runs["A"])
+    whole = export(runs["B"], tmp_path / "whole", weights="full", dtype="bfloat16")
+    exported = load_file(str(whole / "model.safetensors"))
+    assert exported.keys() == a_state.keys()
+    assert all(exported[k].dtype == torch.bfloat16 for k in exported)
+    for key, value in exported.items():
+        assert torch.equal(value, (b_state.get(key, a_state[key])).to(torch.bfloat16)), key
+    assert OmegaConf.load(whole / "config.yaml").model.load_from is None
+    model, _ = lavis.load_model(whole, device="cpu")  # no chain to follow
+    named = dict(model.named_parameters())
+    assert all(torch.equal(named[k].to(torch.bfloat16), v) for k, v in exported.items())
+
+
 def test_missing_load_from_of_a_trainable_only_run_is_a_file_not_found(runs, tmp_path):
     moved = tmp_path / "B"
     shutil.copytree(runs["B"], moved)

@@ -133,23 +133,25 @@ def test_images_and_pads_that_do_not_match_raise(tiny):
             model.embed_inputs(ids, pix)
 
 
+RECORDS_WITH_0_1_2_IMAGES = [
+    {"messages": [{"role": "user", "content": "What colour is a ripe tomato?"}, {"role": "assistant", "content": "red"}]},
+    {"messages": [
+        {"role": "user", "content": "Picture 1: <img>images/train/000003.png</img>\nDescribe the image."},
+        {"role": "assistant", "content": "A shape."},
+    ]},
+    {"messages": [
+        {"role": "user", "content": "Picture 1: <img>images/train/000001.png</img>\nPicture 2: <img>images/train/000002.png</img>\nHow many?"},
+        {"role": "assistant", "content": "2"},
+    ]},
+]
+
+
 def test_collated_samples_with_0_1_2_images(tiny, small_world):
     """The real path: conversations -> sample processor -> pad collator -> the loss through forward."""
     cfg, model, proc = tiny()
     encoder = ConversationEncoder(proc.tokenizer, model.num_image_tokens, cfg.model.system_message, 256)
     process = SampleProcessor(encoder, proc.image)
-    records = [
-        {"messages": [{"role": "user", "content": "What colour is a ripe tomato?"}, {"role": "assistant", "content": "red"}]},
-        {"messages": [
-            {"role": "user", "content": "Picture 1: <img>images/train/000003.png</img>\nDescribe the image."},
-            {"role": "assistant", "content": "A shape."},
-        ]},
-        {"messages": [
-            {"role": "user", "content": "Picture 1: <img>images/train/000001.png</img>\nPicture 2: <img>images/train/000002.png</img>\nHow many?"},
-            {"role": "assistant", "content": "2"},
-        ]},
-    ]
-    samples = [process({**r, "image_root": str(small_world)}) for r in records]
+    samples = [process({**r, "image_root": str(small_world)}) for r in RECORDS_WITH_0_1_2_IMAGES]
     assert [s["pixel_values"].shape[0] for s in samples] == [0, 1, 2]
     batch = PadCollator(pad_id=proc.tokenizer.pad_id)(samples)
     ids = batch["input_ids"]
@@ -327,6 +329,52 @@ def test_text_only_batch_with_frozen_vision(tiny):
     out.loss_sum.backward()
     assert all(p.grad is None for p in model.vision.parameters())
     assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in model.adapter.parameters())
+
+
+def test_vision_every_step_runs_the_frozen_visual_path_without_images(tiny):
+    """Sharding strategies set ``vision_every_step``: a batch without images still calls the ViT and
+    the adapter (whose parameters are gathered in their forward), frozen or not, in training and eval."""
+    _, model, proc = tiny("model.freeze.vision=frozen", "model.freeze.adapter=frozen")
+    calls = []
+    for name in ("vision", "adapter"):
+        getattr(model, name).register_forward_hook(lambda module, args, out, name=name: calls.append(name))
+    batch = text_only_batch(proc)
+    model.train()
+    reference = model(**batch, pixel_values=torch.zeros(0, 3, 64, 64)).loss_sum
+    assert calls == []  # nothing trainable needs the visual path
+    model.vision_every_step = True
+    for mode in (True, False):
+        model.train(mode)
+        calls.clear()
+        with torch.set_grad_enabled(mode):
+            out = model(**batch, pixel_values=torch.zeros(0, 3, 64, 64))
+        assert calls == ["vision", "adapter"]
+        assert torch.equal(out.loss_sum, reference)  # weighted by zero
+
+
+def test_activation_checkpointing_wraps_each_block_and_changes_no_number(tiny, small_world):
+    _, plain, proc = tiny()
+    _, checkpointed, _ = tiny("model.vision.gradient_checkpointing=true", "model.llm.gradient_checkpointing=true")
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    blocks = checkpointed.blocks()
+    assert len(blocks["vision"]) == 2 and len(blocks["llm"]) == 4
+    assert all(isinstance(b, CheckpointWrapper) for name in ("vision", "llm") for b in blocks[name])
+    assert not any(isinstance(m, CheckpointWrapper) for m in plain.modules())
+    # Checkpoint names and state dicts are those of the plain model.
+    assert checkpointed.named_trainable_parameters().keys() == plain.named_trainable_parameters().keys()
+    assert checkpointed.state_dict().keys() == plain.state_dict().keys()
+    encoder = ConversationEncoder(proc.tokenizer, plain.num_image_tokens, "You are a helpful assistant.", 256)
+    samples = [SampleProcessor(encoder, proc.image)({**r, "image_root": str(small_world)}) for r in RECORDS_WITH_0_1_2_IMAGES]
+    batch = PadCollator(proc.tokenizer.pad_id)(samples)
+    grads = []
+    for model in (plain, checkpointed):
+        model.train()
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+                    labels=batch["labels"])
+        out.loss_sum.backward()
+        grads.append({n: p.grad for n, p in model.named_trainable_parameters().items()})
+    assert max(float((grads[0][k] - grads[1][k]).abs().max()) for k in grads[0]) < 1e-6
 
 
 # --------------------------------------------------------------------------- optimiser groups and schedule

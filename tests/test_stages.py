@@ -174,7 +174,8 @@ def test_layer_decay_and_component_scales_reach_the_optimiser(load_sft):
 @pytest.mark.parametrize("stage", ["pretrain", "multitask", "sft"])
 def test_full_scale_projects_count_parameters_on_the_meta_device(stage):
     proc = subprocess.run(
-        [sys.executable, "train.py", "--cfg-path", f"projects/qwen_vl/{stage}.yaml", "--print-config"],
+        [sys.executable, "train.py", "--cfg-path", f"projects/qwen_vl/{stage}.yaml", "--print-config",
+         "--options", "run.world_size_hint=64"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -188,3 +189,12 @@ def test_full_scale_projects_count_parameters_on_the_meta_device(stage):
         assert rows[component][0] == expected
         assert (rows[component][2] == 0) == (expected == "frozen")
     assert "built on the meta device" in proc.stdout
+    # Per-rank memory under FSDP at 64 ranks: fp32 parameters (all), gradients and 2 AdamW moments
+    # (trainable ones), each split 64 ways.
+    assert "# per-rank memory at 64 rank(s), run.strategy=fsdp, run.precision=bf16" in proc.stdout
+    gib = {m.group(1): float(m.group(2)) for m in re.finditer(r"^#   (\S.*?)\s+([\d.]+) GiB$", proc.stdout, re.M)}
+    total, trainable = (sum(row[k] for row in rows.values()) for k in (1, 2))
+    assert gib["parameters"] == pytest.approx(4 * total / 64 / 2**30, abs=0.006)
+    assert gib["gradients"] == pytest.approx(4 * trainable / 64 / 2**30, abs=0.006)
+    assert gib["AdamW state"] == pytest.approx(8 * trainable / 64 / 2**30, abs=0.006)
+    assert 0.5 < gib["+ gathered units (transient)"] < 5

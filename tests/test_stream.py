@@ -528,6 +528,27 @@ def test_ranks_and_loader_workers_split_an_epoch_exactly(ranks, loader_workers):
     assert sorted(got) == sorted(r["id"] for r in data), (ranks, loader_workers)
 
 
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_ranks_together_draw_the_global_batch_of_one_process(ranks):
+    """Batch b per rank on R ranks: step by step, the ranks' samples are distinct and together are the
+    R x b samples one process with batch R x b draws (one map-style source, no loader workers), also
+    across epoch boundaries (what makes a DDP/FSDP run equal a single-process run)."""
+    data = records("r", 12)
+
+    def batches(rank: int, world_size: int, batch_size: int):
+        cfg = StreamConfig(batch_size=batch_size, max_len=8, pack=False, seed=5, rank=rank, world_size=world_size)
+        return iter(BatchStream([Source("r", data)], IdProcessor(), id_collate, cfg))
+
+    single = batches(0, 1, 2 * ranks)
+    per_rank = [batches(r, ranks, 2) for r in range(ranks)]
+    steps_per_epoch = 12 // (2 * ranks)
+    for step in range(3 * steps_per_epoch):  # three epochs
+        flat = [i for b in per_rank for i in next(b)["ids"]]
+        if step < steps_per_epoch:
+            assert len(set(flat)) == len(flat)  # distinct across ranks (within an epoch)
+        assert sorted(flat) == sorted(next(single)["ids"])
+
+
 def test_streaming_sources_split_themselves():
     stream = ShuffledStream("s", 10)
     for workers in (1, 2, 3):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 WEIGHTS_NAME = "model.safetensors"
 SHARDED_WEIGHTS_NAME = "model"
@@ -71,17 +71,28 @@ def sharded_keys(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
 
 def read_sharded(path: Path, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
     """Whole tensors from a sharded directory, in this process alone (whatever wrote it)."""
-    import torch.distributed.checkpoint as dcp
-
     state = {
         name: torch.empty(size, dtype=dtype)
         for name, (size, dtype) in sharded_keys(path).items()
         if keys is None or name in keys
     }
+    load_sharded(state, path, alone=True)
+    return state
+
+
+def load_sharded(state: dict[str, Any], path: Path, alone: bool = False) -> None:
+    """Fill ``state`` (whole tensors, or this rank's shards) in place from a sharded directory.
+
+    With the ranks of a process group when there is one (they split the reading), else (or with
+    ``alone``) in this process only.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    alone = alone or not (dist.is_available() and dist.is_initialized())
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    return state
+        dcp.load(state, checkpoint_id=str(path), no_dist=alone)
 
 
 def weights_path(checkpoint: Path) -> Path:

@@ -59,6 +59,8 @@ DATASET_KEYS = ("builder", "ratio", "synthetic_root")
 # Keys of an evaluation entry that belong to the framework, not to its task or builder.
 EVAL_KEYS = ("task", "builder", "synthetic_root")
 SECTIONS = ("model", "datasets", "evaluation", "run")
+# Component blocks that may be given by their type's name alone (``run.strategy: fsdp``).
+SHORTHAND_BLOCKS = ("run.strategy",)
 
 
 class ConfigError(ValueError):
@@ -350,6 +352,9 @@ def parse_options(options: list[str] | None) -> dict[str, Any]:
     for opt in options:
         if "=" not in opt:
             raise ConfigError(f"--options expects key=value, got '{opt}'")
+    # The short form of a component block names its type, so that its keys can follow in any order:
+    # run.strategy=fsdp run.strategy.reshard_after_forward=false
+    options = [f"{key}.type={value}" if key in SHORTHAND_BLOCKS else opt for opt in options for key, _, value in [opt.partition("=")]]
     try:
         parsed = OmegaConf.from_dotlist(list(options))
     except Exception as err:  # a value that is not valid YAML, e.g. an unquoted {...}

@@ -6,9 +6,10 @@ helpers return the single-process answer, so the same code runs with and without
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -92,3 +93,15 @@ def shutdown() -> None:
     """Leave the process group (if any): every process calls it at the end of a run."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def local_main_first() -> Iterator[None]:
+    """Run the body on each node's local rank 0 first, then on the other ranks (who then find its work
+    done): e.g. generating files once per node rather than once per rank."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if not first:
+        barrier()
+    yield
+    if first:
+        barrier()

@@ -60,7 +60,8 @@ class SourceCursor:
     def state(self) -> tuple[int, int]:
         return (self.epoch, self.offset)
 
-    def _epoch_order(self) -> list[int]:
+    def epoch_order(self) -> list[int]:
+        """This worker's record indices for the current epoch, in order."""
         n = len(self.source.data)
         gen = torch.Generator().manual_seed((self.seed * 7919 + self.epoch) % 2**64)  # any run.seed numpy accepts
         order = torch.randperm(n, generator=gen)[self.worker :: self.num_workers].tolist()
@@ -74,7 +75,7 @@ class SourceCursor:
             for _ in range(self.offset):
                 next(self._stream)
         else:
-            self._order = self._epoch_order()
+            self._order = self.epoch_order()
 
     def next_record(self) -> dict[str, Any]:
         if self.streaming:

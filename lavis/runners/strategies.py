@@ -203,10 +203,8 @@ class Strategy:
         weights = ckpt.weights_path(path)
         names = ckpt.weight_names(path)
         if weights.is_dir():
-            import torch.distributed.checkpoint as dcp
-
             target = self.model_state(model, names)
-            dcp.load(target, checkpoint_id=str(weights))
+            ckpt.load_sharded(target, weights)
             set_model_state_dict(model, target, options=StateDictOptions(strict=False))
         else:
             whole = load_file(str(weights))
@@ -218,10 +216,8 @@ class Strategy:
     def _load_optimizer(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         sharded_dir = path / ckpt.SHARDED_OPTIMIZER_NAME
         if ckpt.is_sharded(sharded_dir):
-            import torch.distributed.checkpoint as dcp
-
             target = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=False))
-            dcp.load(target, checkpoint_id=str(sharded_dir))
+            ckpt.load_sharded(target, sharded_dir)
             set_optimizer_state_dict(model, optimizer, target, options=StateDictOptions(full_state_dict=False))
         elif (path / ckpt.OPTIMIZER_NAME).is_file():
             whole = torch.load(path / ckpt.OPTIMIZER_NAME, map_location="cpu", weights_only=True)
@@ -326,7 +322,8 @@ class FSDPStrategy(Strategy):
             param_dtype=torch.bfloat16 if precision == "bf16" else None,
             reduce_dtype=self.reduce_dtype if precision == "bf16" else None,
         )
-        model.to(self.device)
+        # No model.to(device) first: fully_shard moves one unit at a time to the mesh's device and keeps
+        # its shard, so a rank never holds the whole model on its accelerator.
         options = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": self.reshard_after_forward}
         units = 0
         for blocks in model.blocks().values():
@@ -334,6 +331,7 @@ class FSDPStrategy(Strategy):
                 fully_shard(block, **options)
                 units += 1
         fully_shard(model, **options)
+        model.to(self.device)  # buffers outside the units (if any)
         model.vision_every_step = self.encode_images_every_step
         log.info("fsdp: %d units + root sharded over %d ranks (%s)", units, self.world_size, self.device.type)
         return model

@@ -159,7 +159,8 @@ class Evaluator:
             if entry.synthetic_root:
                 from lavis.datasets.synthetic.world import ensure_world
 
-                ensure_world(entry.synthetic_root)
+                with dist.local_main_first():  # once per node, not once per rank
+                    ensure_world(entry.synthetic_root)
             task = registry.get("task", entry.task)(**entry.task_params)
             records = registry.get("builder", entry.builder)(**entry.builder_params).build()
             samples = task.samples(records)

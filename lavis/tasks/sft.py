@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from lavis.common import dist
 from lavis.common.config import Config
 from lavis.common.registry import registry
 from lavis.datasets.collate import PackCollator, PadCollator
@@ -43,7 +44,8 @@ class LanguageModelingTask:
             if ds_cfg.synthetic_root:
                 from lavis.datasets.synthetic.world import ensure_world
 
-                ensure_world(ds_cfg.synthetic_root)
+                with dist.local_main_first():  # once per node, not once per rank
+                    ensure_world(ds_cfg.synthetic_root)
             data = registry.get("builder", ds_cfg.builder)(**ds_cfg.params).build()
             size = f"{len(data)} records" if hasattr(data, "__len__") else "streaming"
             log.info("dataset %s (%s): %s, ratio %g", name, ds_cfg.builder, size, ds_cfg.ratio)
