@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from lavis.common.config import ConfigError, load_config
@@ -91,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    # Release the wrapped model before leaving the process group: DDP's reducer holds the group's
+    # threads, and destroying the group under it can abort the process at exit.
+    del runner
+    gc.collect()
     strategy.teardown()
     return 0
 

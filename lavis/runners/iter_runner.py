@@ -133,7 +133,7 @@ class IterRunner:
         self._stop_requested = False
         # Evaluation during training, and the best value of run.best_metric so far.
         self.evaluator = (
-            Evaluator(cfg, model, processors, strategy=self.strategy, wrapped=self.wrapped)
+            Evaluator(cfg, model, processors, strategy=self.strategy)
             if cfg.evaluation and self.run.eval_every
             else None
         )

@@ -89,9 +89,6 @@ class Strategy:
         """Move ``model`` to the device and wrap it; returns the module the runner calls."""
         return model.to(self.device)
 
-    def unwrap(self, model: nn.Module) -> VisionLanguageModel:
-        return model
-
     @property
     def gradient_divisor(self) -> int:
         """What the gradient synchronisation divides by (DDP and FSDP average over ranks): the runner
@@ -107,8 +104,8 @@ class Strategy:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     @contextlib.contextmanager
-    def evaluation(self, model: nn.Module) -> Iterator[None]:
-        """Context for generation and scoring outside ``forward`` (sharded parameters gathered)."""
+    def evaluation(self, model: VisionLanguageModel) -> Iterator[None]:
+        """Context for generation and scoring on the unwrapped model (sharded parameters gathered)."""
         yield
 
     # ------------------------------------------------------------------ planning
@@ -267,10 +264,10 @@ class DDPStrategy(Strategy):
             bucket_cap_mb=self.bucket_cap_mb,
             find_unused_parameters=self.find_unused_parameters,
             static_graph=self.static_graph,
+            # The model's buffers are constants (sin-cos tables, rotary frequencies): no broadcast per
+            # forward, which would also make every forward outside training a collective.
+            broadcast_buffers=False,
         )
-
-    def unwrap(self, model: nn.Module) -> VisionLanguageModel:
-        return model.module
 
     @property
     def gradient_divisor(self) -> int:

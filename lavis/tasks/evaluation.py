@@ -138,14 +138,13 @@ class EvalResult:
 class Evaluator:
     """Runs every evaluation of a config on a model; see the module notes."""
 
-    def __init__(self, cfg: Config, model, processors, strategy=None, wrapped=None) -> None:
-        """``strategy``/``wrapped``: during training, the runner's strategy and the model as it wrapped
-        it. With sharded parameters every rank must run the same forward calls: batches are then
-        padded to the same count on every rank and generation runs in lock-step."""
+    def __init__(self, cfg: Config, model, processors, strategy=None) -> None:
+        """``strategy``: during training, the runner's. With sharded parameters every rank must run the
+        same forward calls: batches are then padded to the same count on every rank and generation
+        runs in lock-step."""
         self.cfg = cfg
         self.model = model
         self.strategy = strategy
-        self.wrapped = wrapped if wrapped is not None else model
         self.lockstep = bool(strategy is not None and strategy.sharded and strategy.world_size > 1)
         self.tokenizer = processors.tokenizer
         self.image_processor = processors.image
@@ -240,7 +239,7 @@ class Evaluator:
         return [outputs[s.id] for s, _, _ in prepared], skipped
 
     def _gathered(self):
-        return self.strategy.evaluation(self.wrapped) if self.strategy is not None else contextlib.nullcontext()
+        return self.strategy.evaluation(self.model) if self.strategy is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ inputs
 
@@ -291,7 +290,7 @@ class Evaluator:
         input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=self.device)
         label_ids = torch.tensor([lab + [IGNORE_INDEX] * (length - len(lab)) for lab in labels], device=self.device)
         attention_mask = (torch.arange(length)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long()
-        out = self.wrapped(
+        out = self.model(
             input_ids, labels=label_ids, attention_mask=attention_mask.to(self.device),
             pixel_values=torch.cat(pixels).to(self.device), reduction="none",
         )
