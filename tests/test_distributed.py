@@ -145,6 +145,8 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(small_world, tmp
         text = log.read_text()
         assert f"global batch 4 = batch_size 1 x grad_accum 2 x 2 rank(s) (run.strategy={strategy})" in text
         assert text.count("global batch") == 1  # logged by rank 0 only
+        if strategy == "fsdp":
+            assert "ranks 1+ built the model on the meta device and received their shards from rank 0" in text
         assert (ckpt.list_checkpoints(out)[-1] / ckpt.SHARDED_WEIGHTS_NAME).is_dir() == (strategy == "fsdp")
 
 

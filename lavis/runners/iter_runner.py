@@ -514,7 +514,7 @@ def build_runner(cfg: Config, strategy: Strategy | None = None) -> IterRunner:
         strategy.setup(cfg.run.device, cfg.run.dist_timeout_s)
     seed_everything(cfg.run.seed)
     task = registry.get("task", cfg.run.task)(cfg)
-    model, processors = build_model(cfg.model)
+    model, processors = build_model(cfg.model, meta=strategy.builds_on_meta)
     sources = task.build_sources()
     runner_cls = registry.get("runner", cfg.run.runner)
     return runner_cls(cfg, model, processors, task, sources, strategy=strategy)

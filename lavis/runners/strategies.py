@@ -45,6 +45,11 @@ class Strategy:
     sharded = False  # parameters sharded across ranks: sharded checkpoints, lock-step evaluation
     needs_process_group = False
 
+    @property
+    def builds_on_meta(self) -> bool:
+        """Whether this rank builds the model on the meta device and receives its weights in :meth:`prepare`."""
+        return False
+
     def __init__(self) -> None:
         self.device = torch.device("cpu")
 
@@ -53,6 +58,8 @@ class Strategy:
     def setup(self, device: str = "auto", timeout_s: float = 600.0) -> torch.device:
         """Join the process group (``train.py`` calls this before building anything); return the device."""
         self.device = dist.init_distributed(device, timeout_s, always=self.needs_process_group)
+        if not self.is_main:  # rank 0 tells the story; the others speak up for warnings and errors
+            logging.getLogger().setLevel(logging.WARNING)
         return self.device
 
     def teardown(self) -> None:
@@ -292,6 +299,9 @@ class FSDPStrategy(Strategy):
     more all-gather in backward). ``encode_images_every_step``: run the visual path on a blank image
     when a rank's batch has none, so every rank issues the same collectives (without it a step in which
     one rank has images and another none fails or hangs; only turn it off to see that).
+    ``broadcast_from_rank0``: only rank 0 builds the whole model (and reads its pretrained weights and
+    ``model.load_from``); the other ranks build it on the meta device and receive their shards from
+    rank 0, so a node holds one CPU copy of the model rather than one per GPU.
     """
 
     sharded = True
@@ -302,11 +312,17 @@ class FSDPStrategy(Strategy):
         reshard_after_forward: bool = True,
         reduce_dtype: Literal["float32", "bfloat16"] = "float32",
         encode_images_every_step: bool = True,
+        broadcast_from_rank0: bool = True,
     ) -> None:
         super().__init__()
         self.reshard_after_forward = reshard_after_forward
         self.reduce_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[reduce_dtype]
         self.encode_images_every_step = encode_images_every_step
+        self.broadcast_from_rank0 = broadcast_from_rank0
+
+    @property
+    def builds_on_meta(self) -> bool:
+        return self.broadcast_from_rank0 and self.world_size > 1 and self.rank != 0
 
     def prepare(self, model: VisionLanguageModel, precision: str) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
@@ -319,6 +335,9 @@ class FSDPStrategy(Strategy):
             param_dtype=torch.bfloat16 if precision == "bf16" else None,
             reduce_dtype=self.reduce_dtype if precision == "bf16" else None,
         )
+        broadcast = self.broadcast_from_rank0 and self.world_size > 1
+        # Rank 0's whole weights (references: no copy), to be scattered once every rank is sharded.
+        whole = model.state_dict() if broadcast and self.is_main else {}
         # No model.to(device) first: fully_shard moves one unit at a time to the mesh's device and keeps
         # its shard, so a rank never holds the whole model on its accelerator.
         options = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": self.reshard_after_forward}
@@ -328,9 +347,22 @@ class FSDPStrategy(Strategy):
                 fully_shard(block, **options)
                 units += 1
         fully_shard(model, **options)
-        model.to(self.device)  # buffers outside the units (if any)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            model.to_empty(device=self.device)
+        else:
+            model.to(self.device)  # buffers outside the units (if any)
+        if broadcast:
+            set_model_state_dict(
+                model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+            )
+            for buffer in model.buffers():  # non-persistent ones too (e.g. rotary frequencies)
+                tdist.broadcast(buffer, src=0)
+            del whole
         model.vision_every_step = self.encode_images_every_step
-        log.info("fsdp: %d units + root sharded over %d ranks (%s)", units, self.world_size, self.device.type)
+        log.info(
+            "fsdp: %d units + root sharded over %d ranks (%s)%s", units, self.world_size, self.device.type,
+            "; ranks 1+ built the model on the meta device and received their shards from rank 0" if broadcast else "",
+        )
         return model
 
     @property
