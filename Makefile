@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-distributed bench clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Only the multi-process tests (torchrun, 2-3 processes on the CPU); `make test` runs them too.
+test-distributed: install
+	$(PY) -m pytest -q -m distributed tests
 
 bench: install
 	$(PY) benchmarks/step_overhead.py
