@@ -178,7 +178,7 @@ class IterRunner:
         """
         strategy = self.strategy
         local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
-        target_tokens = int(strategy.all_reduce(torch.tensor([local_targets], dtype=torch.float64, device=self.device)).item())
+        target_tokens = int(strategy.sum_over_ranks([local_targets])[0])
         normaliser = max(target_tokens, 1) / strategy.gradient_divisor
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, batch in enumerate(micro_batches):
@@ -188,17 +188,17 @@ class IterRunner:
             loss = out.loss_sum / normaliser
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += out.loss_sum.detach().double()
-        local = torch.stack([
+        local_non_finite = (~torch.isfinite(loss_sum)).double()
+        # The step's one wait for the device: the totals decide, the same on every rank, whether to go on.
+        total_loss, non_finite, stop, input_tokens, samples = strategy.sum_over_ranks([
             loss_sum,
-            (~torch.isfinite(loss_sum)).double(),
-            torch.tensor(float(self._stop_requested), dtype=torch.float64, device=self.device),
-            torch.tensor(float(sum(b["num_input_tokens"] for b in micro_batches)), dtype=torch.float64, device=self.device),
-            torch.tensor(float(sum(b["num_samples"] for b in micro_batches)), dtype=torch.float64, device=self.device),
+            local_non_finite,
+            float(self._stop_requested),
+            sum(b["num_input_tokens"] for b in micro_batches),
+            sum(b["num_samples"] for b in micro_batches),
         ])
-        # The only device sync of a step: the totals decide, the same on every rank, whether to go on.
-        total_loss, non_finite, stop, input_tokens, samples = strategy.all_reduce(local.clone()).tolist()
         if non_finite:
-            ranks = [r for r, bad in enumerate(strategy.all_gather_object(bool(local[1]))) if bad]
+            ranks = [r for r, bad in enumerate(strategy.all_gather_object(bool(local_non_finite))) if bad]
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(
                 f"non-finite loss at step {self.step + 1} on rank(s) {ranks} (of {strategy.world_size}): "

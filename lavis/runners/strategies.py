@@ -87,6 +87,14 @@ class Strategy:
             tdist.all_reduce(tensor)
         return tensor
 
+    def sum_over_ranks(self, values: list[float | torch.Tensor]) -> list[float]:
+        """Each value summed over the ranks, as Python floats (one collective for all of them).
+        Tensors among ``values`` (scalars on this rank's device) are read, which waits for them."""
+        if self.world_size == 1 and not any(torch.is_tensor(v) for v in values):
+            return [float(v) for v in values]
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+        return self.all_reduce(stacked).tolist()
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         return dist.all_gather_objects(obj)
 
