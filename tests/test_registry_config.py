@@ -105,6 +105,7 @@ def test_builtin_components_are_registered():
         "processor": {"hf_tokenizer", "qwen_tiktoken", "clip_image"},
         "task": {"sft"},
         "runner": {"iter_runner"},
+        "strategy": {"single", "ddp", "fsdp"},
         "lr_scheduler": {"linear_warmup_cosine", "constant"},
     }
     for kind, names in expected.items():
@@ -228,12 +229,43 @@ RUN_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(RunConfig)))
          "'attn_implementation'?); valid keys: attn_implementation, config, dtype, gradient_checkpointing, "
          "pretrained, trust_remote_code")),
         ("datasets.synthetic_sft.ann_pth=x", "unknown key 'datasets.synthetic_sft.ann_pth' (did you mean 'ann_path'?); "),
+        ("run.strategy.reshard=false", "unknown key 'run.strategy.reshard'; valid keys: none"),  # single takes none
     ],
 )
 def test_unknown_keys_fail_with_did_you_mean(option, message):
     with pytest.raises(ConfigError) as info:
         sft(option)
     assert str(info.value).startswith(message), str(info.value)
+
+
+def test_strategy_block_short_form_and_keys_in_any_order():
+    """``run.strategy: fsdp`` is short for ``{type: fsdp}``; its keys may follow it or precede it."""
+    for options in (["run.strategy=fsdp", "run.strategy.reshard_after_forward=false"],
+                    ["run.strategy.reshard_after_forward=false", "run.strategy=fsdp"],
+                    ["run.strategy.type=fsdp", "run.strategy.reshard_after_forward=false"]):
+        cfg = sft(*options)
+        assert cfg.run.strategy.type == "fsdp"
+        assert cfg.run.strategy.params == {
+            "reshard_after_forward": False, "reduce_dtype": "float32", "encode_images_every_step": True,
+            "broadcast_from_rank0": True,
+        }
+        assert cfg.raw["run"]["strategy"]["type"] == "fsdp"
+    assert sft().run.strategy.type == "single" and sft().run.strategy.params == {}
+    with pytest.raises(ConfigError, match=r"unknown key 'run.strategy.bucket_cap_mb'.*valid keys: broadcast_from_rank0"):
+        sft("run.strategy=fsdp", "run.strategy.bucket_cap_mb=50")  # a DDP key
+    assert sft("run.strategy=ddp", "run.strategy.bucket_cap_mb=50").run.strategy.params["bucket_cap_mb"] == 50
+    with pytest.raises(RegistryError, match=r"unknown strategy 'fdsp' \(did you mean 'fsdp'\?\); registered strategy names: ddp, fsdp, single"):
+        sft("run.strategy=fdsp")
+
+
+def test_single_strategy_refuses_a_multi_process_launch_and_fsdp_refuses_fp16(monkeypatch):
+    from lavis.runners.strategies import FSDPStrategy, SingleProcess
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="launcher started 2 processes: use run.strategy=ddp or run.strategy=fsdp"):
+        SingleProcess().setup("cpu")
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        FSDPStrategy().prepare(None, "fp16")
 
 
 def test_unknown_top_level_key_in_project(tmp_path):

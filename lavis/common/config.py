@@ -264,7 +264,7 @@ def _check_keys(keys, valid, where: str) -> None:
     for key in keys:
         if key not in valid:
             raise ConfigError(
-                f"unknown key '{where}.{key}'{did_you_mean(key, valid)}; valid keys: {', '.join(sorted(valid))}"
+                f"unknown key '{where}.{key}'{did_you_mean(key, valid)}; valid keys: {', '.join(sorted(valid)) or 'none'}"
             )
 
 
