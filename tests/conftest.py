@@ -44,7 +44,8 @@ def sft_options(world: Path, output_dir: Path, *extra: str) -> list[str]:
     """``--options`` that point projects/sft.yaml at ``world`` and make it small, quick and CPU-only.
 
     Every component trains and checkpoints hold the trainable weights only (the project freezes the
-    ViT and saves full weights), so that the mechanisms under test see all three components.
+    ViT and saves full weights), so that the mechanisms under test see all three components. No
+    warm-up unless ``extra`` sets one.
     """
     return [
         "model.freeze.vision=trainable",
@@ -57,6 +58,7 @@ def sft_options(world: Path, output_dir: Path, *extra: str) -> list[str]:
         "run.batch_size=4",
         "run.max_len=256",
         "run.log_every=1",
+        "run.warmup_steps=0",  # runs of a few steps (a warm-up must end before run.max_steps)
         f"run.output_dir={output_dir}",
         *extra,
     ]

@@ -42,7 +42,9 @@ def runs(small_world, tmp_path_factory) -> dict[str, Path]:
         (a, ["run.save_weights=full"]),
         (b, [f"model.load_from={a}", "model.freeze.vision=frozen", "run.save_weights=trainable"]),
     ):
-        result = run_train(sft_options(small_world, out, "run.max_steps=2", "run.save_every=2", *extra))
+        # A small lr: the 2 steps barely move the model (as the warm-up of projects/sft.yaml would).
+        result = run_train(sft_options(small_world, out, "run.max_steps=2", "run.save_every=2", "run.lr=5e-5",
+                                       "run.min_lr=5e-6", *extra))
         assert result.returncode == 0, result.stderr[-3000:]
         assert weights_of(out).is_file()
     return {"A": a, "B": b}
@@ -57,8 +59,10 @@ def model_a(runs):
 @pytest.fixture(scope="module")
 def varied(runs, tmp_path_factory):
     """(run directory, (model, processors)): a copy of run A whose LLM weights are redrawn larger (std 0.15,
-    seed 0). After 2 steps of training a model repeats one token whatever it is shown; this one's greedy
-    answers depend on the prompt, the history and the pictures, so that comparing answers tells them apart."""
+    seed 0), and its adapter's output projection too (so that the image vectors outweigh the token
+    embeddings). After 2 steps of training a model repeats one token whatever it is shown; this one's
+    greedy answers depend on the prompt, the history and the pictures, so that comparing answers tells
+    them apart."""
     out = tmp_path_factory.mktemp("varied") / "run"
     shutil.copytree(runs["A"], out)
     model, processors = lavis.load_model(runs["A"], device="cpu")
@@ -67,6 +71,7 @@ def varied(runs, tmp_path_factory):
         for name, param in model.llm.named_parameters():
             if param.dim() == 2 and "embed" not in name:
                 param.normal_(0.0, 0.15)
+        model.adapter.proj.normal_(0.0, 0.15)
     state = model.state_dict()
     save_file({key: state[key].clone().contiguous() for key in load_file(str(weights_of(runs["A"])))},
               str(weights_of(out)))

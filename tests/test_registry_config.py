@@ -143,7 +143,8 @@ def test_layering_default_component_project_options():
     assert ds.params == {"ann_path": "data/synthetic/sft_train.json", "image_root": "data/synthetic"}
 
     # --options over everything: over default.yaml, over the project, over a component default
-    cfg = sft("run.seed=7", "run.max_steps=5", "model.llm.attn_implementation=eager", "model.adapter.num_queries=16")
+    cfg = sft("run.seed=7", "run.max_steps=5", "run.warmup_steps=1", "model.llm.attn_implementation=eager",
+              "model.adapter.num_queries=16")
     assert (cfg.run.seed, cfg.run.max_steps) == (7, 5)
     assert cfg.model.llm.params["attn_implementation"] == "eager"
     assert cfg.model.adapter.params == {"num_queries": 16, "num_heads": None}
@@ -154,7 +155,7 @@ def test_project_over_component_default(tmp_path):
     project = tmp_path / "p.yaml"
     project.write_text(
         f"base: [{TINY_PRESET}]\nmodel:\n  llm: {{attn_implementation: eager}}\n  adapter: {{num_heads: 2}}\n"
-        "run: {max_steps: 11}\n"
+        "run: {max_steps: 11, warmup_steps: 2}\n"
     )
     cfg = load_config(project)
     assert cfg.model.llm.params["attn_implementation"] == "eager"
@@ -167,7 +168,7 @@ def test_project_over_component_default(tmp_path):
 
 def test_options_are_typed_as_yaml():
     cfg = sft(
-        "run.lr=2e-5", "run.min_lr=1.0e-6", "run.max_steps=12", "run.betas=[0.9,0.95]", "run.clip_grad=null",
+        "run.lr=2e-5", "run.min_lr=1.0e-6", "run.max_steps=12", "run.warmup_steps=3", "run.betas=[0.9,0.95]", "run.clip_grad=null",
         "run.resume=auto", "model.vision.class_token=true", "run.weight_decay=0", "model.adapter.num_heads=4",
     )
     run = cfg.run
@@ -201,12 +202,32 @@ def test_options_are_typed_as_yaml():
         ("model.freeze.llm=frozn", "model.freeze.llm: 'frozn' is not one of 'trainable', 'frozen' (did you mean 'frozen'?)"),
         ("run.max_steps=0", "run.max_steps must be >= 1, got 0"),
         ("run.lr", "--options expects key=value, got 'run.lr'"),
+        ("run.dist_timeout_s=0", "run.dist_timeout_s must be > 0, got 0.0"),
     ],
 )
 def test_wrong_values_are_config_errors(option, message):
     with pytest.raises(ConfigError) as info:
         sft(option)
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        # The README's ablation once lowered lr below the project's min_lr: the schedule climbed to 5x the peak.
+        (["run.lr=2e-5"], "run.min_lr (0.0001) is above run.lr (2e-05): the schedule would climb to min_lr after the "
+                          "warm-up; set run.min_lr to at most run.lr (e.g. run.min_lr=2e-06)"),
+        (["run.max_steps=30"], "run.warmup_steps (30) is not below run.max_steps (30): the run would end before the "
+                               "learning rate reaches run.lr; lower run.warmup_steps"),
+        (["run.lr=0"], "run.lr must be > 0, got 0.0"),
+    ],
+)
+def test_contradicting_settings_name_both_keys(options, message):
+    with pytest.raises(ConfigError) as info:
+        sft(*options)
+    assert str(info.value) == message
+    sft("run.lr=2e-5", "run.min_lr=2e-6")  # consistent: accepted
+    sft("run.max_steps=31")
 
 
 RUN_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(RunConfig)))
@@ -311,7 +332,7 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_base_includes_merge_in_order(tmp_path):
-    write(tmp_path / "common" / "c.yaml", f"base: {TINY_PRESET}\nrun: {{max_steps: 5, lr: 0.1, seed: 1}}\n")
+    write(tmp_path / "common" / "c.yaml", f"base: {TINY_PRESET}\nrun: {{max_steps: 5, lr: 0.1, seed: 1, warmup_steps: 1}}\n")
     write(tmp_path / "common" / "b.yaml", "base: c.yaml\nrun: {max_steps: 6, warmup_steps: 3}\n")  # relative to b
     write(tmp_path / "d.yaml", "run: {warmup_steps: 4, log_every: 9}\n")
     top = write(tmp_path / "a.yaml", "base: [common/b.yaml, d.yaml]\nrun: {seed: 9}\n")
@@ -324,7 +345,7 @@ def test_base_includes_merge_in_order(tmp_path):
     assert cfg.run.batch_size == 8  # default.yaml
     assert cfg.model.adapter.params["num_queries"] == 36  # the tiny preset, two levels down
     assert "base" not in cfg.raw
-    assert load_config(top, ["run.max_steps=2"]).run.max_steps == 2  # options over all of them
+    assert load_config(top, ["run.max_steps=5"]).run.max_steps == 5  # options over all of them
 
 
 def test_base_include_cycles_fail(tmp_path):
@@ -383,15 +404,15 @@ def test_print_config_prints_yaml_and_exits_0(tmp_path):
     out = tmp_path / "never"
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--cfg-path", str(SFT_PROJECT), "--print-config", "--options",
-         "run.max_steps=5", "model.vision.image_size=96", f"run.output_dir={out}"],
+         "run.max_steps=50", "model.vision.image_size=96", f"run.output_dir={out}"],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 0, proc.stderr
     printed = yaml.safe_load(proc.stdout)
-    assert printed == load_config(SFT_PROJECT, ["run.max_steps=5", "model.vision.image_size=96",
+    assert printed == load_config(SFT_PROJECT, ["run.max_steps=50", "model.vision.image_size=96",
                                                 f"run.output_dir={out}"]).raw
     assert set(printed) == {"model", "datasets", "evaluation", "run"}
-    assert printed["run"]["max_steps"] == 5 and printed["run"]["lr"] == 1e-3
+    assert printed["run"]["max_steps"] == 50 and printed["run"]["lr"] == 1e-3
     assert printed["model"]["image_processor"]["image_size"] == 96
     assert printed["model"]["adapter"] == {"type": "qwen_resampler", "num_queries": 36, "num_heads": None}
     assert "Traceback" not in proc.stderr

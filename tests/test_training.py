@@ -22,7 +22,7 @@ from lavis.common.logging import read_metrics
 from lavis.common.optim import linear_warmup_cosine
 from lavis.runners import build_runner
 
-QUICK = ("run.save_every=1000", "run.warmup_steps=2")
+QUICK = ("run.save_every=1000",)
 
 
 def step_dirs(output_dir: Path) -> list[str]:

@@ -505,6 +505,7 @@ def build_config(resolved: dict[str, Any]) -> Config:
         raise ConfigError(f"run.dist_timeout_s must be > 0, got {run.dist_timeout_s}")
     if run.world_size_hint is not None and run.world_size_hint < 1:
         raise ConfigError(f"run.world_size_hint must be >= 1 or null, got {run.world_size_hint}")
+    _check_schedule(run)
     _check_eval_schedule(run, evaluation)
     return Config(model=model_cfg, datasets=datasets, evaluation=evaluation, run=run, raw=resolved)
 
@@ -525,6 +526,23 @@ def _evaluation(name: str, entry: dict[str, Any]) -> EvalConfig:
     common.task_params = check_params(task_cls, "task", {k: v for k, v in entry.items() if k in task_args}, where)
     common.builder_params = check_params(builder_cls, "builder", {k: v for k, v in entry.items() if k in builder_args}, where)
     return common
+
+
+def _check_schedule(run: RunConfig) -> None:
+    """Settings that contradict each other are errors naming both keys (an ablation that changes one
+    of them would otherwise train on a schedule nobody asked for)."""
+    if run.lr <= 0:
+        raise ConfigError(f"run.lr must be > 0, got {run.lr}")
+    if run.min_lr > run.lr:
+        raise ConfigError(
+            f"run.min_lr ({run.min_lr:g}) is above run.lr ({run.lr:g}): the schedule would climb to min_lr "
+            f"after the warm-up; set run.min_lr to at most run.lr (e.g. run.min_lr={run.lr / 10:g})"
+        )
+    if run.warmup_steps >= run.max_steps:
+        raise ConfigError(
+            f"run.warmup_steps ({run.warmup_steps}) is not below run.max_steps ({run.max_steps}): the run would end "
+            "before the learning rate reaches run.lr; lower run.warmup_steps"
+        )
 
 
 def _check_eval_schedule(run: RunConfig, evaluation: dict[str, EvalConfig]) -> None:
