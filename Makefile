@@ -20,10 +20,11 @@ $(VENV)/.installed: setup.py
 
 # Qwen-VL's three stages on the embedded default, each starting from the previous one's output,
 # then the final model evaluated on the held-out test split (prints the results table).
+# A rerun moves the previous demo's runs aside (outputs/<stage>.old-<time>) rather than refusing.
 demo: install
-	$(PY) train.py --cfg-path projects/pretrain.yaml
-	$(PY) train.py --cfg-path projects/multitask.yaml --options model.load_from=outputs/pretrain
-	$(PY) train.py --cfg-path projects/sft.yaml --options model.load_from=outputs/multitask
+	$(PY) train.py --cfg-path projects/pretrain.yaml --options run.overwrite=true
+	$(PY) train.py --cfg-path projects/multitask.yaml --options model.load_from=outputs/pretrain run.overwrite=true
+	$(PY) train.py --cfg-path projects/sft.yaml --options model.load_from=outputs/multitask run.overwrite=true
 	$(PY) evaluate.py --cfg-path projects/eval/demo.yaml
 
 test: install

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(cfg)
         return 0
     from lavis.runners import build_runner
-    from lavis.runners.iter_runner import NonFiniteLoss
+    from lavis.runners.iter_runner import NonFiniteLoss, OutputDirInUse
     from lavis.runners.strategies import build_strategy
 
     strategy = build_strategy(cfg.run.strategy)
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         runner.train()
+    except OutputDirInUse as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SFT_PROJECT, popen_train, sft_options
+from conftest import SFT_PROJECT, popen_train, run_train, sft_options
 from safetensors.torch import load_file
 
 from lavis.common import checkpoint as ckpt
@@ -21,6 +21,7 @@ from lavis.common.config import load_config
 from lavis.common.logging import read_metrics
 from lavis.common.optim import linear_warmup_cosine
 from lavis.runners import build_runner
+from lavis.runners.iter_runner import OutputDirInUse
 
 QUICK = ("run.save_every=1000",)
 
@@ -293,6 +294,33 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(small_world, tmp_path):
     assert read_metrics(out / "metrics.jsonl")[-1]["step"] == step
     assert "signal 15" in log.read_text()
     assert os.path.getsize(found[0] / ckpt.WEIGHTS_NAME) > 1_000_000
+
+
+def test_a_second_run_into_an_earlier_runs_output_dir_is_refused_or_moves_it_aside(load_sft, small_world, tmp_path):
+    """A run never destroys another run's files: without run.resume an output_dir holding a run is refused
+    (naming the three ways out), with run.overwrite the earlier run is moved aside, whole."""
+    out = tmp_path / "out"
+    build_runner(load_sft("run.max_steps=4", "run.save_every=2", output_dir=out)).train()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert step_dirs(out) == ["step_00000002", "step_00000004"]
+
+    with pytest.raises(OutputDirInUse) as err:
+        build_runner(load_sft("run.max_steps=3", "run.save_every=1", output_dir=out)).train()
+    message = str(err.value)
+    assert f"run.output_dir {out} holds an earlier run (config.yaml, metrics.jsonl, 2 checkpoint(s) up to step_00000004)" in message
+    assert "run.resume=auto" in message and "another run.output_dir" in message and "run.overwrite=true" in message
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
+
+    # train.py says the same and exits with 2, before writing anything.
+    proc = run_train(sft_options(small_world, out, "run.max_steps=3"))
+    assert proc.returncode == 2 and "holds an earlier run" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    build_runner(load_sft("run.max_steps=3", "run.save_every=1000", "run.overwrite=true", output_dir=out)).train()
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("out.old-")]
+    assert len(aside) == 1
+    assert {p.relative_to(aside[0]): p.read_bytes() for p in aside[0].rglob("*") if p.is_file()} == before
+    assert step_dirs(out) == ["step_00000003"] and [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
 
 
 def test_resume_with_another_number_of_data_workers_is_refused(load_sft, tmp_path):

@@ -177,6 +177,7 @@ class RunConfig:
     keep_last: int
     output_dir: str
     resume: str | None
+    overwrite: bool
     eval_every: int | None
     eval_batch_size: int
     best_metric: str | None

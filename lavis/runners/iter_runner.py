@@ -80,6 +80,10 @@ class StepStats:
     stop: bool  # a rank was asked to stop (SIGTERM): every rank stops after this step
 
 
+class OutputDirInUse(ValueError):
+    """``run.output_dir`` holds an earlier run and the config says neither to continue nor to replace it."""
+
+
 class NonFiniteLoss(FloatingPointError):
     """The loss of a step was NaN or infinite on some rank; every rank stops at that step."""
 
@@ -411,9 +415,43 @@ class IterRunner:
         log.warning("signal %d: saving a checkpoint and stopping after this step", signum)
         self._stop_requested = True
 
+    def earlier_run(self) -> str | None:
+        """What of an earlier run ``output_dir`` holds (``None``: nothing)."""
+        found = [name for name in ("config.yaml", "metrics.jsonl") if (self.output_dir / name).exists()]
+        checkpoints = ckpt.list_checkpoints(self.output_dir)
+        if checkpoints:
+            found.append(f"{len(checkpoints)} checkpoint(s) up to {checkpoints[-1].name}")
+        return ", ".join(found) or None
+
+    def claim_output_dir(self) -> None:
+        """Make sure this run may write into ``run.output_dir``: a run never destroys another's files.
+
+        An earlier run there is continued (``run.resume``), moved aside (``run.overwrite``: to
+        ``<output_dir>.old-<time>``, never deleted) or the run is refused, naming the three ways out.
+        Rank 0 decides; every rank gets the same answer.
+        """
+        refusal = None
+        if self.is_main and self.run.resume is None and (earlier := self.earlier_run()):
+            if self.run.overwrite:
+                aside = self.output_dir.with_name(f"{self.output_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                while aside.exists():
+                    aside = aside.with_name(aside.name + "-1")
+                self.output_dir.rename(aside)
+                log.warning("run.overwrite: the earlier run in %s (%s) was moved to %s", self.output_dir, earlier, aside)
+            else:
+                refusal = (
+                    f"run.output_dir {self.output_dir} holds an earlier run ({earlier}). Continue it with "
+                    f"run.resume=auto, write this run elsewhere with another run.output_dir, or set run.overwrite=true "
+                    f"to move the earlier run aside (to {self.output_dir}.old-<time>) and start afresh"
+                )
+        refusal = self.strategy.all_gather_object(refusal)[0]
+        if refusal:
+            raise OutputDirInUse(refusal)
+
     def train(self) -> dict[str, Any]:
         """Run until ``run.max_steps``; returns the last logged metrics."""
         run = self.run
+        self.claim_output_dir()
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.save(self.output_dir / "config.yaml")
