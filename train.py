@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg.to_yaml(), end="")
         print_plan(cfg)
         return 0
+    from lavis.common.checkpoint import CheckpointError
     from lavis.runners import build_runner
     from lavis.runners.iter_runner import NonFiniteLoss, OutputDirInUse
     from lavis.runners.strategies import build_strategy
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         runner.train()
-    except OutputDirInUse as err:
+    except (OutputDirInUse, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLoss as err:

@@ -18,6 +18,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -236,6 +237,41 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, processor, kind):
     assert all(b["pixel_values"].shape[0] == 2 for b in seen)
 
 
+def gray_ramp() -> "np.ndarray":
+    return np.arange(256, dtype=np.uint8).reshape(16, 16)
+
+
+@pytest.mark.parametrize(
+    "mode, make",
+    [
+        ("I;16", lambda k: Image.fromarray(k.astype(np.uint16) * 257)),  # 16-bit grayscale PNG
+        ("I", lambda k: Image.fromarray(k.astype(np.int32) * 257)),  # 32-bit integer TIFF holding 16-bit data
+        ("F", lambda k: Image.fromarray(k.astype(np.float32) / 255)),  # float TIFF in [0, 1]
+        ("L", lambda k: Image.fromarray(k)),
+        ("LA", lambda k: Image.fromarray(np.stack([k, np.full_like(k, 128)], -1), mode="LA")),
+        ("P", lambda k: Image.fromarray(k).convert("P")),
+        ("1", None),
+        ("CMYK", lambda k: Image.fromarray(k).convert("RGB").convert("CMYK")),
+    ],
+)
+def test_every_image_mode_becomes_8_bit_rgb_with_its_contrast(tmp_path, mode, make):
+    """A 16-bit grayscale PNG once trained as a nearly white image: every mode PIL opens now gives the
+    8-bit RGB its pixels mean (here a 0..255 ramp, scaled from 16 bits or [0, 1] where stored so)."""
+    ramp = gray_ramp()
+    if mode == "1":
+        image, expected = Image.fromarray(ramp >= 128), np.where(ramp >= 128, 255, 0)
+    else:
+        image, expected = make(ramp), ramp
+    path = tmp_path / ("image.tiff" if mode in ("I", "F", "CMYK") else "image.png")
+    image.save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == mode
+    rgb = load_image(path)
+    assert rgb.mode == "RGB"
+    got = np.asarray(rgb).astype(int)
+    assert all(np.abs(got[..., c] - expected).max() <= 1 for c in range(3)), (mode, got[..., 0][:2])
+
+
 def test_truncated_png_really_is_a_png(tmp_path):
     # The truncated file of the test above opens (header intact) but cannot be decoded.
     path = tmp_path / "t.png"
@@ -394,6 +430,31 @@ def test_missing_annotation_file(tmp_path):
     with pytest.raises(AnnotationError) as info:
         QwenVLConversationBuilder(str(tmp_path / "nope.json")).build()
     assert str(info.value) == f"annotation file not found: {tmp_path / 'nope.json'}"
+
+
+@pytest.mark.parametrize("name, content", [("a.json", "[]"), ("a.jsonl", ""), ("b.jsonl", "\n  \n")])
+def test_an_empty_annotation_file_is_named(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(AnnotationError, match=re.escape(f"{path}: the file holds no records")):
+        QwenVLConversationBuilder(str(path)).build()
+
+
+def test_a_dataset_without_records_fails_at_start_naming_its_files(tmp_path):
+    """VQAv2 files with empty lists: train.py fails before any data worker starts, naming the files."""
+    questions, answers = tmp_path / "questions.json", tmp_path / "annotations.json"
+    questions.write_text(json.dumps({"questions": []}))
+    answers.write_text(json.dumps({"annotations": []}))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--cfg-path", str(SFT_PROJECT), "--options",
+         "datasets.synthetic_sft.builder=vqa", f"datasets.synthetic_sft.question_path={questions}",
+         f"datasets.synthetic_sft.ann_path={answers}", "datasets.synthetic_sft.synthetic_root=null",
+         f"run.output_dir={tmp_path / 'out'}", "run.device=cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"datasets.synthetic_sft (vqa): no records in ann_path={answers}, question_path={questions}" in proc.stderr
+    assert "Traceback" not in proc.stderr and "data worker" not in proc.stderr
 
 
 # --------------------------------------------------------------------------- unknown config keys

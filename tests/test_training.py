@@ -259,6 +259,9 @@ def test_checkpoint_holds_only_trainable_weights(load_sft, tmp_path):
     params = dict(model.named_parameters())
     assert all(torch.equal(weights[k], params[k].detach()) for k in weights)
     meta = json.loads((d / ckpt.META_NAME).read_text())
+    files = meta.pop("files")
+    assert sorted(files) == ["config.yaml", "model.safetensors", "optimizer.pt", "state.pt"]
+    assert files["model.safetensors"]["bytes"] == os.path.getsize(d / "model.safetensors")
     assert meta == {
         "step": 1, "weights": "trainable", "freeze": {"vision": "frozen", "adapter": "trainable", "llm": "trainable"},
         "strategy": "single", "world_size": 1, "sharded": False,
@@ -294,6 +297,36 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(small_world, tmp_path):
     assert read_metrics(out / "metrics.jsonl")[-1]["step"] == step
     assert "signal 15" in log.read_text()
     assert os.path.getsize(found[0] / ckpt.WEIGHTS_NAME) > 1_000_000
+
+
+def test_resume_skips_a_damaged_checkpoint_and_continues_bitwise_from_the_one_before(load_sft, tmp_path, caplog):
+    """Checkpoints record a checksum per file. The newest checkpoint damaged on disk (a flipped byte):
+    run.resume=auto warns and continues from the previous one, ending bitwise equal to an uninterrupted
+    run; run.resume naming the damaged one is an error."""
+    options = ("run.max_steps=8", "run.save_every=2", "run.keep_last=5", "model.llm.config.attention_dropout=0.1")
+    build_runner(load_sft(*options, output_dir=tmp_path / "a")).train()
+    out = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", out)
+    damaged = out / "checkpoints" / "step_00000008"
+    data = bytearray((damaged / ckpt.WEIGHTS_NAME).read_bytes())
+    data[-100] ^= 0xFF
+    (damaged / ckpt.WEIGHTS_NAME).write_bytes(bytes(data))
+    assert ckpt.verify(damaged) == ["model.safetensors: checksum differs"]
+    assert ckpt.verify(out / "checkpoints" / "step_00000006") == []
+
+    with pytest.raises(ValueError, match="step_00000008 is damaged: model.safetensors: checksum differs"):
+        build_runner(load_sft(*options, f"run.resume={damaged}", output_dir=tmp_path / "c")).train()
+    runner = build_runner(load_sft(*options, "run.resume=auto", output_dir=out))
+    with caplog.at_level("INFO"):
+        runner.train()
+    assert "step_00000008 is damaged (model.safetensors: checksum differs): trying the one before it" in caplog.text
+    assert f"resumed from {out / 'checkpoints' / 'step_00000006'} at step 6" in caplog.text
+    assert ckpt.verify(damaged) == []  # rewritten by the resumed run
+    wa = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000008" / ckpt.WEIGHTS_NAME))
+    wb = load_file(str(out / "checkpoints" / "step_00000008" / ckpt.WEIGHTS_NAME))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    losses = [{r["step"]: r["loss"] for r in read_metrics(d / "metrics.jsonl")} for d in (tmp_path / "a", out)]
+    assert losses[0] == losses[1]
 
 
 def test_a_second_run_into_an_earlier_runs_output_dir_is_refused_or_moves_it_aside(load_sft, small_world, tmp_path):

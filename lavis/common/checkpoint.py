@@ -11,6 +11,7 @@ the weights and optimiser state in one of two layouts:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -30,6 +31,10 @@ STATE_NAME = "state.pt"
 META_NAME = "meta.json"
 CONFIG_NAME = "config.yaml"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked: damaged, or not matching this run."""
 
 
 def is_sharded(path: Path) -> bool:
@@ -159,6 +164,41 @@ def commit(tmp: Path, target: Path, meta: dict[str, Any]) -> Path:
         os.rename(tmp, target)
     _fsync_dir(target.parent)
     return target
+
+
+def file_checksums(root: Path, share: int = 0, shares: int = 1) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"sha256", "bytes"}}`` of the files under ``root`` (``meta.json`` excepted):
+    share ``share`` of ``shares`` of them (files in sorted order, round-robin), so that several ranks
+    can hash one checkpoint together."""
+    files = sorted(p for p in Path(root).rglob("*") if p.is_file() and p.name != META_NAME)
+    return {str(f.relative_to(root)): {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in files[share::shares]}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(checkpoint: Path, share: int = 0, shares: int = 1) -> list[str]:
+    """Problems of a checkpoint against the checksums its ``meta.json`` records (share ``share`` of
+    ``shares`` of its files, as :func:`file_checksums`); [] when it is intact. A checkpoint written
+    before checksums were recorded has nothing to verify against and passes."""
+    recorded = read_meta(checkpoint).get("files")
+    if recorded is None:
+        return []
+    problems = []
+    for name in sorted(recorded)[share::shares]:
+        path = Path(checkpoint) / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif path.stat().st_size != recorded[name]["bytes"]:
+            problems.append(f"{name}: {path.stat().st_size} bytes, {recorded[name]['bytes']} written")
+        elif _sha256(path) != recorded[name]["sha256"]:
+            problems.append(f"{name}: checksum differs")
+    return problems
 
 
 def _fsync_dir(path: Path) -> None:

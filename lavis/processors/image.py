@@ -26,9 +26,28 @@ def load_image(path: str | Path, data: bytes | None = None) -> Image.Image:
         raise SkipSample("missing_image", f"image not found: {path}")
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise SkipSample("corrupt_image", f"cannot read image {path}: {err}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode PIL opens -> 8-bit RGB with the image's contrast.
+
+    PIL's own ``convert("RGB")`` clips 16-bit and 32-bit samples to 255 (a 16-bit grayscale PNG turns
+    white), so those are scaled first: integer samples by their bit depth (16 bits unless a value needs
+    more, then by the maximum), float samples from [0, 1] (or clipped to [0, 255] when larger). Alpha
+    is dropped, as ``convert("RGB")`` (and Qwen-VL's loader) does.
+    """
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        top = float(values.max()) if values.size else 0.0
+        if img.mode == "F":
+            scale = 255.0 if top <= 1.0 else 1.0
+        else:
+            scale = 1.0 if top <= 255 else 255.0 / (65535.0 if top <= 65535 else top)
+        img = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
 
 
 @registry.register("processor", "clip_image")

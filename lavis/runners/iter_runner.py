@@ -352,12 +352,24 @@ class IterRunner:
         return record
 
     def resume_path(self) -> Path | None:
+        """The checkpoint to continue from: ``run.resume``'s, or with ``auto`` the newest one in
+        ``output_dir`` whose files match their recorded checksums (a damaged one is skipped, with a
+        warning, for the one before it)."""
         if self.run.resume is None:
             return None
-        if self.run.resume == "auto":
-            found = ckpt.list_checkpoints(self.output_dir)
-            return found[-1] if found else None
-        return Path(self.run.resume)
+        if self.run.resume != "auto":
+            path = Path(self.run.resume)
+            problems = self.strategy.verify(path)
+            if problems:
+                raise ckpt.CheckpointError(f"run.resume {path} is damaged: {'; '.join(problems[:5])}")
+            return path
+        for path in reversed(ckpt.list_checkpoints(self.output_dir)):
+            problems = self.strategy.verify(path)
+            if not problems:
+                return path
+            if self.is_main:
+                log.warning("checkpoint %s is damaged (%s): trying the one before it", path, "; ".join(problems[:5]))
+        return None
 
     def load(self, path: Path) -> None:
         """Restore weights, optimiser, RNG and data position from a checkpoint.
@@ -372,7 +384,7 @@ class IterRunner:
         allowed = expected | (parameter_names(self.model) if meta["weights"] == "full" else set())
         missing, unexpected = expected - names, names - allowed
         if missing or unexpected:
-            raise ValueError(
+            raise ckpt.CheckpointError(
                 f"{path} does not match the trainable parameters: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]} (was the freeze policy changed?)"
             )
@@ -386,7 +398,7 @@ class IterRunner:
         ranks, world_size = state["ranks"], self.strategy.world_size
         if len(ranks) == world_size:
             if data["num_workers"] != self.num_data_workers:
-                raise ValueError(
+                raise ckpt.CheckpointError(
                     f"{path} was written with {data['num_workers']} data workers; the data order can only be "
                     f"continued with the same number (run.num_workers={data['num_workers'] if data['num_workers'] > 1 else 0})"
                 )

@@ -201,9 +201,16 @@ class Strategy:
         if self.is_main:
             torch.save({**state, "ranks": ranks, "world_size": self.world_size}, tmp / ckpt.STATE_NAME)
             (tmp / ckpt.CONFIG_NAME).write_text(config_yaml)
-            ckpt.commit(tmp, target, {**meta, "world_size": self.world_size, "sharded": self.sharded})
+        self.barrier()  # every file is written: the ranks checksum a share of them each
+        files = {k: v for part in self.all_gather_object(ckpt.file_checksums(tmp, self.rank, self.world_size)) for k, v in part.items()}
+        if self.is_main:
+            ckpt.commit(tmp, target, {**meta, "world_size": self.world_size, "sharded": self.sharded, "files": files})
         self.barrier()
         return target
+
+    def verify(self, checkpoint: Path) -> list[str]:
+        """Problems of ``checkpoint`` against its recorded checksums (every rank checks a share)."""
+        return [p for part in self.all_gather_object(ckpt.verify(checkpoint, self.rank, self.world_size)) for p in part]
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         """Restore weights (those the checkpoint holds) and optimiser state; returns ``state.pt``.

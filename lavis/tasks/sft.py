@@ -7,6 +7,7 @@ import logging
 from lavis.common import dist
 from lavis.common.config import Config
 from lavis.common.registry import registry
+from lavis.datasets.builders.base import AnnotationError
 from lavis.datasets.collate import PackCollator, PadCollator
 from lavis.datasets.stream import Source
 from lavis.models import Processors
@@ -47,6 +48,9 @@ class LanguageModelingTask:
                 with dist.local_main_first():  # once per node, not once per rank
                     ensure_world(ds_cfg.synthetic_root)
             data = registry.get("builder", ds_cfg.builder)(**ds_cfg.params).build()
+            if hasattr(data, "__len__") and len(data) == 0:
+                files = [f"{k}={v}" for k, v in ds_cfg.params.items() if k.endswith("path") or k == "shards"]
+                raise AnnotationError(f"datasets.{name} ({ds_cfg.builder}): no records in {', '.join(files) or 'its files'}")
             size = f"{len(data)} records" if hasattr(data, "__len__") else "streaming"
             log.info("dataset %s (%s): %s, ratio %g", name, ds_cfg.builder, size, ds_cfg.ratio)
             sources.append(Source(name, data, ds_cfg.ratio))

@@ -14,8 +14,15 @@ class AnnotationError(ValueError):
 
 
 def read_annotations(path: str | Path) -> list[Any]:
-    """Records of a JSON list file or a JSONL file; syntax errors name the file and position."""
-    path = Path(path)
+    """Records of a JSON list file or a JSONL file; syntax errors and files without a record name the
+    file (and the position)."""
+    records = _read_records(Path(path))
+    if not records:
+        raise AnnotationError(f"{path}: the file holds no records")
+    return records
+
+
+def _read_records(path: Path) -> list[Any]:
     if path.suffix != ".jsonl":
         data = read_json(path)
         if not isinstance(data, list):
