@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 from pathlib import Path
 
@@ -427,6 +428,49 @@ def test_refcoco_layout_with_split(tmp_path):
         ("2_0", "<img>COCO_train2014_000000000002.jpg</img><ref>car</ref>", "<box>(10,20),(40,60)</box>"),
     ]
     assert len(build("ref_grounding", refs_path=refs, instances_path=instances)) == 4
+
+
+def python2_pickle(value) -> bytes:
+    """``value`` pickled as Python 2 did it (protocol 2; ``str`` as byte strings, UTF-8 here): the form
+    of RefCOCO's released ``refs(unc).p``."""
+    def emit(v) -> bytes:
+        if isinstance(v, dict):
+            return b"}(" + b"".join(emit(k) + emit(x) for k, x in v.items()) + b"u"
+        if isinstance(v, list):
+            return b"](" + b"".join(emit(x) for x in v) + b"e"
+        if isinstance(v, int):
+            return b"J" + v.to_bytes(4, "little", signed=True)
+        data = v.encode("utf-8")
+        return b"U" + bytes([len(data)]) + data
+    return b"\x80\x02" + emit(value) + b"."
+
+
+def test_refcoco_refs_pickle_as_released(tmp_path):
+    """``refs(unc).p`` as released (a Python 2 pickle with non-ASCII sentences) reads directly, the same
+    as its JSON copy; a pickle that asks for any function or class is refused and runs nothing."""
+    refs_json, instances = refcoco(tmp_path)
+    refs = json.loads(Path(refs_json).read_text())
+    refs[2]["sentences"][0]["sent"] = "café sign"
+    Path(refs_json).write_text(json.dumps(refs))
+    released = tmp_path / "refs(unc).p"
+    released.write_bytes(python2_pickle(refs))
+    with pytest.raises(UnicodeDecodeError):  # what Python 3's pickle.load does with it by default
+        pickle.loads(released.read_bytes())
+    from_pickle = build("ref_grounding", refs_path=str(released), instances_path=instances)
+    assert triples(from_pickle) == triples(build("ref_grounding", refs_path=refs_json, instances_path=instances))
+    assert "café sign" in triples(from_pickle)[-1][1]
+
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    hostile = tmp_path / "hostile.p"
+    hostile.write_bytes(pickle.dumps([{"ref_id": 0, "x": Payload()}]))
+    with pytest.raises(AnnotationError, match=r"hostile.p: refused: it asks for (builtins|io)\.open; only plain data"):
+        build("ref_grounding", refs_path=str(hostile), instances_path=instances)
+    assert not marker.exists()
 
 
 def test_refcoco_errors(tmp_path):

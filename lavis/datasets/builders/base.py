@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,40 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise AnnotationError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+
+
+PICKLE_SUFFIXES = (".p", ".pkl", ".pickle")
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds only what pickle's own opcodes make (lists, dicts, tuples, strings, numbers, ...):
+    a pickle that names any class or function is refused before anything of it runs."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}")
+
+
+def read_pickle(path: str | Path) -> Any:
+    """A pickle of plain data, as released datasets ship them (RefCOCO's ``refs(unc).p``, written by
+    Python 2: its byte strings are read as UTF-8, or Latin-1 where they are not UTF-8). No code runs:
+    a pickle that asks for a class or function is an :class:`AnnotationError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"annotation file not found: {path}")
+    data = path.read_bytes()
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            return _PlainUnpickler(io.BytesIO(data), encoding=encoding).load()
+        except UnicodeDecodeError:
+            continue
+        except pickle.UnpicklingError as err:
+            raise AnnotationError(
+                f"{path}: refused: {err}; only plain data (lists, dicts, strings, numbers) is read from pickles, "
+                "so that no code in a data file runs"
+            ) from None
+        except (EOFError, ValueError, IndexError, KeyError, TypeError) as err:
+            raise AnnotationError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from None
+    raise AssertionError("unreachable: latin-1 decodes any bytes")
 
 
 def load_file(path: str | Path) -> Any:

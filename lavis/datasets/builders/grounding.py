@@ -19,9 +19,9 @@ On-disk formats (JSON list or JSONL, one object per image region or image)::
 
 Converting RefCOCO: each ref of ``refs(unc).p`` joined with its annotation's ``bbox`` and its image's
 ``file_name``/``width``/``height`` in ``instances.json`` gives one ref_grounding record. Or give
-the two files as they are: ``refs_path`` (the refs pickled list saved as JSON, e.g.
-``json.dump(pickle.load(open("refs(unc).p", "rb")), open("refs_unc.json", "w"))`` — pickles are
-never loaded here) plus ``instances_path`` and ``split`` ("train", "val", "testA", "testB", ...).
+the two files as they are: ``refs_path`` (``refs(unc).p`` as released, read by a restricted unpickler
+that builds plain data only and runs no code; or the same list saved as JSON) plus
+``instances_path`` and ``split`` ("train", "val", "testA", "testB", ...).
 
 Boxes must lie inside the image. A box that pokes out by at most 1 px (rounding in converters) is
 clamped to the image; a box further out, or of zero area, is an unusable record: it is skipped and
@@ -39,6 +39,7 @@ from typing import Any
 from lavis.common.config import ConfigError
 from lavis.common.registry import registry
 from lavis.datasets.builders.base import (
+    PICKLE_SUFFIXES,
     AnnotationError,
     RecordDataset,
     as_paths,
@@ -49,6 +50,7 @@ from lavis.datasets.builders.base import (
     load_file,
     parse_splits,
     read_json,
+    read_pickle,
     require_dict,
     require_str,
 )
@@ -230,7 +232,7 @@ class RefGroundingBuilder:
         return kept
 
     def _refcoco(self, records: list[dict[str, Any]], skips: SkipCounter) -> int:
-        refs = read_json(self.refs_path)
+        refs = read_pickle(self.refs_path) if str(self.refs_path).endswith(PICKLE_SUFFIXES) else read_json(self.refs_path)
         if not isinstance(refs, list):
             raise AnnotationError(
                 f"{self.refs_path}: expected RefCOCO's refs as a JSON list of {{'ref_id', 'ann_id', 'sentences', ...}}"
