@@ -432,6 +432,36 @@ def test_missing_annotation_file(tmp_path):
     assert str(info.value) == f"annotation file not found: {tmp_path / 'nope.json'}"
 
 
+def test_a_conversation_box_outside_0_1000_or_inverted_is_never_trained(tmp_path, caplog):
+    """``<box>(1200,50),(1300,80)</box>`` was trained as written: such records are now skipped and counted
+    (one warning naming the first), or with ``bad_boxes: error`` fail the build naming the record."""
+    def turns(answer: str) -> list[dict]:
+        return [{"from": "user", "value": "Where is the cat?"}, {"from": "assistant", "value": answer}]
+
+    records = [
+        {"id": "good", "conversations": turns("<ref>the cat</ref><box>(100,50),(300,80)</box>")},
+        {"id": "outside", "conversations": turns("<ref>the cat</ref><box>(1200,50),(1300,80)</box>")},
+        {"id": "inverted", "conversations": turns("<ref>the cat</ref><box>(300,80),(100,50)</box>")},
+        {"id": "malformed", "conversations": turns("<ref>the cat</ref><box>(100,50)</box>")},
+        {"id": "quad", "conversations": turns("<ref>EXIT</ref><quad>(1,2),(30,2),(30,9),(1,9)</quad>")},
+    ]
+    path = tmp_path / "conv.json"
+    path.write_text(json.dumps(records))
+    with caplog.at_level("WARNING"):
+        data = QwenVLConversationBuilder(str(path)).build()
+    assert [r["id"] for r in data.records] == ["good", "quad"]
+    assert (f"qwen_vl_conversation: skipped 3 of 5 annotation records with a malformed, out-of-range or inverted box "
+            f"(first: {path}: record 1 (id 'outside'): '<box>(1200,50),(1300,80)</box>' has a coordinate outside "
+            "[0, 1000))") in caplog.text
+    with pytest.raises(AnnotationError, match=re.escape(f"{path}: record 1 (id 'outside'): '<box>(1200,50),(1300,80)</box>'")):
+        QwenVLConversationBuilder(str(path), bad_boxes="error").build()
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([{"id": "x", "conversations": [
+        {"from": "human", "value": "Where?"}, {"from": "gpt", "value": "<box>(5,5),(2000,9)</box>"}]}]))
+    with pytest.raises(AnnotationError, match="outside"):
+        LLaVAConversationBuilder(str(llava), bad_boxes="error").build()
+
+
 @pytest.mark.parametrize("name, content", [("a.json", "[]"), ("a.jsonl", ""), ("b.jsonl", "\n  \n")])
 def test_an_empty_annotation_file_is_named(tmp_path, name, content):
     path = tmp_path / name
@@ -482,7 +512,7 @@ def test_unknown_run_key_exits_2_with_did_you_mean():
         ("model.freeze.visoin=frozen", "unknown key 'model.freeze.visoin' (did you mean 'vision'?); "
                                        "valid keys: adapter, llm, vision"),
         ("datasets.synthetic_sft.image_rot=x", "unknown key 'datasets.synthetic_sft.image_rot' "
-                                               "(did you mean 'image_root'?); valid keys: ann_path, builder, image_root, "
+                                               "(did you mean 'image_root'?); valid keys: ann_path, bad_boxes, builder, image_root, "
                                                "ratio, synthetic_root"),
         ("rnu.lr=1", "unknown top-level key 'rnu' in options (did you mean 'run'?); valid keys: model, datasets, evaluation, run"),
     ],

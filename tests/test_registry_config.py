@@ -140,7 +140,7 @@ def test_layering_default_component_project_options():
     # datasets: the builder's default YAML under the project's entry
     ds = cfg.datasets["synthetic_sft"]
     assert (ds.builder, ds.ratio, ds.synthetic_root) == ("qwen_vl_conversation", 1.0, "data/synthetic")
-    assert ds.params == {"ann_path": "data/synthetic/sft_train.json", "image_root": "data/synthetic"}
+    assert ds.params == {"ann_path": "data/synthetic/sft_train.json", "image_root": "data/synthetic", "bad_boxes": "skip"}
 
     # --options over everything: over default.yaml, over the project, over a component default
     cfg = sft("run.seed=7", "run.max_steps=5", "run.warmup_steps=1", "model.llm.attn_implementation=eager",

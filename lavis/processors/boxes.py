@@ -31,6 +31,29 @@ def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
     return [tuple(int(v) for v in m.groups()) for m in BOX_PATTERN.finditer(text)]
 
 
+BOX_SPAN = re.compile(r"<(box|quad)>(.*?)</\1>", re.S)
+POINT = re.compile(r"\((-?\d+),(-?\d+)\)")
+POINTS = re.compile(r"\(-?\d+,-?\d+\)(?:,\(-?\d+,-?\d+\))*")
+
+
+def box_problems(text: str) -> list[str]:
+    """What is wrong with the ``<box>``/``<quad>`` spans of a text written by hand or by a converter:
+    a span that is not 2 (box) or 4 (quad) integer points, a coordinate outside [0, 1000), or a box
+    whose corners are inverted (x2 < x1 or y2 < y1). [] when every span is valid."""
+    problems = []
+    for match in BOX_SPAN.finditer(text):
+        kind, body = match.groups()
+        points = [(int(x), int(y)) for x, y in POINT.findall(body)]
+        expected = 2 if kind == "box" else 4
+        if not POINTS.fullmatch(body) or len(points) != expected:
+            problems.append(f"{match.group(0)!r} is not {expected} points (x,y)")
+        elif any(not 0 <= v < 1000 for point in points for v in point):
+            problems.append(f"{match.group(0)!r} has a coordinate outside [0, 1000)")
+        elif kind == "box" and (points[1][0] < points[0][0] or points[1][1] < points[0][1]):
+            problems.append(f"{match.group(0)!r} is inverted (its second corner is left of or above the first)")
+    return problems
+
+
 def denorm_box(box: tuple[int, int, int, int], width: int, height: int) -> tuple[float, float, float, float]:
     """Normalised [0, 1000) box -> pixel box (inverse of :func:`box_text` up to rounding)."""
     x1, y1, x2, y2 = box

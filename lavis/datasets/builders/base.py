@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import logging
 import json
 import pickle
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
 
 
 class AnnotationError(ValueError):
@@ -145,6 +148,24 @@ def check_split_kept(path: str, splits: tuple[str, ...] | None, kept: int, prese
     if splits is not None and kept == 0:
         found = ", ".join(sorted(map(str, present))) or "none (no 'split' keys)"
         raise AnnotationError(f"{path}: no records of split {', '.join(splits)}; splits in the file: {found}")
+
+
+class SkipCounter:
+    """Counts records a builder skipped at build time and remembers the first, for one WARNING per build."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: str | None = None
+
+    def skip(self, where: str, reason: str) -> None:
+        self.count += 1
+        if self.first is None:
+            self.first = f"{where}: {reason}"
+
+    def warn(self, builder: str, total: int, what: str) -> None:
+        """One WARNING: ``{builder}: skipped {n} of {total} annotation records {what} (first: ...)``."""
+        if self.count:
+            log.warning("%s: skipped %d of %d annotation records %s (first: %s)", builder, self.count, total, what, self.first)
 
 
 class RecordDataset(Dataset):

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from lavis.common.registry import registry
-from lavis.datasets.builders.base import AnnotationError, RecordDataset, as_paths, read_annotations, describe_record
+from lavis.datasets.builders.base import (
+    AnnotationError,
+    RecordDataset,
+    SkipCounter,
+    as_paths,
+    describe_record,
+    read_annotations,
+)
+from lavis.processors.boxes import box_problems
 from lavis.processors.conversation import ROLES
 
 
@@ -37,21 +45,35 @@ class QwenVLConversationBuilder:
 
     roles = {role: role for role in ROLES}
 
-    def __init__(self, ann_path: str | list[str], image_root: str = "") -> None:
+    def __init__(self, ann_path: str | list[str], image_root: str = "", bad_boxes: Literal["skip", "error"] = "skip") -> None:
         self.ann_paths = as_paths(ann_path)
         self.image_root = image_root
+        self.bad_boxes = bad_boxes
 
     def convert(self, path: str, index: int, record: Any) -> dict[str, Any]:
         messages = _conversations(path, index, record, self.roles)
         return {"id": str(record.get("id", index)), "messages": messages}
 
     def build(self) -> RecordDataset:
-        """Read and validate every record now, so a bad file fails at start."""
-        records = [
-            self.convert(path, index, record)
-            for path in self.ann_paths
-            for index, record in enumerate(read_annotations(path))
-        ]
+        """Read and validate every record now, so a bad file fails at start.
+
+        A record whose ``<box>``/``<quad>`` text is malformed, outside [0, 1000) or inverted is never
+        trained as written: it is skipped and counted (one WARNING), or with ``bad_boxes: error`` fails
+        the build naming the record.
+        """
+        records, skips, total = [], SkipCounter(), 0
+        for path in self.ann_paths:
+            for index, record in enumerate(read_annotations(path)):
+                converted = self.convert(path, index, record)
+                total += 1
+                problems = [p for m in converted["messages"] for p in box_problems(m["content"])]
+                if not problems:
+                    records.append(converted)
+                elif self.bad_boxes == "error":
+                    raise AnnotationError(f"{describe_record(path, index, record)}: {'; '.join(problems)}")
+                else:
+                    skips.skip(describe_record(path, index, record), "; ".join(problems))
+        skips.warn(type(self).registry_name, total, "with a malformed, out-of-range or inverted box")
         return RecordDataset(records, self.image_root)
 
 

@@ -31,7 +31,6 @@ Malformed records (missing keys, a bbox that is not four numbers, ...) fail the 
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from typing import Any
@@ -42,6 +41,7 @@ from lavis.datasets.builders.base import (
     PICKLE_SUFFIXES,
     AnnotationError,
     RecordDataset,
+    SkipCounter,
     as_paths,
     check_split_kept,
     describe_record,
@@ -56,7 +56,6 @@ from lavis.datasets.builders.base import (
 )
 from lavis.processors.boxes import box_text
 
-log = logging.getLogger(__name__)
 
 GROUNDED_CAPTION_PROMPT = "Generate the caption in English with grounding:"
 EDGE_TOLERANCE = 1.0  # pixels a box may extend past the image edge and still be clamped
@@ -64,29 +63,6 @@ EDGE_TOLERANCE = 1.0  # pixels a box may extend past the image edge and still be
 
 class OutsideImage(Exception):
     """A box or quad that does not lie in its image: the record is skipped and counted."""
-
-
-class SkipCounter:
-    """Counts records skipped for a bad box and remembers the first, for one WARNING per build."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.first: str | None = None
-
-    def skip(self, where: str, reason: str) -> None:
-        self.count += 1
-        if self.first is None:
-            self.first = f"{where}: {reason}"
-
-    def warn(self, builder: str, total: int) -> None:
-        if self.count:
-            log.warning(
-                "%s: skipped %d of %d annotation records whose box lies outside the image or has zero area (first: %s)",
-                builder,
-                self.count,
-                total,
-                self.first,
-            )
 
 
 def numbers(where: str, value: Any, n: int, what: str) -> list[float]:
@@ -199,7 +175,7 @@ class RefGroundingBuilder:
             total = self._refcoco(records, skips)
         for path in self.ann_paths:
             total += self._plain(path, records, skips)
-        skips.warn(type(self).registry_name, total)
+        skips.warn(type(self).registry_name, total, "whose box lies outside the image or has zero area")
         self.skipped = skips.count
         return RecordDataset(records, self.image_root)
 
@@ -361,7 +337,7 @@ class RegionRecordsBuilder:
                 record = self.convert(path, index, record, skips)
                 if record is not None:
                     records.append(record)
-        skips.warn(type(self).registry_name, total)
+        skips.warn(type(self).registry_name, total, "whose box lies outside the image or has zero area")
         self.skipped = skips.count
         return RecordDataset(records, self.image_root)
 

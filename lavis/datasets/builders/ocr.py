@@ -21,11 +21,17 @@ from __future__ import annotations
 from typing import Any
 
 from lavis.common.registry import registry
-from lavis.datasets.builders.base import AnnotationError, describe_record, image_tag, require_dict, require_str
+from lavis.datasets.builders.base import (
+    AnnotationError,
+    SkipCounter,
+    describe_record,
+    image_tag,
+    require_dict,
+    require_str,
+)
 from lavis.datasets.builders.grounding import (
     OutsideImage,
     RegionRecordsBuilder,
-    SkipCounter,
     clamp_point,
     image_size,
     numbers,
