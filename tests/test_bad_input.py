@@ -133,7 +133,7 @@ def test_a_skipped_sample_is_replaced_by_the_same_datasets_next(tmp_path, proces
     records = build(tmp_path, [image_record("r0", "img0.png"), image_record("r1", "nope.png")])
     stream = batches(records, processor, batch_size=1)
     seen = [next(stream) for _ in range(4)]  # 4 epochs: the missing image is met once in each
-    assert sum(b["skipped"]["missing_image"] for b in seen) >= 3
+    assert sum(b["skipped"].get("missing_image", 0) for b in seen) >= 3
     assert all(b["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) for b in seen)
 
 
@@ -186,6 +186,33 @@ def test_runner_fails_when_most_images_are_missing(tmp_path):
     assert runner.samples_seen + total >= 64  # the check waits for enough samples to judge
 
 
+def test_every_skip_is_named_in_skipped_jsonl_and_the_first_of_each_reason_in_the_log(tmp_path, caplog):
+    """A skip was only a count: now skipped.jsonl names each (step, rank, dataset, record, reason, detail),
+    and the log shows the first three of each reason."""
+    from lavis.common.config import load_config
+    from lavis.common.logging import read_metrics
+    from lavis.runners import build_runner
+
+    for i in range(0, 40, 2):
+        png(tmp_path / f"img{i}.png")
+    records = [image_record(f"r{i}", f"img{i}.png") for i in range(40)]  # every other image is missing
+    project = write_project(tmp_path, records)
+    with caplog.at_level("WARNING"):
+        build_runner(load_config(project, ["run.max_skip_ratio=0.9", "run.max_steps=4", "run.log_every=3"])).train()
+    out = tmp_path / "out"
+    skipped = read_metrics(out / "skipped.jsonl")
+    counted = read_metrics(out / "metrics.jsonl")[-1]["skipped"]
+    assert counted > 3 and len(skipped) == counted
+    for record in skipped:
+        assert record["dataset"] == "d" and record["reason"] == "missing_image" and record["rank"] == 0
+        number = int(record["id"][1:])
+        assert number % 2 == 1 and record["detail"] == f"image not found: {tmp_path / f'img{number}.png'}"
+        assert 1 <= record["step"] <= 4
+    shown = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped r")]
+    assert shown[0] == f"skipped {skipped[0]['id']} of dataset d (missing_image): {skipped[0]['detail']}"
+    assert len(shown) == 3 and shown[2].endswith(f"; further 'missing_image' skips only in {out / 'skipped.jsonl'}")
+
+
 def test_runner_with_all_images_missing_fails_at_the_first_batch(tmp_path):
     from lavis.common.config import load_config
     from lavis.runners import build_runner
@@ -233,7 +260,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, processor, kind):
     stream = batches(records, processor, batch_size=2)
     seen = [next(stream) for _ in range(2)]  # 4 usable draws over 4 epochs
     assert set().union(*(b["skipped"] for b in seen)) == {"corrupt_image"}
-    assert sum(b["skipped"]["corrupt_image"] for b in seen) >= 3
+    assert sum(b["skipped"].get("corrupt_image", 0) for b in seen) >= 3
     assert all(b["pixel_values"].shape[0] == 2 for b in seen)
 
 
@@ -322,7 +349,7 @@ def test_image_url_is_skipped_never_fetched(tmp_path, processor, monkeypatch):
     assert str(info.value) == f"image URLs are not fetched: {URL} (download it and use a local path)"
 
     batch = next(batches(records, processor, batch_size=2))
-    assert batch["skipped"]["remote_image"] >= 1
+    assert batch["skipped"].get("remote_image", 0) >= 1
     assert batch["pixel_values"].shape[0] == 0  # only the text-only record is usable
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -17,20 +20,16 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` and flushes, so a killed run keeps its log.
-
-    ``mirror``: a wandb run (or anything with ``log(dict, step=)`` and ``finish()``) that also gets
-    the numeric values of every record.
+class JsonlLog:
+    """Appends one JSON object per line and flushes, so a killed run keeps its log.
 
     ``resume_step``: continue a log from that step; records of later steps (written by the run
     that was interrupted after its last checkpoint) are dropped, so no step appears twice.
     ``None`` starts a new log.
     """
 
-    def __init__(self, path: str | Path, resume_step: int | None = None, mirror: Any = None) -> None:
+    def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
         self.path = Path(path)
-        self.mirror = mirror
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step is not None and self.path.exists():
@@ -42,14 +41,51 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class MetricsWriter(JsonlLog):
+    """``metrics.jsonl``; ``mirror``: a wandb run (or anything with ``log(dict, step=)`` and
+    ``finish()``) that also gets the numeric values of every record."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None, mirror: Any = None) -> None:
+        self.mirror = mirror
+        super().__init__(path, resume_step)
+
+    def write(self, record: dict[str, Any]) -> None:
+        super().write(record)
         if self.mirror is not None:
             numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
             self.mirror.log(numbers, step=record["step"])
 
     def close(self) -> None:
-        self._fh.close()
+        super().close()
         if self.mirror is not None:
             self.mirror.finish()
+
+
+class SkipLog(JsonlLog):
+    """``skipped.jsonl``: one line per unusable sample (step, rank, dataset, record id or shard member,
+    reason, detail); the first few of each reason are also logged, so a skip is never only a count."""
+
+    SHOWN_PER_REASON = 3
+
+    def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
+        super().__init__(path, resume_step)
+        self.shown: Counter = Counter()
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self.write(record)
+            reason = record["reason"]
+            self.shown[reason] += 1
+            if self.shown[reason] <= self.SHOWN_PER_REASON:
+                more = f"; further '{reason}' skips only in {self.path}" if self.shown[reason] == self.SHOWN_PER_REASON else ""
+                log.warning(
+                    "skipped %s of dataset %s (%s): %s%s", record["id"], record["dataset"], reason, record["detail"], more
+                )
 
 
 class NullMetricsWriter:

@@ -116,10 +116,11 @@ class SourceChooser:
 
 @dataclass
 class Drawn:
-    """A processed sample, the reasons of the skips met while drawing it, and the state before it."""
+    """A processed sample, the skips met while drawing it (``{"dataset", "id", "reason", "detail"}``:
+    which record, shard member or shard, and why), and the state before it."""
 
     sample: dict[str, torch.Tensor]
-    skipped: list[str]
+    skipped: list[dict[str, str]]
     state_before: dict[str, Any]
     source: str = ""
 
@@ -195,7 +196,7 @@ class _Walker:
         before = self.snapshot()
         cursor = self.cursors[self.choose(self.draws)]
         self.draws += 1
-        skipped: list[str] = []
+        skipped: list[dict[str, str]] = []
         while True:
             record = cursor.next_record()
             try:
@@ -206,18 +207,19 @@ class _Walker:
                     raise SkipSample("too_long")
                 return Drawn(sample, skipped, before, cursor.source.name)
             except SkipSample as err:
-                skipped.append(err.reason)
+                skipped.append(
+                    {"dataset": cursor.source.name, "id": str(record.get("id", "?")), "reason": err.reason, "detail": str(err)}
+                )
                 if len(skipped) >= self.cfg.max_consecutive_skips:
                     raise RuntimeError(
                         f"{len(skipped)} consecutive samples of dataset '{cursor.source.name}' were unusable "
-                        f"(reasons: {dict(Counter(skipped))}); last: {record.get('id')}: {err}"
+                        f"(reasons: {dict(Counter(s['reason'] for s in skipped))}); last: {record.get('id')}: {err}"
                     ) from None
 
     def padded_batch(self) -> dict[str, Any]:
         drawn = [self.draw() for _ in range(self.cfg.batch_size)]
         batch = self.stream.collate([d.sample for d in drawn])
-        batch["skipped"] = Counter(r for d in drawn for r in d.skipped)
-        return batch
+        return with_skips(batch, [s for d in drawn for s in d.skipped])
 
     def packed_batch(self) -> dict[str, Any]:
         """Greedy packing: fill a row until the next sample does not fit, ``batch_size`` rows."""
@@ -237,5 +239,13 @@ class _Walker:
                 self.pending = item
                 break
         batch = self.stream.collate([[d.sample for d in row] for row in rows])
-        batch["skipped"] = Counter(r for row in rows for d in row for r in d.skipped)
-        return batch
+        return with_skips(batch, [s for row in rows for d in row for s in d.skipped])
+
+
+def with_skips(batch: dict[str, Any], skips: list[dict[str, str]]) -> dict[str, Any]:
+    """``batch`` with the skips met while drawing it: counted by reason (``skipped``, a plain dict:
+    DataLoader's conversion and pinning rebuild mappings with ``update()``, which adds Counters up)
+    and each one (``skip_records``)."""
+    batch["skipped"] = dict(Counter(s["reason"] for s in skips))
+    batch["skip_records"] = skips
+    return batch

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import Config
-from lavis.common.logging import MetricsWriter, NullMetricsWriter, init_wandb
+from lavis.common.logging import MetricsWriter, NullMetricsWriter, SkipLog, init_wandb
 from lavis.common.precision import autocast
 from lavis.common.optim import build_optimizer
 from lavis.common.registry import registry
@@ -76,7 +76,8 @@ class StepStats:
     input_tokens: int
     samples: int
     grad_norm: torch.Tensor | None
-    skipped: Counter  # this rank's skips
+    skipped: Counter  # this rank's skips, by reason
+    skip_records: list[dict[str, str]]  # and each of them (dataset, record id, reason, detail)
     stop: bool  # a rank was asked to stop (SIGTERM): every rank stops after this step
 
 
@@ -226,7 +227,8 @@ class IterRunner:
             input_tokens=int(input_tokens),
             samples=int(samples),
             grad_norm=grad_norm,
-            skipped=sum((b["skipped"] for b in micro_batches), Counter()),
+            skipped=sum((Counter(b["skipped"]) for b in micro_batches), Counter()),
+            skip_records=[s for b in micro_batches for s in b["skip_records"]],
             stop=bool(stop),
         )
 
@@ -264,6 +266,7 @@ class IterRunner:
             # resume has just restored (dropout after a resume would differ from an uninterrupted run).
             generator=torch.Generator().manual_seed(self.run.seed),
             worker_init_fn=_ignore_sigterm,
+            collate_fn=_as_is,  # the stream's batches are final
         )
         for batch in loader:
             position = batch.pop("data_state")
@@ -423,6 +426,13 @@ class IterRunner:
 
     # ------------------------------------------------------------------ the loop
 
+    def _log_skips(self, skip_log: SkipLog | None, new_skips: list[dict[str, Any]]) -> Counter:
+        """Every rank's skips so far by reason; the new ones (each rank's) go to ``skipped.jsonl``."""
+        gathered = self.strategy.all_gather_object((dict(self.skipped), new_skips))
+        if skip_log is not None:
+            skip_log.add([record for _, records in gathered for record in records])
+        return sum((Counter(counts) for counts, _ in gathered), Counter())
+
     def _request_stop(self, signum, frame) -> None:
         log.warning("signal %d: saving a checkpoint and stopping after this step", signum)
         self._stop_requested = True
@@ -485,6 +495,7 @@ class IterRunner:
             if self.is_main
             else NullMetricsWriter()
         )
+        skip_log = SkipLog(self.output_dir / "skipped.jsonl", self.step if resume is not None else None) if self.is_main else None
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
         self.wrapped.train()
         batches = self.data_iterator()
@@ -496,6 +507,7 @@ class IterRunner:
         last: dict[str, Any] = {}
         started = time.perf_counter()
         stop = False
+        new_skips: list[dict[str, Any]] = []  # this rank's, since the last log step
         try:
             while self.step < run.max_steps and not stop:
                 lr = self.set_lr(self.step)
@@ -504,6 +516,7 @@ class IterRunner:
                 self.step += 1
                 self.samples_seen += stats.samples
                 self.skipped += stats.skipped
+                new_skips += [{"step": self.step, "rank": self.strategy.rank, **s} for s in stats.skip_records]
                 self._check_skips()
                 window["loss"] += stats.loss_sum
                 window["tokens"] += stats.target_tokens
@@ -512,7 +525,8 @@ class IterRunner:
                 bar.update(1)
                 if self.step % run.log_every == 0 or self.step == run.max_steps:
                     elapsed = time.perf_counter() - window["start"]
-                    skipped = sum(map(Counter, self.strategy.all_gather_object(dict(self.skipped))), Counter())
+                    skipped = self._log_skips(skip_log, new_skips)
+                    new_skips = []
                     last = {
                         "step": self.step,
                         "loss": window["loss"] / max(window["tokens"], 1),
@@ -534,9 +548,12 @@ class IterRunner:
                     self.evaluate(metrics)
                 if self.step % run.save_every == 0 or self.step == run.max_steps or stop:
                     self.save()
+            self._log_skips(skip_log, new_skips)  # those since the last log step (a stop on a signal)
         finally:
             bar.close()
             metrics.close()
+            if skip_log is not None:
+                skip_log.close()
             signal.signal(signal.SIGTERM, previous_handler)
         if stop and self.is_main:
             log.warning("stopped at step %d on a signal; continue with run.resume=auto", self.step)
@@ -549,6 +566,10 @@ class IterRunner:
                 self.output_dir / "metrics.jsonl",
             )
         return last
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
 
 
 def _ignore_sigterm(worker_id: int) -> None:
