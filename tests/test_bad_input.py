@@ -415,6 +415,33 @@ def test_llava_image_without_user_turn_is_an_annotation_error(tmp_path):
         LLaVAConversationBuilder(ann).build()
 
 
+def test_llava_records_as_llava_reads_them(tmp_path, caplog):
+    """A text-only record with a literal ``<image>`` no longer fails the whole build (it stays text, as in
+    LLaVA); a ShareGPT record opening with a gpt turn loses that turn (as in LLaVA), counted in a warning."""
+    ann = write_json(tmp_path / "llava.json", [
+        {"id": "text", "conversations": [
+            {"from": "human", "value": "What does the <image> tag mean in LLaVA's data?"},
+            {"from": "gpt", "value": "It marks where the picture goes."}]},
+        {"id": "sharegpt", "conversations": [
+            {"from": "gpt", "value": "Hello! How can I help?"},
+            {"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Red."}]},
+    ])
+    with caplog.at_level("WARNING"):
+        data = LLaVAConversationBuilder(ann).build()
+    text, sharegpt = data.records
+    assert text["messages"][0]["content"] == "What does the <image> tag mean in LLaVA's data?"
+    assert [m["role"] for m in sharegpt["messages"]] == ["user", "assistant"]
+    assert sharegpt["messages"][0]["content"] == "Name a colour."
+    assert f"dropped the opening gpt turn of 1 records, as LLaVA does (first: {ann}: record 1 (id 'sharegpt'))" in caplog.text
+
+
+def test_a_builder_typo_suggests_the_builder_it_is_part_of():
+    from lavis.common.registry import RegistryError
+
+    with pytest.raises(RegistryError, match=r"unknown builder 'llava' \(did you mean 'llava_conversation'\?\)"):
+        registry.get("builder", "llava")
+
+
 def test_malformed_json_names_file_line_and_column(tmp_path):
     path = tmp_path / "ann.json"
     path.write_text('[\n  {"id": "a", "conversations": []},\n  {"id": "b",, }\n]\n', encoding="utf-8")

@@ -526,7 +526,6 @@ def test_llava_image_without_placeholder_goes_first(tmp_path):
     "image, value, counts",
     [
         ("a.jpg", "<image>\n<image>\nTwo?", "2 <image> placeholders for 1 images"),
-        (None, "<image>\nWhat is it?", "1 <image> placeholders for 0 images"),
         (["a.jpg", "b.jpg", "c.jpg"], "<image>\nThree?", "1 <image> placeholders for 3 images"),
     ],
 )

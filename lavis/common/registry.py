@@ -47,8 +47,14 @@ class RegistryError(KeyError):
 
 
 def did_you_mean(name: str, choices) -> str:
-    """' (did you mean 'x'?)' for the closest of ``choices``, or ''."""
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    """' (did you mean 'x'?)' for the closest of ``choices``, or ''.
+
+    A choice that contains what was typed as a whole part (``llava`` in ``llava_conversation``) wins
+    over one that merely shares letters (``vqa``); otherwise difflib's closest match.
+    """
+    typed, names = str(name).lower(), [str(c) for c in choices]
+    parts = [c for c in names if typed and typed in c.lower().replace("-", "_").split("_")]
+    close = parts[:1] or difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

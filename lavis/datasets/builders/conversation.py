@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Literal
 
@@ -16,6 +17,8 @@ from lavis.datasets.builders.base import (
 )
 from lavis.processors.boxes import box_problems
 from lavis.processors.conversation import ROLES
+
+log = logging.getLogger(__name__)
 
 
 def _conversations(path: str, index: int, record: Any, roles: dict[str, str]) -> list[dict[str, str]]:
@@ -86,15 +89,35 @@ class LLaVAConversationBuilder(QwenVLConversationBuilder):
 
     Each ``<image>`` placeholder becomes ``Picture n: <img>path</img>\\n`` as in Qwen-VL; ``image``
     may be one path or a list; a record with an image but no placeholder gets it before the first turn.
+    A text-only record keeps a literal ``<image>`` as text, and an opening ``gpt`` turn is dropped (both
+    as LLaVA's own preprocessing does).
     """
 
     roles = {"human": "user", "gpt": "assistant", "system": "system"}
 
+    def build(self) -> RecordDataset:
+        """As :meth:`QwenVLConversationBuilder.build`; a first turn by ``gpt`` (ShareGPT exports start so)
+        is dropped, as LLaVA's own preprocessing does, and counted in one WARNING."""
+        self.dropped_first_turns: list[str] = []
+        data = super().build()
+        if self.dropped_first_turns:
+            log.warning(
+                "llava_conversation: dropped the opening gpt turn of %d records, as LLaVA does (first: %s)",
+                len(self.dropped_first_turns), self.dropped_first_turns[0],
+            )
+        return data
+
     def convert(self, path: str, index: int, record: Any) -> dict[str, Any]:
+        turns = record.get("conversations") if isinstance(record, dict) else None
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict) and turns[0].get("from") == "gpt":
+            self.dropped_first_turns.append(describe_record(path, index, record))
+            record = {**record, "conversations": turns[1:]}
         converted = super().convert(path, index, record)
         images = record.get("image") or []
         images = [images] if isinstance(images, str) else list(images)
         messages = converted["messages"]
+        if not images:  # LLaVA leaves a text-only record's "<image>" as text; so does this
+            return converted
         placeholders = sum(len(IMAGE_PLACEHOLDER.findall(m["content"])) for m in messages)
         if placeholders not in (0, len(images)):
             raise AnnotationError(
