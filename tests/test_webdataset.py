@@ -128,6 +128,33 @@ def test_reads_shards_written_by_tar(tmp_path, layout):
     assert records == expected("shard.tar", prefix)
 
 
+@needs_tar
+def test_a_shard_whose_members_are_not_grouped_is_refused_with_how_to_rewrite_it(tmp_path):
+    """``tar cf shard.tar -C dir .`` can store all images, then all captions: streamed, 9 of 12 samples
+    were lost and counted twice. Such a shard is refused, at start when it is the first, with the fix;
+    the rewritten shard reads every sample."""
+    files = tmp_path / "files"
+    names = write_files(files)
+    ungrouped = sorted(names, key=lambda n: (n.split(".", 1)[1], n))  # by extension: samples apart
+    shard = tmp_path / "shard.tar"
+    subprocess.run(["tar", "-cf", str(shard), *ungrouped], cwd=files, check=True)
+    assert tarfile.open(shard).getnames()[:2] == ["000001.jpg", "000003.jpg"]
+
+    hint = "a sample's files must follow each other (webdataset's layout). Rewrite the shard sorted by name, " \
+           "e.g. tar --sort=name -cf shard.tar -C <dir> ."
+    with pytest.raises(AnnotationError) as err:
+        registry.get("builder", "webdataset_caption")(shards=str(shard)).build()
+    assert str(err.value).startswith(f"{shard}: member ") and hint in str(err.value)
+    # A later shard written so is refused when it is read (the start checks the first shard only).
+    good = tmp_path / "good.tar"
+    subprocess.run(["tar", "--sort=name", "-cf", str(good), *names], cwd=files, check=True)
+    src = registry.get("builder", "webdataset_caption")(shards=[str(good), str(shard)], shuffle_shards=False).build()
+    with pytest.raises(AnnotationError, match="Rewrite the shard sorted by name"):
+        epoch(src)
+    subprocess.run(["tar", "--sort=name", "-cf", str(shard), "-C", str(files), "."], check=True)
+    assert epoch(source(str(shard))) == expected("shard.tar")
+
+
 def test_json_caption_field_and_caption_key_order(tmp_path):
     samples = [("a", RED, "unused")]
     [shard] = write_shards(samples, str(tmp_path / "s-%06d.tar"), 10)

@@ -86,12 +86,44 @@ class _StrictTarInfo(tarfile.TarInfo):
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, _BrokenTar)
 
 
-def read_tar_groups(source: str | os.PathLike | BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
+class UngroupedShard(AnnotationError):
+    """A shard whose members are not grouped by sample key (e.g. written by ``tar -cf x.tar -C dir .``
+    without sorting): streamed, its samples would come apart, so it is refused with how to rewrite it."""
+
+    def __init__(self, shard: str, member: str, key: str) -> None:
+        super().__init__(
+            f"{shard}: member {member} belongs to sample '{key}', whose other members came earlier in the tar "
+            f"but not next to it: a sample's files must follow each other (webdataset's layout). Rewrite the "
+            f"shard sorted by name, e.g. tar --sort=name -cf {Path(shard).name} -C <dir> ."
+        )
+
+
+class _SampleOrder:
+    """Follows the sample keys of a shard's members in order; a key met again after another key means
+    the members are not grouped: :class:`UngroupedShard`."""
+
+    def __init__(self, shard: str) -> None:
+        self.shard, self.key, self.finished = shard, None, set()
+
+    def is_new(self, member: str, key: str) -> bool:
+        """Whether ``member`` (of sample ``key``) starts another sample than the one before it."""
+        if key == self.key:
+            return False
+        if key in self.finished:
+            raise UngroupedShard(self.shard, member, key)
+        if self.key is not None:
+            self.finished.add(self.key)
+        self.key = key
+        return True
+
+
+def read_tar_groups(source: str | os.PathLike | BinaryIO, name: str = "") -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {ext: bytes})`` per sample of one tar (a path or an open binary file), streamed, in
     tar order (``tarfile`` in stream mode ``r|*``: plain, gzip, bz2 or xz).
 
-    Directory entries, links and non-sample names are skipped. A key met again after another key,
-    or an extension met twice in a row, starts a new sample. Raises on a truncated or corrupt tar;
+    Directory entries, links and non-sample names are skipped. An extension met twice in a row starts
+    a new sample. A key met again after another key means the members are not grouped by sample:
+    :class:`UngroupedShard` (``name`` names the shard in it). Raises on a truncated or corrupt tar;
     the sample being read when that happens is not yielded.
     """
     if isinstance(source, (str, os.PathLike)):
@@ -99,6 +131,7 @@ def read_tar_groups(source: str | os.PathLike | BinaryIO) -> Iterator[tuple[str,
     else:
         opened = tarfile.open(fileobj=source, mode="r|*", tarinfo=_StrictTarInfo)
     with opened as tar:
+        order = _SampleOrder(name or str(source))
         key: str | None = None
         parts: dict[str, bytes] = {}
         for member in tar:
@@ -108,13 +141,29 @@ def read_tar_groups(source: str | os.PathLike | BinaryIO) -> Iterator[tuple[str,
             if split is None:
                 continue
             member_key, ext = split
-            if member_key != key or ext in parts:
+            if order.is_new(member.name, member_key) or ext in parts:
                 if parts:
                     yield key, parts
                 key, parts = member_key, {}
             parts[ext] = tar.extractfile(member).read()
         if parts:
             yield key, parts
+
+
+def check_grouped(shard: str) -> None:
+    """Raise :class:`UngroupedShard` when ``shard``'s members are not grouped by sample key (reads the
+    member names only, not their data, for an uncompressed tar). A shard that cannot be read is left
+    to the reader, which counts it."""
+    try:
+        with tarfile.open(shard, mode="r:*") as tar:
+            names = [m.name for m in tar.getmembers() if m.isfile()]
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        return
+    order = _SampleOrder(shard)
+    for name in names:
+        split = split_member_name(name)
+        if split is not None:
+            order.is_new(name, split[0])
 
 
 def buffer_shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -207,7 +256,7 @@ class WebDatasetCaptionSource(StreamingSource):
         try:
             with open(shard, "rb") as fileobj:
                 opened = True
-                for group in read_tar_groups(fileobj):
+                for group in read_tar_groups(fileobj, shard):
                     count += 1
                     yield group
         except _READ_ERRORS as err:
@@ -294,6 +343,7 @@ class WebDatasetCaptionBuilder:
             raise AnnotationError(f"{len(missing)} of {len(self.shards)} shard files not found: {shown}")
         if not self.image_keys or not self.caption_keys:
             raise AnnotationError("webdataset_caption: 'image_keys' and 'caption_keys' must not be empty")
+        check_grouped(self.shards[0])  # a shard written unsorted fails now rather than in a data worker
         return WebDatasetCaptionSource(
             self.shards,
             self.shuffle_buffer,
