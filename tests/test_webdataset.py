@@ -395,7 +395,8 @@ def test_truncated_shard_is_counted_and_the_next_shards_read(tmp_path, caplog, c
     with caplog.at_level(logging.WARNING, logger="lavis.datasets.builders.webdataset"):
         records = epoch(source(shards))
     skipped = [r for r in records if "skipped" in r]
-    assert skipped == [{"skipped": "truncated_shard", "id": "shard-000001.tar"}]
+    assert [(r["skipped"], r["id"]) for r in skipped] == [("truncated_shard", "shard-000001.tar")]
+    assert skipped[0]["detail"].startswith(f"shard {broken} is truncated or corrupt (")
     got = ids(records)
     assert got[:10] == [f"shard-000000.tar/{i:06d}" for i in range(10)]
     assert got[-10:] == [f"shard-000002.tar/{i:06d}" for i in range(20, 30)]
@@ -409,6 +410,19 @@ def test_truncated_shard_is_counted_and_the_next_shards_read(tmp_path, caplog, c
     [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "shard-000001.tar" in warning.getMessage()
     assert f"{len(from_broken)} samples were read from it" in warning.getMessage()
+
+
+def test_a_broken_shard_is_warned_about_once_and_counted_in_every_epoch(tmp_path, caplog):
+    """The warning repeated once per epoch (7 times in a run); now it comes once, and each epoch still
+    counts the shard it lost."""
+    shards = shard_set(tmp_path, 20, 10)
+    with open(shards[0], "r+b") as f:
+        f.truncate(Path(shards[0]).stat().st_size // 2)
+    src = source(shards)
+    with caplog.at_level(logging.WARNING, logger="lavis.datasets.builders.webdataset"):
+        skips = [r for e in range(4) for r in epoch(src, 0, e) if "skipped" in r]
+    assert len(skips) == 4
+    assert len([r for r in caplog.records if "truncated or corrupt" in r.getMessage()]) == 1
 
 
 def test_truncated_shard_counted_once_when_all_workers_read_it(tmp_path):
@@ -428,7 +442,8 @@ def test_shard_gone_after_build_is_counted(tmp_path, caplog):
     Path(shards[0]).unlink()
     with caplog.at_level(logging.WARNING):
         records = epoch(src)
-    assert records[0] == {"skipped": "unreadable_shard", "id": "shard-000000.tar"}
+    assert (records[0]["skipped"], records[0]["id"]) == ("unreadable_shard", "shard-000000.tar")
+    assert records[0]["detail"].startswith(f"shard {shards[0]} cannot be opened (")
     assert ids(records) == ["shard-000001.tar/000002", "shard-000001.tar/000003"]
     assert "shard-000000.tar" in caplog.text
 

@@ -201,7 +201,7 @@ class _Walker:
             record = cursor.next_record()
             try:
                 if "skipped" in record:
-                    raise SkipSample(record["skipped"])
+                    raise SkipSample(record["skipped"], record.get("detail", ""))
                 sample = self.stream.processor(record)
                 if self.cfg.pack and len(sample["input_ids"]) > self.cfg.max_len:
                     raise SkipSample("too_long")

@@ -197,6 +197,7 @@ class WebDatasetCaptionSource(StreamingSource):
         json_caption_field: str,
     ) -> None:
         self.shards = list(shards)
+        self.reported: set[str] = set()  # broken shards already warned about (in this process)
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_shards = shuffle_shards
         self.image_keys = [k.lower() for k in image_keys]
@@ -263,15 +264,11 @@ class WebDatasetCaptionSource(StreamingSource):
             reason = "truncated_shard" if opened else "unreadable_shard"
             if report:
                 problem = "is truncated or corrupt" if opened else "cannot be opened"
-                log.warning(
-                    "shard %s %s (%s: %s); %d samples were read from it; going on with the next shard",
-                    shard,
-                    problem,
-                    type(err).__name__,
-                    err,
-                    count,
-                )
-                yield {"skipped": reason, "id": Path(shard).name}
+                detail = f"shard {shard} {problem} ({type(err).__name__}: {err}); {count} samples were read from it"
+                if shard not in self.reported:  # once per shard, not once per epoch
+                    self.reported.add(shard)
+                    log.warning("%s; going on with the next shard (it is counted as skipped in every epoch)", detail)
+                yield {"skipped": reason, "id": Path(shard).name, "detail": detail}
 
     def to_record(self, shard: str, key: str, parts: dict[str, bytes]) -> dict[str, Any]:
         """One sample group -> the caption record, or ``{"skipped": reason, "id"}``."""
