@@ -23,5 +23,5 @@ setup(
         "pycocoevalcap",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest", "ruff"]},
+    extras_require={"dev": ["pytest", "ruff", "hypothesis"]},
 )
