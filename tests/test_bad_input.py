@@ -213,6 +213,22 @@ def test_every_skip_is_named_in_skipped_jsonl_and_the_first_of_each_reason_in_th
     assert len(shown) == 3 and shown[2].endswith(f"; further 'missing_image' skips only in {out / 'skipped.jsonl'}")
 
 
+def test_records_dropped_at_build_are_named_in_skipped_jsonl_at_step_0(tmp_path):
+    from lavis.common.config import load_config
+    from lavis.common.logging import read_metrics
+    from lavis.runners import build_runner
+
+    png(tmp_path / "img.png")
+    records = [image_record(f"r{i}", "img.png") for i in range(8)]
+    records.append(image_record("boxed", "img.png", answer="<ref>it</ref><box>(1200,50),(1300,80)</box>"))
+    build_runner(load_config(write_project(tmp_path, records), ["run.max_steps=2"])).train()
+    [entry] = read_metrics(tmp_path / "out" / "skipped.jsonl")
+    assert entry == {
+        "step": 0, "rank": 0, "dataset": "d", "id": f"{tmp_path / 'ann.json'}: record 8 (id 'boxed')", "reason": "bad_box",
+        "detail": "'<box>(1200,50),(1300,80)</box>' has a coordinate outside [0, 1000)",
+    }
+
+
 def test_runner_with_all_images_missing_fails_at_the_first_batch(tmp_path):
     from lavis.common.config import load_config
     from lavis.runners import build_runner

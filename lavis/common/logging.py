@@ -68,7 +68,8 @@ class MetricsWriter(JsonlLog):
 
 class SkipLog(JsonlLog):
     """``skipped.jsonl``: one line per unusable sample (step, rank, dataset, record id or shard member,
-    reason, detail); the first few of each reason are also logged, so a skip is never only a count."""
+    reason, detail; step 0: records the builders dropped at start); the first few of each reason
+    met during training are also logged, so a skip is never only a count."""
 
     SHOWN_PER_REASON = 3
 

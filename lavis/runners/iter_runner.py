@@ -496,6 +496,10 @@ class IterRunner:
             else NullMetricsWriter()
         )
         skip_log = SkipLog(self.output_dir / "skipped.jsonl", self.step if resume is not None else None) if self.is_main else None
+        if skip_log is not None and resume is None:  # what the builders could not use, at step 0
+            for source in self.sources:
+                for entry in getattr(source.data, "skipped", []):
+                    skip_log.write({"step": 0, "rank": 0, "dataset": source.name, **entry})
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
         self.wrapped.train()
         batches = self.data_iterator()

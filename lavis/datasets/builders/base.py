@@ -151,29 +151,37 @@ def check_split_kept(path: str, splits: tuple[str, ...] | None, kept: int, prese
 
 
 class SkipCounter:
-    """Counts records a builder skipped at build time and remembers the first, for one WARNING per build."""
+    """The records a builder skipped at build time, under one ``reason``: each is kept (for
+    ``skipped.jsonl``) and one WARNING per build names the first."""
 
-    def __init__(self) -> None:
-        self.count = 0
-        self.first: str | None = None
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.entries: list[dict[str, str]] = []
 
-    def skip(self, where: str, reason: str) -> None:
-        self.count += 1
-        if self.first is None:
-            self.first = f"{where}: {reason}"
+    @property
+    def count(self) -> int:
+        return len(self.entries)
+
+    def skip(self, where: str, detail: str) -> None:
+        self.entries.append({"id": where, "reason": self.reason, "detail": detail})
 
     def warn(self, builder: str, total: int, what: str) -> None:
         """One WARNING: ``{builder}: skipped {n} of {total} annotation records {what} (first: ...)``."""
-        if self.count:
-            log.warning("%s: skipped %d of %d annotation records %s (first: %s)", builder, self.count, total, what, self.first)
+        if self.entries:
+            first = self.entries[0]
+            log.warning(
+                "%s: skipped %d of %d annotation records %s (first: %s: %s)",
+                builder, self.count, total, what, first["id"], first["detail"],
+            )
 
 
 class RecordDataset(Dataset):
     """Parsed records in memory; each item is the record plus its dataset's ``image_root``."""
 
-    def __init__(self, records: list[dict[str, Any]], image_root: str) -> None:
+    def __init__(self, records: list[dict[str, Any]], image_root: str, skipped: list[dict[str, str]] | None = None) -> None:
         self.records = records
         self.image_root = image_root
+        self.skipped = skipped or []  # records the builder could not use (SkipCounter entries)
 
     def __len__(self) -> int:
         return len(self.records)

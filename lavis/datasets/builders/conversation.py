@@ -64,7 +64,7 @@ class QwenVLConversationBuilder:
         trained as written: it is skipped and counted (one WARNING), or with ``bad_boxes: error`` fails
         the build naming the record.
         """
-        records, skips, total = [], SkipCounter(), 0
+        records, skips, total = [], SkipCounter("bad_box"), 0
         for path in self.ann_paths:
             for index, record in enumerate(read_annotations(path)):
                 converted = self.convert(path, index, record)
@@ -77,7 +77,7 @@ class QwenVLConversationBuilder:
                 else:
                     skips.skip(describe_record(path, index, record), "; ".join(problems))
         skips.warn(type(self).registry_name, total, "with a malformed, out-of-range or inverted box")
-        return RecordDataset(records, self.image_root)
+        return RecordDataset(records, self.image_root, skips.entries)
 
 
 IMAGE_PLACEHOLDER = re.compile(r"<image>\n?")

@@ -170,14 +170,14 @@ class RefGroundingBuilder:
         self.skipped = 0
 
     def build(self) -> RecordDataset:
-        skips, total, records = SkipCounter(), 0, []
+        skips, total, records = SkipCounter("box_outside_image"), 0, []
         if self.refs_path is not None:
             total = self._refcoco(records, skips)
         for path in self.ann_paths:
             total += self._plain(path, records, skips)
         skips.warn(type(self).registry_name, total, "whose box lies outside the image or has zero area")
         self.skipped = skips.count
-        return RecordDataset(records, self.image_root)
+        return RecordDataset(records, self.image_root, skips.entries)
 
     def _plain(self, path: str, records: list[dict[str, Any]], skips: SkipCounter) -> int:
         data = load_file(path)
@@ -327,7 +327,7 @@ class RegionRecordsBuilder:
         self.skipped = 0
 
     def build(self) -> RecordDataset:
-        skips, total, records = SkipCounter(), 0, []
+        skips, total, records = SkipCounter("box_outside_image"), 0, []
         for path in self.ann_paths:
             data = load_file(path)
             if not isinstance(data, list):
@@ -339,7 +339,7 @@ class RegionRecordsBuilder:
                     records.append(record)
         skips.warn(type(self).registry_name, total, "whose box lies outside the image or has zero area")
         self.skipped = skips.count
-        return RecordDataset(records, self.image_root)
+        return RecordDataset(records, self.image_root, skips.entries)
 
     def convert(self, path: str, index: int, record: Any, skips: SkipCounter) -> dict[str, str] | None:
         raise NotImplementedError
