@@ -35,7 +35,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0, always: boo
     target = resolve_device(device)
     if target.type == "cuda":
         torch.cuda.set_device(target)
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    launched = launched_world_size() > 1
     if (launched or always) and not dist.is_initialized():
         options = {"backend": "nccl" if target.type == "cuda" else "gloo", "timeout": timedelta(seconds=timeout_s)}
         if target.type == "cuda":

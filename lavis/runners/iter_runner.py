@@ -76,8 +76,7 @@ class StepStats:
     input_tokens: int
     samples: int
     grad_norm: torch.Tensor | None
-    skipped: Counter  # this rank's skips, by reason
-    skip_records: list[dict[str, str]]  # and each of them (dataset, record id, reason, detail)
+    skip_records: list[dict[str, str]]  # this rank's skips (dataset, record id, reason, detail)
     stop: bool  # a rank was asked to stop (SIGTERM): every rank stops after this step
 
 
@@ -227,7 +226,6 @@ class IterRunner:
             input_tokens=int(input_tokens),
             samples=int(samples),
             grad_norm=grad_norm,
-            skipped=sum((Counter(b["skipped"]) for b in micro_batches), Counter()),
             skip_records=[s for b in micro_batches for s in b["skip_records"]],
             stop=bool(stop),
         )
@@ -519,7 +517,7 @@ class IterRunner:
                 stop = stats.stop
                 self.step += 1
                 self.samples_seen += stats.samples
-                self.skipped += stats.skipped
+                self.skipped += Counter(s["reason"] for s in stats.skip_records)
                 new_skips += [{"step": self.step, "rank": self.strategy.rank, **s} for s in stats.skip_records]
                 self._check_skips()
                 window["loss"] += stats.loss_sum

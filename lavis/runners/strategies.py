@@ -156,8 +156,8 @@ class Strategy:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _state_options(self, **kw) -> StateDictOptions:
-        return StateDictOptions(full_state_dict=not self.sharded, cpu_offload=not self.sharded, **kw)
+    def _state_options(self) -> StateDictOptions:
+        return StateDictOptions(full_state_dict=not self.sharded, cpu_offload=not self.sharded)
 
     def model_state(self, model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
         """The parameters named in ``names`` (canonical names): whole tensors, or this rank's shards."""
@@ -182,7 +182,7 @@ class Strategy:
         """
         owner = self.all_gather_object(os.getpid())[0]
         if self.is_main:
-            tmp = ckpt.prepare_staging(target, owner)
+            ckpt.prepare_staging(target, owner)
         self.barrier()
         tmp = ckpt.staging_dir(target, owner)
         weights = self.model_state(model, weight_names)
