@@ -24,6 +24,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 SFT_PROJECT = REPO / "projects" / "sft.yaml"
+KILLED_DURING_SAVE = REPO / "tests" / "train_killed_during_save.py"  # train.py that dies mid-save
 TINY_PRESET = REPO / "configs" / "models" / "presets" / "tiny.yaml"
 SMALL_WORLD_SIZES = {"train": 64, "val": 8, "test": 8}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SFT_PROJECT, eval_options, sft_options
+from conftest import KILLED_DURING_SAVE, REPO, SFT_PROJECT, eval_options, sft_options
 
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import load_config
@@ -271,6 +271,50 @@ def test_a_dead_rank_ends_the_job_and_a_killed_job_resumes_bitwise(small_world, 
     assert state_a["data"] == state_b["data"] and len(state_a["ranks"]) == 2
     assert [r["data_states"] for r in state_a["ranks"]] == [r["data_states"] for r in state_b["ranks"]]
     assert losses(out_a) == losses(out_b)  # every step logged once, the same to the last bit
+
+
+def test_a_rank_killed_while_saving_and_a_damaged_shard_resume_bitwise_from_the_last_good_one(small_world, tmp_path):
+    """2-rank FSDP, sharded checkpoints. Rank 1 is SIGKILLed half-way through writing its shard of the
+    step-6 checkpoint; afterwards a byte of a step-4 shard flips on disk. run.resume=auto (2 ranks, which
+    verify the checksums together) passes over both and continues from step 2, ending bitwise equal to
+    the uninterrupted run."""
+    def options(out: Path, *extra: str) -> list[str]:
+        return sft_options(small_world, out, "run.max_steps=8", "run.save_every=2", "run.keep_last=5",
+                           "run.strategy=fsdp", "run.batch_size=2", "model.llm.config.attention_dropout=0.1", *extra)
+
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    proc_a = launch(2, options(out_a), tmp_path / "a.log")
+    log = tmp_path / "b1.log"
+    with open(log, "w") as fh:
+        command = torchrun_command(2, options(out_b))
+        command[command.index(str(REPO / "train.py"))] = str(KILLED_DURING_SAVE)
+        env = {**os.environ, "KILL_DURING_SAVE": "step_00000006", "KILL_RANK": "1"}
+        proc = subprocess.Popen(command, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    assert wait(proc, log) != 0
+    assert "killed while writing" in log.read_text()
+    assert [p.name for p in ckpt.list_checkpoints(out_b)] == ["step_00000002", "step_00000004"]
+    assert list((out_b / "checkpoints").glob(".step_00000006.tmp-*"))
+
+    damaged = out_b / "checkpoints" / "step_00000004"
+    shard = sorted((damaged / ckpt.SHARDED_WEIGHTS_NAME).glob("*.distcp"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert ckpt.verify(damaged) == [f"{shard.relative_to(damaged)}: checksum differs"]
+
+    run(2, options(out_b, "run.resume=auto"), tmp_path / "b2.log")
+    text = (tmp_path / "b2.log").read_text()
+    assert "step_00000004 is damaged" in text and f"resumed from {out_b / 'checkpoints' / 'step_00000002'} at step 2" in text
+    assert not list((out_b / "checkpoints").glob(".step_*.tmp-*"))
+    assert wait(proc_a, tmp_path / "a.log") == 0, (tmp_path / "a.log").read_text()[-4000:]
+
+    final_a, final_b = (d / "checkpoints" / "step_00000008" for d in (out_a, out_b))
+    for part in (ckpt.SHARDED_WEIGHTS_NAME, ckpt.SHARDED_OPTIMIZER_NAME):
+        a, b = ckpt.read_sharded(final_a / part), ckpt.read_sharded(final_b / part)
+        assert a.keys() == b.keys() and len(a) > 50
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not different, f"{part}: {len(different)} tensors differ after resume, e.g. {different[:3]}"
+    assert losses(out_a) == losses(out_b) and len(losses(out_a)) == 8
 
 
 def test_sigterm_stops_every_rank_at_one_step_with_one_checkpoint(small_world, tmp_path):

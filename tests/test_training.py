@@ -8,12 +8,13 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SFT_PROJECT, popen_train, run_train, sft_options
+from conftest import KILLED_DURING_SAVE, REPO, SFT_PROJECT, popen_train, run_train, sft_options
 from safetensors.torch import load_file
 
 from lavis.common import checkpoint as ckpt
@@ -28,6 +29,21 @@ QUICK = ("run.save_every=1000",)
 
 def step_dirs(output_dir: Path) -> list[str]:
     return [p.name for p in ckpt.list_checkpoints(output_dir)]
+
+
+def tensors_of(state, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a nested state (dicts and lists), keyed by its path."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    return {k: v for key, value in items for k, v in tensors_of(value, f"{prefix}/{key}").items()}
+
+
+def assert_bitwise_equal(a, b, what: str) -> None:
+    ta, tb = tensors_of(a), tensors_of(b)
+    assert ta.keys() == tb.keys() and len(ta) > 50, what
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not different, f"{what}: {len(different)} tensors differ, e.g. {different[:3]}"
 
 
 def hidden_dirs(output_dir: Path) -> list[str]:
@@ -299,34 +315,46 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(small_world, tmp_path):
     assert os.path.getsize(found[0] / ckpt.WEIGHTS_NAME) > 1_000_000
 
 
-def test_resume_skips_a_damaged_checkpoint_and_continues_bitwise_from_the_one_before(load_sft, tmp_path, caplog):
-    """Checkpoints record a checksum per file. The newest checkpoint damaged on disk (a flipped byte):
-    run.resume=auto warns and continues from the previous one, ending bitwise equal to an uninterrupted
-    run; run.resume naming the damaged one is an error."""
+def test_a_run_killed_while_saving_and_a_damaged_checkpoint_resume_bitwise_from_the_last_good_one(small_world, load_sft, tmp_path, caplog):
+    """Run B is SIGKILLed half-way through writing its step-6 checkpoint (the weights file cut in half);
+    afterwards a byte of its step-4 checkpoint flips on disk. Checkpoints record a checksum per file:
+    run.resume=auto passes over the unfinished one (never listed), warns about the damaged one and
+    continues from step 4's predecessor, ending bitwise equal to the uninterrupted run A. run.resume
+    naming the damaged checkpoint is an error."""
     options = ("run.max_steps=8", "run.save_every=2", "run.keep_last=5", "model.llm.config.attention_dropout=0.1")
-    build_runner(load_sft(*options, output_dir=tmp_path / "a")).train()
     out = tmp_path / "b"
-    shutil.copytree(tmp_path / "a", out)
-    damaged = out / "checkpoints" / "step_00000008"
-    data = bytearray((damaged / ckpt.WEIGHTS_NAME).read_bytes())
-    data[-100] ^= 0xFF
-    (damaged / ckpt.WEIGHTS_NAME).write_bytes(bytes(data))
-    assert ckpt.verify(damaged) == ["model.safetensors: checksum differs"]
-    assert ckpt.verify(out / "checkpoints" / "step_00000006") == []
+    killed = subprocess.run(
+        [sys.executable, str(KILLED_DURING_SAVE), "--cfg-path", str(SFT_PROJECT), "--options", *sft_options(small_world, out, *options)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "KILL_DURING_SAVE": "step_00000006"},
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert "killed while writing" in killed.stdout
+    assert step_dirs(out) == ["step_00000002", "step_00000004"]
+    (unfinished,) = (out / "checkpoints").glob(".step_00000006.tmp-*")
+    assert (unfinished / ckpt.WEIGHTS_NAME).is_file() and not (unfinished / ckpt.META_NAME).exists()
 
-    with pytest.raises(ValueError, match="step_00000008 is damaged: model.safetensors: checksum differs"):
+    damaged = out / "checkpoints" / "step_00000004"
+    data = bytearray((damaged / ckpt.OPTIMIZER_NAME).read_bytes())
+    data[-100] ^= 0xFF
+    (damaged / ckpt.OPTIMIZER_NAME).write_bytes(bytes(data))
+    assert ckpt.verify(damaged) == ["optimizer.pt: checksum differs"]
+    with pytest.raises(ValueError, match="step_00000004 is damaged: optimizer.pt: checksum differs"):
         build_runner(load_sft(*options, f"run.resume={damaged}", output_dir=tmp_path / "c")).train()
-    runner = build_runner(load_sft(*options, "run.resume=auto", output_dir=out))
+
     with caplog.at_level("INFO"):
-        runner.train()
-    assert "step_00000008 is damaged (model.safetensors: checksum differs): trying the one before it" in caplog.text
-    assert f"resumed from {out / 'checkpoints' / 'step_00000006'} at step 6" in caplog.text
+        build_runner(load_sft(*options, "run.resume=auto", output_dir=out)).train()
+    assert "step_00000004 is damaged (optimizer.pt: checksum differs): trying the one before it" in caplog.text
+    assert f"resumed from {out / 'checkpoints' / 'step_00000002'} at step 2" in caplog.text
+    assert not unfinished.exists()  # a dead writer's staging directory is cleared
     assert ckpt.verify(damaged) == []  # rewritten by the resumed run
-    wa = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000008" / ckpt.WEIGHTS_NAME))
-    wb = load_file(str(out / "checkpoints" / "step_00000008" / ckpt.WEIGHTS_NAME))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    losses = [{r["step"]: r["loss"] for r in read_metrics(d / "metrics.jsonl")} for d in (tmp_path / "a", out)]
-    assert losses[0] == losses[1]
+
+    build_runner(load_sft(*options, output_dir=tmp_path / "a")).train()
+    final_a, final_b = (d / "checkpoints" / "step_00000008" for d in (tmp_path / "a", out))
+    for name in (ckpt.WEIGHTS_NAME, ckpt.OPTIMIZER_NAME):
+        a, b = (load_file(str(d / name)) if name.endswith(".safetensors") else torch.load(d / name, weights_only=True) for d in (final_a, final_b))
+        assert_bitwise_equal(a, b, name)
+    losses = [[(r["step"], r["loss"]) for r in read_metrics(d / "metrics.jsonl")] for d in (tmp_path / "a", out)]
+    assert losses[0] == losses[1] and [s for s, _ in losses[0]] == list(range(1, 9))
 
 
 def test_a_second_run_into_an_earlier_runs_output_dir_is_refused_or_moves_it_aside(load_sft, small_world, tmp_path):
