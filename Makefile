@@ -21,10 +21,12 @@ $(VENV)/.installed: setup.py
 # Qwen-VL's three stages on the embedded default, each starting from the previous one's output,
 # then the final model evaluated on the held-out test split (prints the results table).
 # A rerun moves the previous demo's runs aside (outputs/<stage>.old-<time>) rather than refusing.
+# DEMO_OPTIONS go to every stage, e.g. a quick trial: make demo DEMO_OPTIONS="run.max_steps=4 run.warmup_steps=0"
+DEMO_OPTIONS ?=
 demo: install
-	$(PY) train.py --cfg-path projects/pretrain.yaml --options run.overwrite=true
-	$(PY) train.py --cfg-path projects/multitask.yaml --options model.load_from=outputs/pretrain run.overwrite=true
-	$(PY) train.py --cfg-path projects/sft.yaml --options model.load_from=outputs/multitask run.overwrite=true
+	$(PY) train.py --cfg-path projects/pretrain.yaml --options run.overwrite=true $(DEMO_OPTIONS)
+	$(PY) train.py --cfg-path projects/multitask.yaml --options model.load_from=outputs/pretrain run.overwrite=true $(DEMO_OPTIONS)
+	$(PY) train.py --cfg-path projects/sft.yaml --options model.load_from=outputs/multitask run.overwrite=true $(DEMO_OPTIONS)
 	$(PY) evaluate.py --cfg-path projects/eval/demo.yaml
 
 test: install

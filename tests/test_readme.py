@@ -1,0 +1,291 @@
+"""The README's commands run as written and print what the README says they print.
+
+Every shell command in the README's ``bash`` blocks, and every ``python`` block, is listed below with
+what it must print or write. They run, in README order, in a copy of the repository (the code, the
+configs and projects, a ``.venv`` that points at this interpreter) over the embedded default world
+(train split at full size, so that the pretraining project's ten shards exist; val and test small),
+after ``make demo``, every training run cut to two steps. A command that cannot run on this machine
+(eight GPUs, a cluster, the 7B weights) runs the nearest thing that can, and says why.
+
+A README command missing from the table fails the test: a new command comes with its check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+from safetensors.torch import load_file
+
+from lavis.common import checkpoint as ckpt
+
+README = REPO / "README.md"
+TINY = ("run.max_steps=2", "run.warmup_steps=0", "run.save_every=2", "run.log_every=1", "run.batch_size=2", "run.num_workers=0")
+WORLD_SIZES = {"train": 2000, "val": 8, "test": 8}  # train: pretrain.yaml reads shards train-000000..000009
+COPIED = ("train.py", "evaluate.py", "Makefile", "setup.py", "lavis", "configs", "projects", "scripts")
+
+
+def readme_blocks(language: str) -> list[str]:
+    """The README's fenced blocks of ``language`` (indented ones too), dedented."""
+    blocks = re.findall(rf"^( *)```{language}\n(.*?)^\1```", README.read_text(), flags=re.M | re.S)
+    return ["\n".join(line[len(indent):] for line in body.splitlines()) for indent, body in blocks]
+
+
+def readme_commands() -> dict[str, str]:
+    """Shell commands of the README's ``bash`` blocks (continuation lines joined, comments dropped):
+    ``{the words joined by spaces: how the table below names it: the command, quoted for bash}``."""
+    commands = {}
+    for block in readme_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands[" ".join(words)] = shlex.join(words)
+    return commands
+
+
+def tiny(command: str) -> str:
+    """``command`` with two-step training: the options go after ``--options`` (added if absent)."""
+    if "--options" in command:
+        return command.replace("--options", "--options " + " ".join(TINY), 1)
+    return f"{command} --options {' '.join(TINY)}"
+
+
+@dataclass
+class ReadmeCommand:
+    """A README command and what it must do here."""
+
+    command: str
+    prints: tuple[str, ...] = ()  # regular expressions its output (stdout + stderr) must match
+    writes: tuple[str, ...] = ()  # paths, relative to the repository, it must create
+    here: str | None = None  # the command run instead, when the README's cannot run here
+    why: str = ""  # why it is replaced
+    stdin: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def shell(self) -> str:
+        if self.here is not None:
+            return self.here
+        command = readme_commands()[self.command]
+        trains = "train.py" in command and "--print-config" not in command
+        return tiny(command) if trains else command
+
+
+FAKE_SLURM = {
+    # sbatch runs the script at once, as one node of a job with 2 processes (CPUs: ddp/fsdp over gloo)
+    "sbatch": 'export SLURM_JOB_ID=1 SLURM_JOB_NODELIST=localhost SLURM_NNODES=1 SLURM_GPUS_PER_NODE=2 '
+              'SLURM_CPUS_PER_TASK=2\nexec bash "$@"',
+    "scontrol": "echo localhost",
+    "srun": 'while [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"',  # drop srun's own options
+}
+
+SFT_RESOLVED = (r"\Amodel:$", r"^run:$", r"^  output_dir: outputs/sft$", r"^  max_steps: 600$", r"^datasets:$")
+TABLE = r"^evaluation\s+task\s+metric\s+value\n-+\s+-+\s+-+\s+-+$"  # evaluate.py's results table
+
+
+def row(evaluation: str, metric: str, value: str = r"\d+\.\d{4}") -> str:
+    """A line of the results table: evaluation (= its task in the demo's projects), metric, value."""
+    return rf"^{evaluation}\s+\w+\s+{metric}\s+{value}$"
+
+
+def parameter_counts(vision: str, adapter: str, llm: str) -> str:
+    return rf"vision\s+\w+\s+{vision}[\d,]*\s.*\n.*adapter\s+\w+\s+{adapter}[\d,]*\s.*\n.*llm\s+\w+\s+{llm}[\d,]*\s"
+
+
+README_COMMANDS = [
+    ReadmeCommand(
+        "make demo",
+        here=f'make demo DEMO_OPTIONS="{" ".join(TINY)}"',
+        why="two steps per stage instead of the projects' hundreds",
+        prints=(r"model\.load_from outputs/pretrain/checkpoints/step_00000002/model\.safetensors: loaded",
+                r"model\.load_from outputs/multitask/checkpoints/step_00000002/model\.safetensors: loaded",
+                TABLE, row("caption", "CIDEr"), row("caption", "BLEU-4"), row("vqa", "accuracy"), row("vqa", "skipped", "0"),
+                row("grounding", "accuracy"), row("grounding", "skipped", "0")),
+        writes=tuple(f"outputs/{stage}/{name}" for stage in ("pretrain", "multitask", "sft")
+                     for name in ("config.yaml", "metrics.jsonl", "checkpoints/step_00000002/meta.json"))
+        + ("outputs/sft/eval/vqa.json",),
+    ),
+    ReadmeCommand("make test", here="make -n test", why="it is the suite running this test: its recipe is checked",
+                  prints=(r"-m pytest -q tests",)),
+    ReadmeCommand(
+        ".venv/bin/python train.py --cfg-path projects/sft.yaml --options run.output_dir=outputs/sft_scratch",
+        prints=(r"saved checkpoint outputs/sft_scratch/checkpoints/step_00000002",
+                r"trained to step 2 .*metrics in outputs/sft_scratch/metrics\.jsonl"),
+        writes=("outputs/sft_scratch/config.yaml", "outputs/sft_scratch/checkpoints/step_00000002/model.safetensors"),
+    ),
+    ReadmeCommand(".venv/bin/python train.py --cfg-path projects/sft.yaml --print-config",
+                  prints=(*SFT_RESOLVED, parameter_counts("429,696", "87,808", "1,124,480"))),
+    ReadmeCommand(
+        ".venv/bin/python train.py --cfg-path projects/sft.yaml --options model.adapter.num_queries=16 run.lr=2e-4 "
+        "run.min_lr=2e-5 run.betas=[0.9,0.95] run.output_dir=outputs/sft_q16",
+        prints=(r"adapter\s+trainable\s+[\d,]+", r"step 1/2 loss [\d.]+ lr 2\.00e-04"),
+        writes=("outputs/sft_q16/checkpoints/step_00000002/model.safetensors",),
+    ),
+    ReadmeCommand(
+        ".venv/bin/python train.py --cfg-path projects/multitask.yaml --options model.load_from=outputs/pretrain "
+        "run.output_dir=outputs/multitask_b",
+        prints=(r"model\.load_from outputs/pretrain/checkpoints/step_00000002/model\.safetensors: loaded "
+                r"\{'adapter': \d+, 'llm': \d+, 'vision': \d+\}; not in the checkpoint \(kept as built\): none",),
+        writes=("outputs/multitask_b/checkpoints/step_00000002/meta.json",),
+    ),
+    ReadmeCommand(".venv/bin/python train.py --cfg-path projects/qwen_vl/pretrain.yaml --print-config",
+                  prints=(r"built on the meta device", parameter_counts("1,84", "9[01],", "7,72"))),
+    ReadmeCommand(
+        ".venv/bin/python evaluate.py --cfg-path projects/eval/vqa.yaml --options model.load_from=outputs/multitask "
+        "evaluation.vqa.chat=false evaluation.vqa.prompt='{question} Answer:'",
+        prints=(TABLE, row("vqa", "accuracy"), r"predictions and metrics: outputs/multitask/eval/"),
+        writes=("outputs/multitask/eval/vqa.json",),
+    ),
+    ReadmeCommand(".venv/bin/python -m lavis.chat --ckpt outputs/sft",
+                  stdin=":image data/synthetic/images/test/000003.png\nWhat colour is the shape?\n:draw chat_boxes.png\n:quit\n",
+                  prints=(r"user> assistant> ", r"saved chat_boxes\.png")),
+    ReadmeCommand(".venv/bin/python -m lavis.plot outputs/sft", writes=("outputs/sft/curves.png",)),
+    ReadmeCommand(
+        ".venv/bin/torchrun --standalone --nproc_per_node 2 train.py --cfg-path projects/sft.yaml "
+        "--options run.strategy=fsdp run.output_dir=outputs/sft_fsdp",
+        prints=(r"global batch 4 = batch_size 2 x grad_accum 1 x 2 rank\(s\) \(run\.strategy=fsdp\)",),
+        writes=(f"outputs/sft_fsdp/checkpoints/step_00000002/{ckpt.SHARDED_WEIGHTS_NAME}/.metadata",),
+    ),
+    ReadmeCommand(".venv/bin/python -m lavis.export outputs/sft exported/sft",
+                  writes=("exported/sft/model.safetensors", "exported/sft/config.yaml", "exported/sft/meta.json")),
+    ReadmeCommand(".venv/bin/python -m lavis.export outputs/sft_scratch exported/scratch",
+                  writes=("exported/scratch/model.safetensors", "exported/scratch/config.yaml")),
+    ReadmeCommand(".venv/bin/python -m lavis.export outputs/sft_q16 exported/q16 --weights full",
+                  writes=("exported/q16/model.safetensors",)),
+    ReadmeCommand(
+        ".venv/bin/python -m lavis.export outputs/sft_fsdp/checkpoints/step_00000600 exported/fsdp --dtype bfloat16",
+        here=".venv/bin/python -m lavis.export outputs/sft_fsdp/checkpoints/step_00000002 exported/fsdp --dtype bfloat16",
+        why="the two-step run's checkpoint", writes=("exported/fsdp/model.safetensors",),
+    ),
+    ReadmeCommand(
+        ".venv/bin/torchrun --standalone --nproc_per_node 8 train.py --cfg-path projects/qwen_vl/sft.yaml",
+        here=".venv/bin/python train.py --cfg-path projects/qwen_vl/sft.yaml --print-config --options run.world_size_hint=8",
+        why="8 GPUs and the 7B weights: its config and the per-rank memory the README states for 8 ranks",
+        prints=(r"per-rank memory at 8 rank\(s\), run\.strategy=fsdp, run\.precision=bf16",
+                r"total \(persistent\)\s+15\.4\d GiB", r"gathered units \(transient\)\s+3\.\d\d GiB"),
+    ),
+    ReadmeCommand(
+        ".venv/bin/torchrun --nnodes 8 --nproc_per_node 8 --rdzv-id $JOB --rdzv-backend c10d --rdzv-endpoint node0:29500 "
+        "train.py --cfg-path projects/qwen_vl/pretrain.yaml",
+        here=".venv/bin/python train.py --cfg-path projects/qwen_vl/pretrain.yaml --print-config --options run.world_size_hint=64",
+        why="8 nodes of 8 GPUs: its config at 64 ranks",
+        prints=(r"per-rank memory at 64 rank\(s\), run\.strategy=fsdp, run\.precision=bf16",),
+    ),
+    ReadmeCommand(
+        "sbatch scripts/slurm/train.sbatch",
+        here="sbatch scripts/slurm/train.sbatch run.strategy=ddp run.output_dir=outputs/slurm " + " ".join(TINY),
+        env={"CFG": "projects/sft.yaml"},
+        why="no Slurm: a stand-in sbatch runs the script as one node of 2 CPU processes on the demo's SFT project",
+        prints=(r"global batch 4 = batch_size 2 x grad_accum 1 x 2 rank\(s\) \(run\.strategy=ddp\)",),
+        writes=("outputs/slurm/checkpoints/step_00000002/model.safetensors",),
+    ),
+    ReadmeCommand(".venv/bin/python train.py --cfg-path projects/qwen_vl/sft.yaml --print-config --options run.world_size_hint=64",
+                  prints=(r"per-rank memory at 64 rank\(s\)", r"total \(persistent\)\s+1\.9\d GiB",
+                          r"gathered units \(transient\)\s+3\.\d\d GiB")),
+    ReadmeCommand(".venv/bin/python evaluate.py --cfg-path projects/eval/demo.yaml",
+                  prints=(TABLE, row("caption", "CIDEr"), row("grounding", "accuracy")), writes=("outputs/sft/eval/grounding.json",)),
+    ReadmeCommand(
+        ".venv/bin/python evaluate.py --cfg-path projects/eval/vqa.yaml --options model.load_from=outputs/sft_fsdp "
+        "evaluation.vqa.max_samples=50",
+        prints=(r"loaded outputs/sft_fsdp/checkpoints/step_00000002/model", TABLE, row("vqa", "accuracy")),
+        writes=("outputs/sft_fsdp/eval/vqa.json",),
+    ),
+    ReadmeCommand(".venv/bin/torchrun --standalone --nproc_per_node 2 evaluate.py --cfg-path projects/eval/demo.yaml",
+                  prints=(TABLE, row("vqa", "accuracy"), r"(?s)\A(?!.*evaluation\s+task\s+metric.*evaluation\s+task\s+metric)")),  # one table
+]
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory) -> Path:
+    """A copy of the repository with the world generated, a ``.venv`` of this interpreter and stand-ins
+    for Slurm's commands; ``make demo`` has not run yet."""
+    from lavis.datasets.synthetic.world import ensure_world
+
+    root = tmp_path_factory.mktemp("readme")
+    for name in COPIED:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, root / name)
+    ensure_world(root / "data" / "synthetic", sizes=WORLD_SIZES)
+    bins = {"python": f'exec {sys.executable} "$@"', "torchrun": f'exec {sys.executable} -m torch.distributed.run "$@"'}
+    for folder, scripts in ((root / ".venv" / "bin", bins), (root / "fake_slurm", FAKE_SLURM)):
+        folder.mkdir(parents=True)
+        for name, body in scripts.items():
+            (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+            (folder / name).chmod(0o755)
+    (root / ".venv" / ".installed").touch()  # the Makefile's install step: this interpreter is installed
+    return root
+
+
+def run_in(checkout: Path, command: str, stdin: str | None = None, env: dict[str, str] | None = None) -> str:
+    environment = {**os.environ, "PATH": f"{checkout / 'fake_slurm'}:{os.environ['PATH']}", **(env or {})}
+    proc = subprocess.run(["bash", "-c", command], cwd=checkout, input=stdin, capture_output=True, text=True,
+                          timeout=600, env=environment)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{command}\nexited with {proc.returncode}:\n{output[-4000:]}"
+    return output
+
+
+def test_every_readme_command_has_a_check():
+    listed = [c.command for c in README_COMMANDS]
+    assert len(set(listed)) == len(listed)
+    assert set(readme_commands()) == set(listed), "README commands without a check (or checks of commands gone)"
+    for c in README_COMMANDS:
+        assert (c.here is None) == (not c.why), c.command
+
+
+def test_readme_commands_run_and_print_what_the_readme_says(checkout):
+    """The commands in README order (the order a reader follows), then the README's Python examples."""
+    order = {command: i for i, command in enumerate(readme_commands())}
+    for c in sorted(README_COMMANDS, key=lambda c: order[c.command]):
+        output = run_in(checkout, c.shell(), c.stdin, c.env)
+        for pattern in c.prints:
+            assert re.search(pattern, output, flags=re.M), f"{c.shell()}\ndoes not print /{pattern}/:\n{output[-4000:]}"
+        for path in c.writes:
+            assert (checkout / path).exists(), f"{c.shell()}\ndid not write {path}:\n{output[-4000:]}"
+    check_outputs(checkout)
+    check_python_examples(checkout)
+
+
+def check_outputs(checkout: Path) -> None:
+    """What the commands wrote holds what the README says."""
+    ablation = yaml.safe_load((checkout / "outputs/sft_q16/config.yaml").read_text())
+    assert ablation["model"]["adapter"]["num_queries"] == 16
+    assert (ablation["run"]["lr"], ablation["run"]["min_lr"], ablation["run"]["betas"]) == (2e-4, 2e-5, [0.9, 0.95])
+    raw = json.loads((checkout / "outputs/multitask/eval/vqa.json").read_text())
+    assert raw["model"] == "outputs/multitask" and raw["metrics"]["count"] == len(raw["predictions"]) == 16
+    exported = load_file(str(checkout / "exported/fsdp/model.safetensors"))
+    assert len(exported) > 50 and {t.dtype for t in exported.values() if t.is_floating_point()} == {torch.bfloat16}
+
+
+def check_python_examples(checkout: Path) -> None:
+    """The inference example runs as written; the adapter of "Adding a component" is one file, one
+    import and one YAML, and then trains through ``--options``."""
+    inference, component = readme_blocks("python")
+    run_in(checkout, f"{sys.executable} -", stdin=inference + "\nprint('RESPONSE', repr(response))\n")
+    assert (checkout / "boxes.png").exists()
+
+    (component_yaml,) = [b for b in readme_blocks("yaml") if b.startswith("# configs/models/adapters/")]
+    module = checkout / component.split()[1]
+    module.write_text(component)
+    with open(module.parent / "__init__.py", "a") as init:
+        init.write(f"from . import {module.stem}  # noqa: F401\n")
+    (checkout / component_yaml.split()[1]).write_text(component_yaml)
+    options = re.search(r"Then `--options ([^`]*)`", README.read_text()).group(1)
+    output = run_in(checkout, tiny(f".venv/bin/python train.py --cfg-path projects/sft.yaml --options {options} "
+                                   "run.output_dir=outputs/avg_pool"))
+    assert "trained to step 2" in output
+    config = yaml.safe_load((checkout / "outputs/avg_pool/config.yaml").read_text())
+    assert config["model"]["adapter"] == {"type": "avg_pool", "side": 6}
