@@ -409,7 +409,8 @@ def test_truncated_shard_is_counted_and_the_next_shards_read(tmp_path, caplog, c
     assert records[10 + len(from_broken)] == skipped[0]
     [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "shard-000001.tar" in warning.getMessage()
-    assert f"{len(from_broken)} samples were read from it" in warning.getMessage()
+    lost = f"{len(from_broken)} samples were read from it, about {10 - len(from_broken)} lost (the complete shards hold 10 each)"
+    assert lost in warning.getMessage() and lost in skipped[0]["detail"]
 
 
 def test_a_broken_shard_is_warned_about_once_and_counted_in_every_epoch(tmp_path, caplog):

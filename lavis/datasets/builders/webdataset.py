@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import statistics
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -198,6 +199,7 @@ class WebDatasetCaptionSource(StreamingSource):
     ) -> None:
         self.shards = list(shards)
         self.reported: set[str] = set()  # broken shards already warned about (in this process)
+        self.complete_sizes: dict[str, int] = {}  # samples in each shard read to its end (in this process)
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_shards = shuffle_shards
         self.image_keys = [k.lower() for k in image_keys]
@@ -260,11 +262,15 @@ class WebDatasetCaptionSource(StreamingSource):
                 for group in read_tar_groups(fileobj, shard):
                     count += 1
                     yield group
+            self.complete_sizes[shard] = count
         except _READ_ERRORS as err:
             reason = "truncated_shard" if opened else "unreadable_shard"
             if report:
                 problem = "is truncated or corrupt" if opened else "cannot be opened"
                 detail = f"shard {shard} {problem} ({type(err).__name__}: {err}); {count} samples were read from it"
+                if self.complete_sizes:  # how many it lost can only be estimated, from its siblings
+                    typical = int(statistics.median(self.complete_sizes.values()))
+                    detail += f", about {max(typical - count, 0)} lost (the complete shards hold {typical} each)"
                 if shard not in self.reported:  # once per shard, not once per epoch
                     self.reported.add(shard)
                     log.warning("%s; going on with the next shard (it is counted as skipped in every epoch)", detail)
