@@ -17,10 +17,16 @@ from typing import Any
 import torch
 
 from lavis.common.config import load_config
-from lavis.models import Processors, build_model, config_of, load_trained, resolve_weights_path
+from lavis.models import (
+    Processors,
+    build_model,
+    config_of,
+    load_trained,
+    resolve_weights_path,
+)
 from lavis.models.generation import left_pad, until_stop
 from lavis.models.vlm import VisionLanguageModel
-from lavis.processors.conversation import IMAGE_SPAN, ConversationEncoder
+from lavis.processors.conversation import IMAGE_SPAN, ConversationEncoder, pictures
 from lavis.processors.errors import SkipSample
 from lavis.processors.image import load_image
 
@@ -59,7 +65,7 @@ def from_list_format(items: list[dict[str, Any]], first_picture: int = 1) -> str
     parts, picture = [], first_picture
     for item in items:
         if "image" in item:
-            parts.append(f"Picture {picture}: <img>{item['image']}</img>\n")
+            parts.append(pictures([item["image"]], picture))
             picture += 1
         elif "box" in item:
             x1, y1, x2, y2 = (int(v) for v in item["box"])

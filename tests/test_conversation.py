@@ -20,7 +20,7 @@ from PIL import Image
 
 from lavis.datasets.builders.base import AnnotationError
 from lavis.datasets.builders.conversation import LLaVAConversationBuilder, QwenVLConversationBuilder
-from lavis.processors.conversation import IGNORE_INDEX, ConversationEncoder, EncodedText
+from lavis.processors.conversation import IGNORE_INDEX, IMAGE_SPAN, ConversationEncoder, EncodedText, image_reference, pictures
 from lavis.processors.errors import SkipSample
 from lavis.processors.image import CLIP_MEAN, CLIP_STD, CLIPImageProcessor
 from lavis.processors.sample import SampleProcessor
@@ -539,3 +539,25 @@ def test_llava_placeholder_count_mismatch(tmp_path, image, value, counts):
     with pytest.raises(AnnotationError) as info:
         LLaVAConversationBuilder(ann).build()
     assert str(info.value) == f"{ann}: record 1 (id 'bad'): {counts}"
+
+
+# --------------------------------------------------------------------------- the image text forms
+
+
+def test_pictures_are_numbered_as_qwen_vl_numbers_them():
+    assert image_reference("a b/c.png") == "<img>a b/c.png</img>"
+    assert pictures(["a.png", "b.png"]) == "Picture 1: <img>a.png</img>\nPicture 2: <img>b.png</img>\n"
+    assert pictures(["c.png"], first=3) == "Picture 3: <img>c.png</img>\n"  # numbered on after a history's pictures
+    assert IMAGE_SPAN.findall(pictures(["a.png", "b.png"])) == ["a.png", "b.png"]
+
+
+def test_the_image_text_forms_are_written_in_one_place():
+    """Builders, evaluation, inference and the synthetic world call image_reference / pictures: no other
+    module spells ``<img>{...}</img>`` or ``Picture {n}:`` itself."""
+    home = Path(__file__).resolve().parents[1] / "lavis" / "processors" / "conversation.py"
+    spelled = re.compile(r"""f["'][^"'\n]*(<img>\{|Picture \{[^}]*\}: )""")
+    elsewhere = [f"{path.relative_to(home.parents[2])}:{n}"
+                 for path in home.parents[1].rglob("*.py") if path != home
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if spelled.search(line)]
+    assert not elsewhere
+    assert spelled.search(home.read_text())  # the pattern does find the one home

@@ -266,6 +266,10 @@ def check_outputs(checkout: Path) -> None:
     assert (ablation["run"]["lr"], ablation["run"]["min_lr"], ablation["run"]["betas"]) == (2e-4, 2e-5, [0.9, 0.95])
     raw = json.loads((checkout / "outputs/multitask/eval/vqa.json").read_text())
     assert raw["model"] == "outputs/multitask" and raw["metrics"]["count"] == len(raw["predictions"]) == 16
+    first = raw["predictions"][0]  # the stage-2 model asked as it was trained: Qwen-VL's raw prompt, no chat turn
+    assert first["prompt"] == f"<img>{first['image']}</img>{first['question']} Answer:"
+    chat = json.loads((checkout / "outputs/sft/eval/vqa.json").read_text())["predictions"][0]  # the demo's chat model
+    assert chat["prompt"] == f"Picture 1: <img>{chat['image']}</img>\n{chat['question']}"
     exported = load_file(str(checkout / "exported/fsdp/model.safetensors"))
     assert len(exported) > 50 and {t.dtype for t in exported.values() if t.is_floating_point()} == {torch.bfloat16}
 

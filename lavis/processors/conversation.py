@@ -9,14 +9,25 @@ fall on token boundaries.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from lavis.processors.errors import SkipSample
-from lavis.processors.tokenizer import TextTokenizer
+from lavis.processors.tokenizer import IMG_END, IMG_START, TextTokenizer
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
-IMAGE_SPAN = re.compile(r"<img>(.*?)</img>", re.S)
+IMAGE_SPAN = re.compile(rf"{IMG_START}(.*?){IMG_END}", re.S)
+
+
+def image_reference(path: str) -> str:
+    """``<img>path</img>``: where an image goes in a text (the one place this form is written)."""
+    return f"{IMG_START}{path}{IMG_END}"
+
+
+def pictures(paths: Iterable[str], first: int = 1) -> str:
+    """Qwen-VL's chat form of images: ``Picture n: <img>path</img>\\n`` each, numbered from ``first``."""
+    return "".join(f"Picture {n}: {image_reference(path)}\n" for n, path in enumerate(paths, first))
 
 
 @dataclass

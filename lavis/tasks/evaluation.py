@@ -28,7 +28,12 @@ from lavis.common.config import Config, ConfigError
 from lavis.common.precision import autocast
 from lavis.common.registry import registry
 from lavis.models.generation import left_pad, until_stop
-from lavis.processors.conversation import IGNORE_INDEX, ConversationEncoder
+from lavis.processors.conversation import (
+    IGNORE_INDEX,
+    ConversationEncoder,
+    image_reference,
+    pictures,
+)
 from lavis.processors.errors import SkipSample
 from lavis.processors.image import load_image
 from lavis.tasks.metrics import choose_option
@@ -235,7 +240,8 @@ class Evaluator:
                 answers = self._score_options(run) if task.scores_options else self._generate(task, run)
             for (sample, _, _), output in zip(batch or [], answers):
                 prediction = output if task.scores_options else task.prediction(output)
-                outputs[sample.id] = {"id": sample.id, "output": output, "prediction": prediction, **sample.reference}
+                outputs[sample.id] = {"id": sample.id, "prompt": self.prompt_text(task, sample), "output": output,
+                                      "prediction": prediction, **sample.reference}
         return [outputs[s.id] for s, _, _ in prepared], skipped
 
     def _gathered(self):
@@ -243,13 +249,19 @@ class Evaluator:
 
     # ------------------------------------------------------------------ inputs
 
-    def _prompt_ids(self, task: EvalTask, sample: EvalSample) -> list[int]:
+    @staticmethod
+    def prompt_text(task: EvalTask, sample: EvalSample) -> str:
+        """The text the model is asked (a chat task's user turn, inside ChatML when encoded)."""
         if task.chat:
-            pictures = "".join(f"Picture {k + 1}: <img>{path}</img>\n" for k, path in enumerate(sample.images))
-            messages = [{"role": "user", "content": pictures + sample.text}]
+            return pictures(sample.images) + sample.text
+        return "".join(image_reference(path) for path in sample.images) + sample.text
+
+    def _prompt_ids(self, task: EvalTask, sample: EvalSample) -> list[int]:
+        text = self.prompt_text(task, sample)
+        if task.chat:
+            messages = [{"role": "user", "content": text}]
             return self.encoder.encode_messages(messages, add_generation_prompt=True).input_ids
-        images = "".join(f"<img>{path}</img>" for path in sample.images)
-        return self.encoder.encode_text(images + sample.text, supervised=False).input_ids
+        return self.encoder.encode_text(text, supervised=False).input_ids
 
     def _pixels(self, sample: EvalSample) -> torch.Tensor:
         size = self.image_processor.image_size

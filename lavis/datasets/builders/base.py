@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
-import logging
 import json
+import logging
 import pickle
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
+
+from lavis.processors.conversation import image_reference
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ def image_path(where: str, path: Any) -> str:
 
 def image_tag(where: str, path: Any) -> str:
     """``<img>{path}</img>`` for a checked :func:`image_path`."""
-    return f"<img>{image_path(where, path)}</img>"
+    return image_reference(image_path(where, path))
 
 
 def parse_splits(split: str | None) -> tuple[str, ...] | None:

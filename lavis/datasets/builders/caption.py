@@ -26,6 +26,7 @@ from lavis.datasets.builders.base import (
     require_dict,
     require_str,
 )
+from lavis.processors.conversation import image_reference
 
 CAPTION_PROMPT = "Generate the caption in English:"
 
@@ -36,7 +37,7 @@ def caption_record(rid: str, image: str, caption: str) -> dict[str, str]:
     """A training sample plus the fields evaluation reads (``image`` path, ``caption``)."""
     return {
         "id": rid,
-        "prompt": f"<img>{image}</img>{CAPTION_PROMPT}",
+        "prompt": image_reference(image) + CAPTION_PROMPT,
         "target": f" {caption}",
         "image": image,
         "caption": caption,

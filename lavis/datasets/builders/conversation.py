@@ -16,7 +16,7 @@ from lavis.datasets.builders.base import (
     read_annotations,
 )
 from lavis.processors.boxes import box_problems
-from lavis.processors.conversation import ROLES
+from lavis.processors.conversation import ROLES, pictures
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +123,12 @@ class LLaVAConversationBuilder(QwenVLConversationBuilder):
             raise AnnotationError(
                 f"{describe_record(path, index, record)}: {placeholders} <image> placeholders for {len(images)} images"
             )
-        pictures = iter(f"Picture {n}: <img>{img}</img>\n" for n, img in enumerate(images, 1))
+        numbered = iter(pictures([image], n) for n, image in enumerate(images, 1))
         for message in messages:
-            message["content"] = IMAGE_PLACEHOLDER.sub(lambda _: next(pictures), message["content"])
+            message["content"] = IMAGE_PLACEHOLDER.sub(lambda _: next(numbered), message["content"])
         if images and not placeholders:
             first_user = next((m for m in messages if m["role"] == "user"), None)
             if first_user is None:
                 raise AnnotationError(f"{describe_record(path, index, record)}: an image but no human turn to hold it")
-            first_user["content"] = "".join(pictures) + first_user["content"]
+            first_user["content"] = "".join(numbered) + first_user["content"]
         return converted

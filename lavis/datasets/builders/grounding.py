@@ -55,7 +55,7 @@ from lavis.datasets.builders.base import (
     require_str,
 )
 from lavis.processors.boxes import box_text
-
+from lavis.processors.conversation import image_reference
 
 GROUNDED_CAPTION_PROMPT = "Generate the caption in English with grounding:"
 EDGE_TOLERANCE = 1.0  # pixels a box may extend past the image edge and still be clamped
@@ -129,7 +129,7 @@ def ref_record(
     """A training sample plus the fields evaluation reads (pixel ``bbox`` x1, y1, x2, y2 and the image size)."""
     return {
         "id": rid,
-        "prompt": f"<img>{image}</img><ref>{expression}</ref>",
+        "prompt": f"{image_reference(image)}<ref>{expression}</ref>",
         "target": f"<box>{box_text(bbox, *size)}</box>",
         "image": image,
         "expression": expression,

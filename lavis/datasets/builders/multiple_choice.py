@@ -30,6 +30,7 @@ from lavis.datasets.builders.base import (
     require_dict,
     require_str,
 )
+from lavis.processors.conversation import image_reference
 
 LETTERS = "ABCDEFGHIJ"
 MC_PROMPT = "Context: {hint}\nQuestion: {question}\nOptions: {options}\nAnswer:"
@@ -98,7 +99,7 @@ class MultipleChoiceBuilder:
         text = MC_PROMPT.format(hint=hint, question=question, options=options_text(choices))
         return {
             "id": str(record.get("id", index)),
-            "prompt": (f"<img>{image}</img>" if image else "") + text,
+            "prompt": (image_reference(image) if image else "") + text,
             "target": f" {answer}",
             "image": image,
             "question": question,

@@ -16,8 +16,18 @@ from typing import Any
 
 from lavis.common.config import ConfigError
 from lavis.common.registry import registry
-from lavis.datasets.builders.base import AnnotationError, RecordDataset, as_paths
-from lavis.datasets.builders.base import describe_record, image_path, load_file, read_json, require_dict, require_str
+from lavis.datasets.builders.base import (
+    AnnotationError,
+    RecordDataset,
+    as_paths,
+    describe_record,
+    image_path,
+    load_file,
+    read_json,
+    require_dict,
+    require_str,
+)
+from lavis.processors.conversation import image_reference
 
 ANSWER_PROMPT = " Answer:"
 
@@ -26,7 +36,7 @@ def vqa_record(rid: str, image: str, question: str, answers: list[str], answer: 
     """A training sample (target: ``answer``) plus the fields evaluation reads (all human ``answers``)."""
     return {
         "id": rid,
-        "prompt": f"<img>{image}</img>{question}{ANSWER_PROMPT}",
+        "prompt": image_reference(image) + question + ANSWER_PROMPT,
         "target": f" {answer}",
         "image": image,
         "question": question,

@@ -35,6 +35,7 @@ from braceexpand import braceexpand
 
 from lavis.common.registry import registry
 from lavis.datasets.builders.base import AnnotationError, StreamingSource
+from lavis.processors.conversation import image_reference
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +293,7 @@ class WebDatasetCaptionSource(StreamingSource):
         path = f"{key}.{image_ext}"
         return {
             "id": rid,
-            "prompt": f"<img>{path}</img>{CAPTION_PROMPT}",
+            "prompt": image_reference(path) + CAPTION_PROMPT,
             "target": " " + caption,
             "image_bytes": {path: parts[image_ext]},
         }
@@ -415,7 +416,10 @@ def write_caption_shards(root: str | Path, split: str = "train", samples_per_sha
     (``000123``), its PNG, and :func:`~lavis.datasets.synthetic.world.describe` as caption.
     Returns the shard paths (``{split}-{000000..N}.tar`` as a brace pattern).
     """
-    from lavis.datasets.synthetic.world import describe, load_scenes  # world may import this module
+    from lavis.datasets.synthetic.world import (  # world may import this module
+        describe,
+        load_scenes,
+    )
 
     root = Path(root)
     samples = (

@@ -36,7 +36,15 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from lavis.processors.boxes import box_text, denorm_box, iou, normalize_coord, parse_boxes, ref_box_text  # noqa: F401
+from lavis.processors.boxes import (  # noqa: F401
+    box_text,
+    denorm_box,
+    iou,
+    normalize_coord,
+    parse_boxes,
+    ref_box_text,
+)
+from lavis.processors.conversation import pictures
 
 WORLD_VERSION = 2
 IMAGE_SIZE = 128
@@ -355,7 +363,7 @@ def _single_image_turns(rng: random.Random, scene: Scene, task: str) -> list[tup
 
 
 def _qwen_record(rid: str, images: list[str], turns: list[tuple[str, str, dict]], meta: dict) -> dict:
-    prefix = "".join(f"Picture {k + 1}: <img>{p}</img>\n" for k, p in enumerate(images))
+    prefix = pictures(images)
     conv = []
     for t, (q, a, _) in enumerate(turns):
         conv.append({"from": "user", "value": (prefix + q) if t == 0 else q})
