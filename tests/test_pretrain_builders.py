@@ -828,3 +828,30 @@ def test_synthetic_formats_are_deterministic(formats_world, tmp_path):
     assert ocr_before == (formats_world / "images_ocr" / "train" / "000003.png").read_bytes()
     with pytest.raises(ValueError, match="expected 99"):
         write_formats(formats_world, 3, {"train": 99})
+
+
+SPLIT_RECORDS = {  # one record per split, in each builder's plain format
+    "coco_caption": lambda split: {"image": f"{split}.png", "caption": "a cat"},
+    "ref_grounding": lambda split: {"image": f"{split}.png", "width": 10, "height": 10, "bbox": [1, 1, 5, 5],
+                                    "sentences": ["the cat"]},
+    "multiple_choice": lambda split: {"image": f"{split}.png", "question": "?", "choices": ["a", "b"], "answer": 0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT_RECORDS))
+def test_every_split_filter_keeps_the_named_splits_and_names_the_file_that_has_none(tmp_path, name):
+    """One SplitFilter serves every builder with a ``split`` key: the splits named (comma or plus) are
+    kept, and a file of which nothing is kept is an error naming it and the splits it holds."""
+    path = write(tmp_path / "ann.json", [{**SPLIT_RECORDS[name](s), "split": s} for s in ("train", "val", "test")])
+    kept = build(name, ann_path=path, split="train+test")
+    assert sorted(r["image"] for r in kept.records) == ["test.png", "train.png"]
+    assert len(build(name, ann_path=path)) == 3
+    other = write(tmp_path / "other.json", [{**SPLIT_RECORDS[name]("val"), "split": "val"}])
+    with pytest.raises(AnnotationError, match=re.escape(f"{other}: no records of split train, test; splits in the file: val")):
+        build(name, ann_path=[path, other], split="train,test")
+
+
+def test_refcoco_split_filter_names_the_refs_file(tmp_path):
+    refs, instances = refcoco(tmp_path)
+    with pytest.raises(AnnotationError, match=re.escape(f"{refs}: no records of split tset; splits in the file: testA, testB, train")):
+        build("ref_grounding", refs_path=refs, instances_path=instances, split="tset")

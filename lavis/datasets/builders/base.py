@@ -145,11 +145,45 @@ def parse_splits(split: str | None) -> tuple[str, ...] | None:
     return names
 
 
-def check_split_kept(path: str, splits: tuple[str, ...] | None, kept: int, present: set[Any]) -> None:
-    """Fail when a split filter kept nothing from a file (a typo would otherwise train on nothing)."""
-    if splits is not None and kept == 0:
-        found = ", ".join(sorted(map(str, present))) or "none (no 'split' keys)"
-        raise AnnotationError(f"{path}: no records of split {', '.join(splits)}; splits in the file: {found}")
+class SplitFilter:
+    """The split(s) a builder keeps: ``split="train,restval"`` (or ``"train+restval"``); None keeps all.
+
+    Records are filtered file by file (:meth:`reading`), so that a file of which nothing is kept is
+    an error naming the splits it holds: a typo would otherwise train on nothing.
+    """
+
+    def __init__(self, split: str | None) -> None:
+        self.split = split
+        self.names = parse_splits(split)
+
+    @property
+    def active(self) -> bool:
+        return self.names is not None
+
+    def reading(self, path: str | Path) -> "FileSplits":
+        return FileSplits(str(path), self.names)
+
+
+class FileSplits:
+    """One annotation file's records under a :class:`SplitFilter`."""
+
+    def __init__(self, path: str, names: tuple[str, ...] | None) -> None:
+        self.path, self.names = path, names
+        self.present: set[Any] = set()
+        self.kept = 0
+
+    def keeps(self, split: Any) -> bool:
+        """Whether a record of ``split`` (its ``split`` field) is kept."""
+        self.present.add(split)
+        kept = self.names is None or split in self.names
+        self.kept += kept
+        return kept
+
+    def check(self) -> None:
+        """Fail when the filter kept nothing from the file."""
+        if self.names is not None and self.kept == 0:
+            found = ", ".join(sorted(map(str, self.present))) or "none (no 'split' keys)"
+            raise AnnotationError(f"{self.path}: no records of split {', '.join(self.names)}; splits in the file: {found}")
 
 
 class SkipCounter:

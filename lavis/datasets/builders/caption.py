@@ -17,12 +17,11 @@ from lavis.common.registry import registry
 from lavis.datasets.builders.base import (
     AnnotationError,
     RecordDataset,
+    SplitFilter,
     as_paths,
-    check_split_kept,
     describe_record,
     image_path,
     load_file,
-    parse_splits,
     require_dict,
     require_str,
 )
@@ -65,8 +64,7 @@ class CocoCaptionBuilder:
     def __init__(self, ann_path: str | list[str], image_root: str = "", split: str | None = None) -> None:
         self.ann_paths = as_paths(ann_path)
         self.image_root = image_root
-        self.split = split
-        self.splits = parse_splits(split)
+        self.splits = SplitFilter(split)
 
     def build(self) -> RecordDataset:
         records: list[dict[str, str]] = []
@@ -86,9 +84,9 @@ class CocoCaptionBuilder:
         return RecordDataset(records, self.image_root)
 
     def _coco(self, path: str, data: dict[str, Any]) -> list[dict[str, str]]:
-        if self.splits is not None:
+        if self.splits.active:
             raise AnnotationError(
-                f"{path}: COCO captions JSON has no splits, but split={self.split!r} is set; "
+                f"{path}: COCO captions JSON has no splits, but split={self.splits.split!r} is set; "
                 "use the file of that split, or Karpathy's split JSON"
             )
         images, annotations = data.get("images"), data.get("annotations")
@@ -114,15 +112,14 @@ class CocoCaptionBuilder:
         images = data["images"]
         if not isinstance(images, list):
             raise AnnotationError(f"{path}: 'images' must be a list")
-        records, present = [], set()
+        records, splits = [], self.splits.reading(path)
         for index, image in enumerate(images):
             where = describe_record(f"{path}: images", index, image, "cocoid", "imgid", "filename")
             require_dict(where, image, "filename", "sentences")
-            present.add(image.get("split"))
-            if self.splits is not None and image.get("split") not in self.splits:
+            if not splits.keeps(image.get("split")):
                 continue
             filepath = image.get("filepath") or ""
-            path = image_path(where, f"{filepath}/{image['filename']}" if filepath else image["filename"])
+            file = image_path(where, f"{filepath}/{image['filename']}" if filepath else image["filename"])
             sentences = image["sentences"]
             if not isinstance(sentences, list) or not sentences:
                 raise AnnotationError(f"{where}: 'sentences' must be a non-empty list")
@@ -136,27 +133,26 @@ class CocoCaptionBuilder:
                     raw = " ".join(map(str, sentence["tokens"]))
                 caption = require_str(swhere, raw, "'raw'")
                 rid = str(sentence["sentid"]) if sentence.get("sentid") is not None else f"{image_id}_{k}"
-                records.append(caption_record(rid, path, caption))
-        check_split_kept(path, self.splits, len(records), present)
+                records.append(caption_record(rid, file, caption))
+        splits.check()
         return records
 
     def _plain(self, path: str, data: list[Any]) -> list[dict[str, str]]:
-        records, present = [], set()
+        records, splits = [], self.splits.reading(path)
         for index, record in enumerate(data):
             where = describe_record(path, index, record)
             require_dict(where, record, "image", "caption")
-            present.add(record.get("split"))
-            if self.splits is not None and record.get("split") not in self.splits:
+            if not splits.keeps(record.get("split")):
                 continue
-            path = image_path(where, record["image"])
+            file = image_path(where, record["image"])
             rid = record.get("id", index)
             captions = record["caption"]
             if isinstance(captions, list):
                 if not captions:
                     raise AnnotationError(f"{where}: 'caption' is an empty list")
                 for k, caption in enumerate(captions):
-                    records.append(caption_record(f"{rid}_{k}", path, require_str(where, caption, f"caption {k}")))
+                    records.append(caption_record(f"{rid}_{k}", file, require_str(where, caption, f"caption {k}")))
             else:
-                records.append(caption_record(str(rid), path, require_str(where, captions, "'caption'")))
-        check_split_kept(path, self.splits, len(records), present)
+                records.append(caption_record(str(rid), file, require_str(where, captions, "'caption'")))
+        splits.check()
         return records

@@ -41,14 +41,13 @@ from lavis.datasets.builders.base import (
     PICKLE_SUFFIXES,
     AnnotationError,
     RecordDataset,
+    SplitFilter,
     SkipCounter,
     as_paths,
-    check_split_kept,
     describe_record,
     image_path,
     image_tag,
     load_file,
-    parse_splits,
     read_json,
     read_pickle,
     require_dict,
@@ -165,8 +164,7 @@ class RefGroundingBuilder:
         self.ann_paths = as_paths(ann_path) if ann_path is not None else []
         self.refs_path, self.instances_path = refs_path, instances_path
         self.image_root = image_root
-        self.split = split
-        self.splits = parse_splits(split)
+        self.splits = SplitFilter(split)
         self.skipped = 0
 
     def build(self) -> RecordDataset:
@@ -185,14 +183,12 @@ class RefGroundingBuilder:
             raise AnnotationError(
                 f"{path}: expected a JSON list or JSONL of {{'image', 'width', 'height', 'bbox', 'sentences'}}"
             )
-        kept, present = 0, set()
+        splits = self.splits.reading(path)
         for index, record in enumerate(data):
             where = describe_record(path, index, record)
             require_dict(where, record, "image", "width", "height", "bbox", "sentences")
-            present.add(record.get("split"))
-            if self.splits is not None and record.get("split") not in self.splits:
+            if not splits.keeps(record.get("split")):
                 continue
-            kept += 1
             rid = record.get("id", index)
             self._add(
                 records,
@@ -204,8 +200,8 @@ class RefGroundingBuilder:
                 record["bbox"],
                 record["sentences"],
             )
-        check_split_kept(path, self.splits, kept, present)
-        return kept
+        splits.check()
+        return splits.kept
 
     def _refcoco(self, records: list[dict[str, Any]], skips: SkipCounter) -> int:
         refs = read_pickle(self.refs_path) if str(self.refs_path).endswith(PICKLE_SUFFIXES) else read_json(self.refs_path)
@@ -231,14 +227,12 @@ class RefGroundingBuilder:
             where = describe_record(f"{self.instances_path}: annotations", index, ann)
             require_dict(where, ann, "id", "bbox")
             boxes[ann["id"]] = ann
-        kept, present = 0, set()
+        splits = self.splits.reading(self.refs_path)
         for index, ref in enumerate(refs):
             where = describe_record(self.refs_path, index, ref, "ref_id")
             require_dict(where, ref, "ann_id", "sentences")
-            present.add(ref.get("split"))
-            if self.splits is not None and ref.get("split") not in self.splits:
+            if not splits.keeps(ref.get("split")):
                 continue
-            kept += 1
             ann = boxes.get(ref["ann_id"])
             if ann is None:
                 raise AnnotationError(f"{where}: ann_id {ref['ann_id']!r} is not in {self.instances_path}")
@@ -248,8 +242,8 @@ class RefGroundingBuilder:
             _, file_name, size = images[image_id]
             rid = ref.get("ref_id", index)
             self._add(records, skips, where, f"{rid}", file_name, size, ann["bbox"], ref["sentences"])
-        check_split_kept(self.refs_path, self.splits, kept, present)
-        return kept
+        splits.check()
+        return splits.kept
 
     @staticmethod
     def _add(records, skips, where, rid, image, size, bbox, sentences) -> None:

@@ -21,11 +21,10 @@ from lavis.common.registry import registry
 from lavis.datasets.builders.base import (
     AnnotationError,
     RecordDataset,
+    SplitFilter,
     as_paths,
-    check_split_kept,
     describe_record,
     image_path,
-    parse_splits,
     read_annotations,
     require_dict,
     require_str,
@@ -71,22 +70,18 @@ class MultipleChoiceBuilder:
     def __init__(self, ann_path: str | list[str], image_root: str = "", split: str | None = None) -> None:
         self.ann_paths = as_paths(ann_path)
         self.image_root = image_root
-        self.split = split
-        self.splits = parse_splits(split)
+        self.splits = SplitFilter(split)
 
     def build(self) -> RecordDataset:
         records: list[dict[str, Any]] = []
         for path in self.ann_paths:
-            present, kept = set(), 0
+            splits = self.splits.reading(path)
             for index, record in enumerate(read_annotations(path)):
                 where = describe_record(path, index, record)
                 require_dict(where, record, "question", "choices", "answer")
-                present.add(record.get("split"))
-                if self.splits is not None and record.get("split") not in self.splits:
-                    continue
-                kept += 1
-                records.append(self._record(where, record, index))
-            check_split_kept(path, self.splits, kept, present)
+                if splits.keeps(record.get("split")):
+                    records.append(self._record(where, record, index))
+            splits.check()
         return RecordDataset(records, self.image_root)
 
     @staticmethod
