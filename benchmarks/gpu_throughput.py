@@ -193,7 +193,7 @@ class FlopModel:
     def of(cls, model: VisionLanguageModel) -> FlopModel:
         """From the built model's freeze policies, parameter counts and shapes (sharded or not: a
         DTensor's ``numel`` is that of the whole parameter)."""
-        trains = {name: policy == "trainable" for name, policy in model.freeze_policies.items()}
+        trains = {name: policy.registry_name == "trainable" for name, policy in model.freeze_policies.items()}
 
         def factor(component: str, upstream: bool) -> int:
             return 2 + 2 * (trains[component] or upstream) + 2 * trains[component]

@@ -3,23 +3,29 @@
 The data is the fine-tuning example of Qwen-VL's README (``tests/fixtures/qwen_vl_finetune_example.json``:
 the reference file with its three image paths, one of them an https URL, replaced by local PNGs that
 the tests draw). Each conversation is checked with the embedded tokenizer and, when
-``../shared/reference/qwen-vl-chat/qwen.tiktoken`` exists, with Qwen's real vocabulary.
+``../shared/reference/qwen-vl-chat/qwen.tiktoken`` exists, with Qwen's real vocabulary. Under
+``run.label_policy=qwen_vl_finetune`` the same file gives exactly what Qwen-VL's ``finetune.py``
+made of it (``tests/fixtures/qwen_vl_finetune_labels.json``; how: ``make_qwen_vl_finetune_labels.py``).
 
 ``pytest -s tests/test_conversation.py`` prints the decoded supervised spans.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
+from lavis.common.config import ConfigError
 from lavis.datasets.builders.base import AnnotationError
 from lavis.datasets.builders.conversation import LLaVAConversationBuilder, QwenVLConversationBuilder
+from lavis.datasets.collate import PadCollator
 from lavis.processors.conversation import IGNORE_INDEX, IMAGE_SPAN, ConversationEncoder, EncodedText, image_reference, pictures
 from lavis.processors.errors import SkipSample
 from lavis.processors.image import CLIP_MEAN, CLIP_STD, CLIPImageProcessor
@@ -28,6 +34,8 @@ from lavis.processors.tokenizer import HFTokenizer, QwenTiktoken
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "qwen_vl_finetune_example.json"
+# What Qwen-VL's finetune.py preprocess made of FIXTURE (see make_qwen_vl_finetune_labels.py there).
+FINETUNE_PY_OUTPUT = REPO / "tests" / "fixtures" / "qwen_vl_finetune_labels.json"
 REFERENCE = REPO.parent / "shared" / "reference"
 QWEN_TIKTOKEN = REFERENCE / "qwen-vl-chat" / "qwen.tiktoken"
 
@@ -159,8 +167,8 @@ def records(image_root):
     return QwenVLConversationBuilder(str(FIXTURE), str(image_root)).build()
 
 
-def make_encoder(tokenizer, max_len: int = 4096, n: int = N) -> ConversationEncoder:
-    return ConversationEncoder(tokenizer, num_image_tokens=n, system_message=SYSTEM, max_len=max_len)
+def make_encoder(tokenizer, max_len: int = 4096, n: int = N, label_policy: str = "assistant") -> ConversationEncoder:
+    return ConversationEncoder(tokenizer, num_image_tokens=n, system_message=SYSTEM, max_len=max_len, label_policy=label_policy)
 
 
 # --------------------------------------------------------------------------- the fixture file
@@ -351,6 +359,114 @@ def test_sample_processor_loads_images_in_order(tok, records):
             colour = torch.tensor(IMAGES[path][1], dtype=torch.float32) / 255.0
             expected = ((colour - mean) / std).view(3, 1, 1).expand(3, IMAGE_SIZE, IMAGE_SIZE)
             torch.testing.assert_close(pixels[k], expected)
+
+
+# --------------------------------------------------------------------------- Qwen-VL's finetune.py labels
+
+QWEN_IMAGE_SPAN = 256  # Qwen-VL's tokenizer: the path's bytes + <imgpad>s, 256 ids between <img> and </img>
+
+
+@pytest.fixture(scope="module")
+def finetune_py_output() -> dict:
+    return json.loads(FINETUNE_PY_OUTPUT.read_text(encoding="utf-8"))
+
+
+def image_spans(tok, ids: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each <img>…</img> span, found by its two tags."""
+    starts = [i for i, t in enumerate(ids) if t == tok.img_start_id]
+    ends = [i + 1 for i, t in enumerate(ids) if t == tok.img_end_id]
+    return list(zip(starts, ends))
+
+
+def outside(ids: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    inside = {i for s, e in spans for i in range(s, e)}
+    return [t for i, t in enumerate(ids) if i not in inside]
+
+
+def test_finetune_py_output_was_made_from_this_example(finetune_py_output):
+    made_by = finetune_py_output["made_by"]
+    assert made_by["transformers"] == "4.32.0"
+    assert made_by[FIXTURE.name] == hashlib.sha256(FIXTURE.read_bytes()).hexdigest()
+    if QWEN_TIKTOKEN.is_file():
+        assert made_by[QWEN_TIKTOKEN.name] == hashlib.sha256(QWEN_TIKTOKEN.read_bytes()).hexdigest()
+    assert [s["id"] for s in finetune_py_output["samples"]] == IDS
+
+
+def test_qwen_vl_finetune_policy_equals_finetune_py(qwen_tok, records, finetune_py_output):
+    """Builder -> sample processor -> collator with ``label_policy=qwen_vl_finetune`` and 256 pads per
+    image, against finetune.py's ``preprocess`` with Qwen's own tokenizer on the same file: labels
+    equal, ids equal outside image spans, spans at the same places with the same length."""
+    q, ref = qwen_tok, finetune_py_output
+    encoder = make_encoder(q, max_len=ref["max_len"], n=QWEN_IMAGE_SPAN, label_policy="qwen_vl_finetune")
+    batch = PadCollator(q.pad_id)([SampleProcessor(encoder, CLIPImageProcessor(IMAGE_SIZE))(r) for r in records])
+    width = batch["input_ids"].shape[1]
+    assert (ref["pad_token_id"], ref["ignore_index"]) == (q.pad_id, IGNORE_INDEX)
+    assert batch["pixel_values"].shape[0] == sum(len(PATHS[conv_id]) for conv_id in IDS)
+    for row, (conv_id, theirs) in enumerate(zip(IDS, ref["samples"])):
+        ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
+        assert labels == theirs["labels"][:width]
+        assert batch["attention_mask"][row].tolist() == theirs["attention_mask"][:width]
+        # finetune.py pads to max_len, the collator to the batch's longest, with the same values.
+        rest = ref["max_len"] - width
+        assert theirs["input_ids"][width:] == [q.pad_id] * rest and theirs["labels"][width:] == [IGNORE_INDEX] * rest
+        spans = image_spans(q, theirs["input_ids"])
+        assert image_spans(q, ids) == spans and len(spans) == len(PATHS[conv_id])
+        assert all(e - s == QWEN_IMAGE_SPAN + 2 for s, e in spans)
+        assert outside(ids, spans) == outside(theirs["input_ids"][:width], spans)
+        for (s, e), path in zip(spans, PATHS[conv_id]):
+            # Inside a span Qwen writes the path's bytes, then pads; we write pads only.
+            assert theirs["input_ids"][s + 1 : s + 1 + len(path)] == list(path.encode())
+            assert ids[s + 1 : e - 1] == [q.img_pad_id] * QWEN_IMAGE_SPAN
+
+
+@pytest.mark.parametrize("conv_id", IDS)
+def test_qwen_vl_finetune_policy_adds_only_the_turn_marks(tok, conv_id):
+    """Over the default: every turn's <|im_start|>, <|im_end|> and closing "\n", nothing else."""
+    default = make_encoder(tok).encode_messages(messages(conv_id))
+    enc = make_encoder(tok, label_policy="qwen_vl_finetune").encode_messages(messages(conv_id))
+    assert enc.input_ids == default.input_ids
+    added = [i for i, (a, b) in enumerate(zip(default.labels, enc.labels)) if a != b]
+    assert all(default.labels[i] == IGNORE_INDEX and enc.labels[i] == enc.input_ids[i] for i in added)
+    ends = [i for i, t in enumerate(enc.input_ids) if t == tok.im_end_id]
+    starts = [i for i, t in enumerate(enc.input_ids) if t == tok.im_start_id]
+    roles = ["system"] + [role for role, _ in TURNS[conv_id]]
+    non_assistant_ends = [i for i, role in zip(ends, roles) if role != "assistant"]
+    assert added == sorted(starts + non_assistant_ends + [i + 1 for i in ends])
+
+
+def test_qwen_vl_finetune_policy_on_a_given_system_turn(tok):
+    # finetune.py has no system role in its data; a given system turn is labelled as its default one.
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}]
+    enc = make_encoder(tok, label_policy="qwen_vl_finetune").encode_messages(conv)
+    assert tok.decode([t for t in enc.labels if t != IGNORE_INDEX]) == (
+        "<|im_start|><|im_end|>\n" * 2 + "<|im_start|>Hello.<|im_end|>\n"
+    )
+
+
+def test_unknown_label_policy_lists_the_valid_ones(tok):
+    with pytest.raises(ValueError, match=r"unknown label_policy 'qwen'; expected one of assistant, qwen_vl_finetune"):
+        make_encoder(tok, label_policy="qwen")
+
+
+def test_label_policy_is_a_run_key_given_to_the_encoder(load_sft, tok):
+    from lavis.tasks.sft import LanguageModelingTask
+
+    model, processors = SimpleNamespace(num_image_tokens=N), SimpleNamespace(tokenizer=tok, image=None)
+    for option, policy in (((), "assistant"), (("run.label_policy=qwen_vl_finetune",), "qwen_vl_finetune")):
+        cfg = load_sft(*option)
+        assert cfg.run.label_policy == policy
+        assert LanguageModelingTask(cfg).sample_processor(model, processors).encoder.label_policy == policy
+    with pytest.raises(ConfigError, match=r"run.label_policy: 'qwen' is not one of 'assistant', 'qwen_vl_finetune'"):
+        load_sft("run.label_policy=qwen")
+
+
+def test_qwen_tiktoken_normalises_to_nfc(qwen_tok):
+    # As Qwen's tokenization_qwen.py: unicodedata.normalize("NFC", text) before encoding.
+    composed, decomposed = "Café déjà vu", "Cafe\u0301 de\u0301ja\u0300 vu"
+    assert composed != decomposed
+    assert qwen_tok.encode(decomposed) == qwen_tok.encode(composed)
+    assert qwen_tok.decode(qwen_tok.encode(decomposed)) == composed
 
 
 # --------------------------------------------------------------------------- truncation

@@ -266,7 +266,7 @@ def test_override_frozen_llm(override_runs, tiny, load_sft):
 
     run = override_runs["llm_frozen"]
     config = check_run(run)
-    assert config["model"]["freeze"] == {"vision": "trainable", "adapter": "trainable", "llm": "frozen"}
+    assert config["model"]["freeze"] == {"vision": {"type": "trainable"}, "adapter": {"type": "trainable"}, "llm": {"type": "frozen"}}
     _, model, _ = tiny(*OVERRIDES["llm_frozen"])
     counts = parameter_counts(model.components)
     llm_total = counts["llm"]["total"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from lavis.common.registry import KINDS, Registry, RegistryError, registry
 
 # --------------------------------------------------------------------------- registry
 
-KIND_LIST = "model, vision_encoder, adapter, llm, builder, processor, task, runner, strategy, lr_scheduler"
+KIND_LIST = "model, vision_encoder, adapter, llm, builder, processor, task, runner, strategy, lr_scheduler, freeze_policy"
 
 
 def test_kinds_are_the_designed_ones():
@@ -125,9 +126,9 @@ def test_layering_default_component_project_options():
     cfg = sft()
     # configs/default.yaml (the project does not set these)
     assert cfg.run.seed == 42 and cfg.run.betas == [0.9, 0.98] and cfg.run.grad_accum == 1
-    assert cfg.model.freeze.llm == "trainable" and cfg.model.system_message == "You are a helpful assistant."
+    assert cfg.model.freeze.llm.type == "trainable" and cfg.model.system_message == "You are a helpful assistant."
     # the project over configs/default.yaml
-    assert cfg.model.freeze.vision == "frozen" and cfg.run.save_weights == "full"
+    assert cfg.model.freeze.vision.type == "frozen" and cfg.run.save_weights == "full"
     assert (cfg.run.max_steps, cfg.run.batch_size, cfg.run.lr, cfg.run.output_dir) == (600, 16, 1e-3, "outputs/sft")
     # the component's default YAML (configs/models/...) fills what the project (tiny preset) leaves out
     assert cfg.model.llm.params["attn_implementation"] == "sdpa" and cfg.model.llm.params["trust_remote_code"] is False
@@ -199,7 +200,6 @@ def test_options_are_typed_as_yaml():
         ("run.precision=bf61", "run.precision: 'bf61' is not one of 'fp32', 'bf16', 'fp16' (did you mean 'bf16'?)"),
         ("model.adapter.num_queries=many", "model.adapter.num_queries: expected an integer, got 'many'"),
         ("model.vision.class_token=maybe", "model.vision.class_token: 'maybe' is not a bool | None"),
-        ("model.freeze.llm=frozn", "model.freeze.llm: 'frozn' is not one of 'trainable', 'frozen' (did you mean 'frozen'?)"),
         ("run.max_steps=0", "run.max_steps must be >= 1, got 0"),
         ("run.lr", "--options expects key=value, got 'run.lr'"),
         ("run.dist_timeout_s=0", "run.dist_timeout_s must be > 0, got 0.0"),
@@ -435,3 +435,17 @@ def test_a_run_writes_the_resolved_config_to_output_dir(small_world, tmp_path):
     # the saved file is a complete project on its own: loading it gives the same config
     again = load_config(out / "config.yaml")
     assert again.raw == cfg.raw and again.run == cfg.run and again.model == cfg.model and again.datasets == cfg.datasets
+
+
+def test_freeze_policies_are_registered_blocks_written_short_or_whole():
+    """``model.freeze.<component>`` is a freeze_policy block: a name, or a block whose type is given as
+    ``policy`` or ``type``, with the policy's keys checked like any component's."""
+    assert sft("model.freeze.llm=lora", "model.freeze.llm.r=8").model.freeze.llm.params["r"] == 8
+    block = sft("model.freeze.llm={policy: lora, r: 4, alpha: 8}").model.freeze.llm
+    assert (block.type, block.params["r"], block.params["alpha"], block.params["dropout"]) == ("lora", 4, 8, 0.05)
+    with pytest.raises(RegistryError, match=re.escape("unknown freeze_policy 'frozn' (did you mean 'frozen'?)")):
+        sft("model.freeze.llm=frozn")
+    with pytest.raises(ConfigError, match=re.escape("unknown key 'model.freeze.llm.rank'; valid keys: alpha, dropout, r, targets, trainable")):
+        sft("model.freeze.llm=lora", "model.freeze.llm.rank=8")
+    with pytest.raises(ConfigError, match="model.freeze.llm.r: expected an integer"):
+        sft("model.freeze.llm=lora", "model.freeze.llm.r=big")

@@ -279,7 +279,7 @@ def test_checkpoint_holds_only_trainable_weights(load_sft, tmp_path):
     assert sorted(files) == ["config.yaml", "model.safetensors", "optimizer.pt", "state.pt"]
     assert files["model.safetensors"]["bytes"] == os.path.getsize(d / "model.safetensors")
     assert meta == {
-        "step": 1, "weights": "trainable", "freeze": {"vision": "frozen", "adapter": "trainable", "llm": "trainable"},
+        "step": 1, "weights": "trainable", "freeze": {"vision": {"type": "frozen"}, "adapter": {"type": "trainable"}, "llm": {"type": "trainable"}},
         "strategy": "single", "world_size": 1, "sharded": False,
     }
 

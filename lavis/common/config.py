@@ -28,6 +28,7 @@ from typing import Any, Literal, Union
 from omegaconf import DictConfig, OmegaConf
 
 from lavis.common.registry import did_you_mean, registry
+from lavis.processors.conversation import LabelPolicy
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ DEFAULTS_DIR = {
     "builder": "datasets",
     "task": "tasks",
     "strategy": "strategies",
+    "freeze_policy": "models/freeze",
 }
 # model.<key> -> registry kind of that component block.
 MODEL_COMPONENTS = {
@@ -60,7 +62,8 @@ DATASET_KEYS = ("builder", "ratio", "synthetic_root")
 EVAL_KEYS = ("task", "builder", "synthetic_root")
 SECTIONS = ("model", "datasets", "evaluation", "run")
 # Component blocks that may be given by their type's name alone (``run.strategy: fsdp``).
-SHORTHAND_BLOCKS = ("run.strategy",)
+FREEZE_COMPONENTS = ("vision", "adapter", "llm")
+SHORTHAND_BLOCKS = ("run.strategy", *(f"model.freeze.{name}" for name in FREEZE_COMPONENTS))
 
 
 class ConfigError(ValueError):
@@ -80,11 +83,11 @@ class ComponentConfig:
 
 @dataclass
 class FreezeConfig:
-    """Per-component training policy (``lora`` arrives with the LoRA issue)."""
+    """Per-component training policy: a registered ``freeze_policy`` block each."""
 
-    vision: Literal["trainable", "frozen"]
-    adapter: Literal["trainable", "frozen"]
-    llm: Literal["trainable", "frozen"]
+    vision: ComponentConfig
+    adapter: ComponentConfig
+    llm: ComponentConfig
 
 
 @dataclass
@@ -166,6 +169,7 @@ class RunConfig:
     eps: float
     clip_grad: float | None
     max_len: int
+    label_policy: LabelPolicy
     pack: bool
     lr_scale: LrScaleConfig
     layer_decay: float | None
@@ -355,7 +359,11 @@ def parse_options(options: list[str] | None) -> dict[str, Any]:
             raise ConfigError(f"--options expects key=value, got '{opt}'")
     # The short form of a component block names its type, so that its keys can follow in any order:
     # run.strategy=fsdp run.strategy.reshard_after_forward=false
-    options = [f"{key}.type={value}" if key in SHORTHAND_BLOCKS else opt for opt in options for key, _, value in [opt.partition("=")]]
+    options = [
+        f"{key}.type={value}" if key in SHORTHAND_BLOCKS and not value.lstrip().startswith("{") else opt
+        for opt in options
+        for key, _, value in [opt.partition("=")]
+    ]
     try:
         parsed = OmegaConf.from_dotlist(list(options))
     except Exception as err:  # a value that is not valid YAML, e.g. an unquoted {...}
@@ -404,7 +412,7 @@ def merge_layers(project: dict[str, Any], options: dict[str, Any]) -> dict[str, 
                     f"unknown top-level key '{key}' in {name}{did_you_mean(key, SECTIONS)}; "
                     f"valid keys: {', '.join(SECTIONS)}"
                 )
-    base, project, options = (_with_strategy_block(x) for x in (base, project, options))
+    base, project, options = (_with_component_blocks(x) for x in (base, project, options))
     merged = _merge(base, project, options)
     run_base, run_proj, run_opt = ((x.get("run") or {}).get("strategy") for x in (base, project, options))
     merged["run"]["strategy"] = _merge_component("strategy", "run.strategy", run_base, run_proj, run_opt)
@@ -412,6 +420,11 @@ def merge_layers(project: dict[str, Any], options: dict[str, Any]) -> dict[str, 
     for key, kind in MODEL_COMPONENTS.items():
         merged["model"][key] = _merge_component(
             kind, f"model.{key}", model_base.get(key), model_proj.get(key), model_opt.get(key)
+        )
+    freeze_base, freeze_proj, freeze_opt = (x.get("freeze") or {} for x in (model_base, model_proj, model_opt))
+    for key in FREEZE_COMPONENTS:
+        merged["model"]["freeze"][key] = _merge_component(
+            "freeze_policy", f"model.freeze.{key}", freeze_base.get(key), freeze_proj.get(key), freeze_opt.get(key)
         )
     data_proj, data_opt = project.get("datasets") or {}, options.get("datasets") or {}
     merged["datasets"] = {
@@ -426,12 +439,27 @@ def merge_layers(project: dict[str, Any], options: dict[str, Any]) -> dict[str, 
     return merged
 
 
-def _with_strategy_block(layer: dict[str, Any]) -> dict[str, Any]:
-    """``run.strategy`` as a component block: ``run.strategy: fsdp`` is short for ``{type: fsdp}``."""
-    run = layer.get("run")
+def _with_component_blocks(layer: dict[str, Any]) -> dict[str, Any]:
+    """``run.strategy`` and ``model.freeze.<component>`` as component blocks: ``run.strategy: fsdp`` is
+    short for ``{type: fsdp}``, ``model.freeze.llm: lora`` for ``{type: lora}``; a freeze block may
+    name its type ``policy``."""
+    run, model = layer.get("run"), layer.get("model")
     if isinstance(run, dict) and isinstance(run.get("strategy"), str):
-        return {**layer, "run": {**run, "strategy": {"type": run["strategy"]}}}
+        layer = {**layer, "run": {**run, "strategy": {"type": run["strategy"]}}}
+    if isinstance(model, dict) and isinstance(model.get("freeze"), dict):
+        freeze = {key: _freeze_block(value) if key in FREEZE_COMPONENTS else value for key, value in model["freeze"].items()}
+        layer = {**layer, "model": {**model, "freeze": freeze}}
     return layer
+
+
+def _freeze_block(value: Any) -> Any:
+    if isinstance(value, str):
+        return {"type": value}
+    if isinstance(value, dict) and "policy" in value:
+        if "type" in value and value["type"] != value["policy"]:
+            raise ConfigError(f"model.freeze: a block names both policy '{value['policy']}' and type '{value['type']}'")
+        return {"type": value["policy"], **{k: v for k, v in value.items() if k != "policy"}}
+    return value
 
 
 def _merge_evaluation(name: str, project: dict | None, options: dict | None) -> dict[str, Any]:
@@ -475,7 +503,10 @@ def build_config(resolved: dict[str, Any]) -> Config:
     """Validate a merged, interpolation-resolved dict into a typed :class:`Config`."""
     model = dict(resolved["model"])
     components = {key: _component(kind, model.pop(key), f"model.{key}") for key, kind in MODEL_COMPONENTS.items()}
-    model_cfg = to_dataclass(ModelConfig, {**model, **{k: vars(c) for k, c in components.items()}}, "model")
+    freeze = dict(model.pop("freeze"))
+    _check_keys(freeze, FREEZE_COMPONENTS, "model.freeze")
+    policies = {key: vars(_component("freeze_policy", freeze[key], f"model.freeze.{key}")) for key in FREEZE_COMPONENTS}
+    model_cfg = to_dataclass(ModelConfig, {**model, **{k: vars(c) for k, c in components.items()}, "freeze": policies}, "model")
     datasets = {}
     for name, entry in (resolved.get("datasets") or {}).items():
         entry = dict(entry)

@@ -24,6 +24,7 @@ KINDS = (
     "runner",
     "strategy",
     "lr_scheduler",
+    "freeze_policy",
 )
 
 T = TypeVar("T")

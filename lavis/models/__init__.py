@@ -23,7 +23,8 @@ from lavis.common.checkpoint import (
     weights_path,
 )
 from lavis.common.registry import registry
-from lavis.models import adapters, llm, vision  # noqa: F401  (register the components)
+from lavis.models import adapters, freeze, llm, vision  # noqa: F401  (register the components)
+from lavis.models.freeze import lora_scales
 from lavis.models.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ def build_model(cfg, meta: bool = False) -> tuple[VisionLanguageModel, Processor
     model = arch(vision, adapter, language_model, image_pad_id=image_pad_id, image_size=vision.image_size)
     if cfg.load_from and not meta:
         load_stage_checkpoint(model, cfg.load_from)
-    model.apply_freeze({"vision": cfg.freeze.vision, "adapter": cfg.freeze.adapter, "llm": cfg.freeze.llm})
+    policies = {name: build_component("freeze_policy", getattr(cfg.freeze, name)) for name in model.COMPONENTS}
+    model.apply_freeze(policies, meta=meta)
     model.apply_activation_checkpointing()
     image_processor = build_component("processor", cfg.image_processor)
     if image_processor.image_size != vision.image_size:
@@ -102,12 +104,12 @@ def load_stage_checkpoint(model: VisionLanguageModel, path: str) -> None:
     except FileNotFoundError as err:
         raise FileNotFoundError(f"model.load_from: {err}") from None
     state = load_weights_file(file)
-    _, unexpected = model.load_weights(state, str(file))
+    missing, unexpected = model.load_weights(state, str(file), checkpoint_lora_scales(file))
     if unexpected:
         raise ValueError(f"model.load_from {file}: {len(unexpected)} keys are not in this model, e.g. {unexpected[:5]}")
     loaded = Counter(k.split(".", 1)[0] for k in state)
     # Parameters only: buffers are derived (e.g. sin-cos tables), tied weights appear once.
-    kept = Counter(name.split(".", 1)[0] for name, _ in model.named_parameters() if name not in state)
+    kept = Counter(name.split(".", 1)[0] for name, _ in model.named_parameters() if name in set(missing))
     log.info(
         "model.load_from %s: loaded %s; not in the checkpoint (kept as built): %s",
         file, dict(loaded) or "nothing", dict(kept) or "none",
@@ -132,6 +134,17 @@ def config_of(weights_file: Path) -> Path | None:
         return own
     run = run_dir_of(weights_file)
     return run / CONFIG_NAME if run else None
+
+
+def checkpoint_lora_scales(weights_file: Path) -> dict[str, float] | None:
+    """``alpha / r`` per LoRA component of the run that wrote ``weights_file`` (from its config.yaml)."""
+    from omegaconf import OmegaConf
+
+    config = config_of(Path(weights_file))
+    if config is None:
+        return None
+    freeze = OmegaConf.to_container(OmegaConf.load(config)).get("model", {}).get("freeze") or {}
+    return lora_scales(freeze)
 
 
 def weights_chain(path: str) -> list[Path]:
@@ -171,12 +184,12 @@ def load_trained(model: VisionLanguageModel, path: str) -> list[Path]:
     """Load a trained model's weights for inference or evaluation (see :func:`weights_chain`)."""
     chain = weights_chain(path)
     covered: set[str] = set()
+    everything = set(model.state_dict())
     for file in chain:
-        state = load_weights_file(file)
-        _, unexpected = model.load_weights(state, str(file))
+        missing, unexpected = model.load_weights(load_weights_file(file), str(file), checkpoint_lora_scales(file))
         if unexpected:
             raise ValueError(f"{file}: {len(unexpected)} keys are not in this model, e.g. {unexpected[:5]}")
-        covered |= set(state)
+        covered |= everything - set(missing)
     kept = Counter(name.split(".", 1)[0] for name, _ in model.named_parameters() if name not in covered)
     log.info("loaded %s; not in any checkpoint (as built): %s", " <- ".join(map(str, chain[::-1])), dict(kept) or "none")
     return chain

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lavis.common.registry import registry
-from lavis.models.freeze import apply_freeze_policy, format_parameter_counts, parameter_counts
+from lavis.models.freeze import FreezePolicy, Trainable, format_parameter_counts, merge_lora_state, parameter_counts
 from lavis.processors.conversation import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class VisionLanguageModel(nn.Module):
         self.llm = llm
         self.image_pad_id = image_pad_id
         self.image_size = image_size
-        self.freeze_policies = {name: "trainable" for name in self.COMPONENTS}
+        self.freeze_policies: dict[str, FreezePolicy] = {name: Trainable() for name in self.COMPONENTS}
         # Run the visual path in every forward, with or without images (set by sharding strategies).
         self.vision_every_step = False
         # Set by attach_processors (lavis.load_model does it) for chat().
@@ -100,28 +100,52 @@ class VisionLanguageModel(nn.Module):
     def components(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in self.COMPONENTS}
 
-    def apply_freeze(self, policies: dict[str, str]) -> None:
-        """Apply a freeze policy per component (see :mod:`lavis.models.freeze`)."""
+    def apply_freeze(self, policies: dict[str, FreezePolicy], meta: bool = False) -> None:
+        """Apply a freeze policy per component (see :mod:`lavis.models.freeze`); ``meta``: the model is
+        on the meta device (shapes only)."""
         for name, policy in policies.items():
             if name not in self.COMPONENTS:
                 raise ValueError(f"unknown component '{name}' in freeze policies; components: {self.COMPONENTS}")
-            apply_freeze_policy(getattr(self, name), policy)
+            policy.apply(getattr(self, name), meta=meta)
             self.freeze_policies[name] = policy
 
-    def load_weights(self, state: dict[str, torch.Tensor], source: str = "") -> tuple[list[str], list[str]]:
+    def load_weights(
+        self, state: dict[str, torch.Tensor], source: str = "", lora_scales: dict[str, float] | None = None
+    ) -> tuple[list[str], list[str]]:
         """Load a (possibly partial) state dict, adapting it to this model (e.g. another image size).
 
-        Returns (missing, unexpected) keys; shape mismatches that cannot be adapted are errors.
+        LoRA: plain weights load into the base layers of a model with adapters; adapters load into a
+        model without them merged into its weights, which needs ``lora_scales`` (``alpha / r`` per
+        component, from the checkpoint's config). Returns (missing, unexpected) keys; shape
+        mismatches that cannot be adapted are errors.
         """
+        own = self.state_dict()
+        state = self._match_lora_names(state, set(own), lora_scales, source)
         for name, component in self.components.items():
             if hasattr(component, "adapt_state_dict"):
                 state = component.adapt_state_dict(state, f"{name}.")
-        own = self.state_dict()
         wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
         if wrong:
             raise ValueError(f"{source}: shapes do not match this model: {wrong[:5]}")
         result = self.load_state_dict(state, strict=False)
         return result.missing_keys, result.unexpected_keys
+
+    @staticmethod
+    def _match_lora_names(
+        state: dict[str, torch.Tensor], own: set[str], lora_scales: dict[str, float] | None, source: str
+    ) -> dict[str, torch.Tensor]:
+        adapters = [k for k in state if ".lora_A." in k or ".lora_B." in k]
+        if adapters and not any(k in own for k in adapters):
+            if lora_scales is None:
+                raise ValueError(f"{source}: holds LoRA adapters ({adapters[0]}, ...) but not the LoRA settings to merge "
+                                 "them (its config.yaml); merge it with python -m lavis.export --merge-lora first")
+            state = merge_lora_state(state, lora_scales)
+        renamed = {}
+        for key, value in state.items():
+            module, _, leaf = key.rpartition(".")
+            based = f"{module}.base_layer.{leaf}"
+            renamed[based if key not in own and based in own else key] = value
+        return renamed
 
     def blocks(self) -> dict[str, list[nn.Module]]:
         """The repeated blocks of each component (ViT blocks, LLM decoder layers; the adapter is one
@@ -159,7 +183,7 @@ class VisionLanguageModel(nn.Module):
     def train(self, mode: bool = True) -> "VisionLanguageModel":
         super().train(mode)
         for name, policy in self.freeze_policies.items():
-            if policy == "frozen":
+            if policy.keeps_eval_mode:
                 getattr(self, name).eval()  # frozen parts keep eval-mode dropout/norm behaviour
         return self
 

@@ -4,13 +4,21 @@ Each image reference ``<img>path</img>`` becomes ``<img>`` + N x ``<imgpad>`` + 
 adapter's output length); the model later replaces the pads with the image's N vectors. Each part
 is tokenized on its own and concatenated, as Qwen-VL's ``finetune.py`` does, so label boundaries
 fall on token boundaries.
+
+Label policies (``run.label_policy``): ``assistant`` supervises each assistant turn's content and its
+closing ``<|im_end|>``; ``qwen_vl_finetune`` is the rule of Qwen-VL's ``finetune.py`` ``preprocess``,
+which also supervises the ``<|im_start|>``, ``<|im_end|>`` and closing ``\n`` of every turn, system
+and user included. Under both, role names, the ``\n`` after them, system/user content and image spans
+are never supervised.
 """
 
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from lavis.processors.errors import SkipSample
 from lavis.processors.tokenizer import IMG_END, IMG_START, TextTokenizer
@@ -18,6 +26,8 @@ from lavis.processors.tokenizer import IMG_END, IMG_START, TextTokenizer
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 IMAGE_SPAN = re.compile(rf"{IMG_START}(.*?){IMG_END}", re.S)
+LabelPolicy = Literal["assistant", "qwen_vl_finetune"]
+LABEL_POLICIES: tuple[str, ...] = typing.get_args(LabelPolicy)
 
 
 def image_reference(path: str) -> str:
@@ -57,11 +67,21 @@ class EncodedText:
 class ConversationEncoder:
     """ChatML formatting, image-span expansion, label masks and span-safe truncation."""
 
-    def __init__(self, tokenizer: TextTokenizer, num_image_tokens: int, system_message: str, max_len: int) -> None:
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        num_image_tokens: int,
+        system_message: str,
+        max_len: int,
+        label_policy: LabelPolicy = "assistant",
+    ) -> None:
+        if label_policy not in LABEL_POLICIES:
+            raise ValueError(f"unknown label_policy {label_policy!r}; expected one of {', '.join(LABEL_POLICIES)}")
         self.tok = tokenizer
         self.num_image_tokens = num_image_tokens
         self.system_message = system_message
         self.max_len = max_len
+        self.label_policy = label_policy
         self._newline = tokenizer.encode("\n")
         self._role_ids = {role: tokenizer.encode(role) for role in ROLES}
         self._image_token_ids = {tokenizer.img_start_id, tokenizer.img_end_id, tokenizer.img_pad_id}
@@ -91,14 +111,16 @@ class ConversationEncoder:
         return out
 
     def encode_turn(self, role: str, content: str) -> EncodedText:
-        """``<|im_start|>{role}\\n{content}<|im_end|>\\n``; assistant content + ``<|im_end|>`` supervised."""
+        """``<|im_start|>{role}\\n{content}<|im_end|>\\n``, labelled by the label policy (module notes)."""
         if role not in self._role_ids:
             raise ValueError(f"unknown role '{role}'; expected one of {', '.join(ROLES)}")
-        supervised = role == "assistant"
-        out = EncodedText().add_tokens([self.tok.im_start_id] + self._role_ids[role] + self._newline, False)
-        out.extend(self.encode_text(content, supervised))
-        out.add_tokens([self.tok.im_end_id], supervised)
-        return out.add_tokens(self._newline, False)
+        answer = role == "assistant"
+        marks = self.label_policy == "qwen_vl_finetune"  # <|im_start|>, <|im_end|>, "\n" of every turn
+        out = EncodedText().add_tokens([self.tok.im_start_id], marks)
+        out.add_tokens(self._role_ids[role] + self._newline, False)
+        out.extend(self.encode_text(content, answer))
+        out.add_tokens([self.tok.im_end_id], answer or marks)
+        return out.add_tokens(self._newline, marks)
 
     def encode_messages(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> EncodedText:
         """A whole conversation, with the default system message unless the first turn is a system turn."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import unicodedata
 from pathlib import Path
 
 from lavis.common.registry import registry
@@ -93,7 +94,8 @@ class QwenTiktoken(TextTokenizer):
     """Qwen(-VL)'s own BPE from its ``qwen.tiktoken`` file, with Qwen-VL's special-token ids.
 
     Ids match the released tokenizer: ``<|endoftext|>`` 151643, ``<|im_start|>``, ``<|im_end|>``,
-    205 ``<|extra_i|>``, then ``<ref>`` 151851 … ``<imgpad>`` 151859.
+    205 ``<|extra_i|>``, then ``<ref>`` 151851 … ``<imgpad>`` 151859. Text is NFC-normalised before
+    encoding, as the released ``tokenization_qwen.py`` does.
     """
 
     def __init__(self, path: str) -> None:
@@ -115,6 +117,7 @@ class QwenTiktoken(TextTokenizer):
         super().__init__()
 
     def encode(self, text: str) -> list[int]:
+        text = unicodedata.normalize("NFC", text)
         return self.enc.encode(text, allowed_special="all", disallowed_special=())
 
     def decode(self, ids: list[int]) -> str:

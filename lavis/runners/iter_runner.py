@@ -295,7 +295,7 @@ class IterRunner:
         return {
             "step": self.step,
             "weights": self.run.save_weights,
-            "freeze": self.model.freeze_policies,
+            "freeze": {name: p.describe() for name, p in self.model.freeze_policies.items()},
             "strategy": self.run.strategy.type,
         }
 

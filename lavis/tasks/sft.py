@@ -30,11 +30,12 @@ class LanguageModelingTask:
         self.cfg = cfg
 
     def sample_processor(self, model: VisionLanguageModel, processors: Processors) -> SampleProcessor:
+        run = self.cfg.run
         encoder = ConversationEncoder(
-            processors.tokenizer, model.num_image_tokens, self.cfg.model.system_message, self.cfg.run.max_len
+            processors.tokenizer, model.num_image_tokens, self.cfg.model.system_message, run.max_len, run.label_policy
         )
         # Packed runs drop over-long samples whole; padded runs cut them at the end.
-        return SampleProcessor(encoder, processors.image, truncate=not self.cfg.run.pack)
+        return SampleProcessor(encoder, processors.image, truncate=not run.pack)
 
     def build_sources(self) -> list[Source]:
         """Every configured dataset, read and validated now (a bad annotation file fails at start)."""
