@@ -22,6 +22,7 @@ setup(
         "numpy",
         "pycocoevalcap",
         "matplotlib",
+        "peft",
     ],
     extras_require={"dev": ["pytest", "ruff", "hypothesis"]},
 )

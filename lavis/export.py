@@ -7,8 +7,12 @@ and ``model.load_from=OUT`` read it.
 
 ``--weights trainable`` (default) writes what the checkpoint holds; ``--weights full`` completes a
 trainable-only checkpoint from its run's ``model.load_from`` chain, so OUT stands alone (its
-config's ``model.load_from`` is cleared). ``--dtype`` casts floating tensors (e.g. ``bfloat16`` to
-halve the file for inference).
+config's ``model.load_from`` is cleared). ``--merge-lora`` (implies ``--weights full``) folds LoRA
+adapters into the weights they adapt: OUT is a plain model (its config's LoRA policies become
+``trainable``). ``--dtype`` casts floating tensors (e.g. ``bfloat16`` to halve the file for inference).
+
+``--format hf`` writes, besides, ``OUT/llm/``: the language model alone as a transformers directory
+(``save_pretrained``, safetensors) that ``AutoModelForCausalLM.from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -31,12 +35,27 @@ from lavis.common.logging import setup_logging
 log = logging.getLogger("lavis.export")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMATS = ("lavis", "hf")
 
 
-def export(source: str | Path, out: str | Path, weights: str = "trainable", dtype: str | None = None) -> Path:
-    """Write ``out/model.safetensors`` (+ ``config.yaml``, ``meta.json``) from a run or checkpoint."""
+def export(
+    source: str | Path,
+    out: str | Path,
+    weights: str = "trainable",
+    dtype: str | None = None,
+    merge_lora: bool = False,
+    format: str = "lavis",
+) -> Path:
+    """Write ``out/model.safetensors`` (+ ``config.yaml``, ``meta.json``; ``llm/`` with ``format="hf"``)
+    from a run or checkpoint."""
     from lavis.models import build_model, config_of, resolve_weights_path, weights_chain
+    from lavis.models.freeze import lora_scales, merge_lora_state
 
+    if format not in FORMATS:
+        raise ValueError(f"unknown format '{format}'; expected one of {', '.join(FORMATS)}")
+    if merge_lora or format == "hf":
+        weights = "full"
+        merge_lora = True
     file = resolve_weights_path(str(source))
     config = config_of(file)
     if config is None:
@@ -46,8 +65,12 @@ def export(source: str | Path, out: str | Path, weights: str = "trainable", dtyp
     for part in chain:
         state.update(ckpt.load_weights_file(part))
     raw = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+    merged = lora_scales(raw["model"]["freeze"]) if merge_lora else {}
+    if merged:
+        state = merge_lora_state(state, merged)
+        raw["model"]["freeze"].update({name: {"type": "trainable"} for name in merged})
     if weights == "full":
-        cfg = load_config(config)
+        cfg = load_config(config, [f"model.freeze.{name}=trainable" for name in merged])
         model, _ = build_model(dataclasses.replace(cfg.model, load_from=None), meta=True)
         from lavis.runners.strategies import parameter_names
 
@@ -71,10 +94,26 @@ def export(source: str | Path, out: str | Path, weights: str = "trainable", dtyp
         "freeze": source_meta.get("freeze"),
         "exported_from": [str(p) for p in chain],
         "dtype": dtype,
+        "merged_lora": sorted(merged),
     }
     (out / ckpt.META_NAME).write_text(json.dumps(meta, indent=2))
+    if format == "hf":
+        write_hf_llm(out)
     log.info("exported %d tensors (%s weights) from %s to %s", len(state), weights, " <- ".join(map(str, chain[::-1])), out)
     return out
+
+
+def write_hf_llm(export_dir: Path) -> Path:
+    """``export_dir/llm/``: the exported model's language model as a transformers directory."""
+    from lavis.models import build_model, load_trained
+
+    cfg = load_config(export_dir / ckpt.CONFIG_NAME)
+    model, _ = build_model(dataclasses.replace(cfg.model, load_from=None))
+    load_trained(model, str(export_dir))
+    target = export_dir / "llm"
+    model.llm.save_pretrained(target, safe_serialization=True)
+    log.info("wrote the language model as a transformers directory to %s", target)
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,10 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="directory to write model.safetensors, config.yaml and meta.json into")
     parser.add_argument("--weights", choices=("trainable", "full"), default="trainable")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors")
+    parser.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the weights (implies --weights full)")
+    parser.add_argument("--format", choices=FORMATS, default="lavis",
+                        help="hf: also OUT/llm/, the language model as a transformers directory (merges LoRA)")
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        export(args.source, args.out, args.weights, args.dtype)
+        export(args.source, args.out, args.weights, args.dtype, args.merge_lora, args.format)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -111,14 +111,16 @@ FREEZE = {
     "all": (),
     "sft": ("model.freeze.vision=frozen",),  # Qwen-VL's stage 3
     "stage1": ("model.freeze.llm=frozen",),  # Qwen-VL's stage 1
+    "lora": ("model.freeze.vision=frozen", "model.freeze.llm={policy: lora, r: 4, alpha: 8, dropout: 0.0}"),
 }
-CASES = [("ddp", "all"), ("fsdp", "all"), ("fsdp", "sft"), ("fsdp", "stage1")]
+CASES = [("ddp", "all"), ("fsdp", "all"), ("fsdp", "sft"), ("fsdp", "stage1"), ("fsdp", "lora")]
 
 
 def test_two_ranks_equal_one_process_with_the_same_global_batch(small_world, tmp_path):
     """2 ranks x batch 1 x grad_accum 2 vs one process x batch 2 x grad_accum 2: after 6 optimiser
     steps the weights agree within 1e-5 and the logged losses too, under DDP and FSDP, with every
-    component trained, with a frozen ViT (SFT) and with a frozen LLM (stage 1)."""
+    component trained, with a frozen ViT (SFT), with a frozen LLM (stage 1) and with LoRA on the LLM
+    (FSDP units whose base weights are frozen and whose adapters train)."""
     procs = {}
     for strategy, freeze in CASES:
         out = tmp_path / f"{strategy}-{freeze}"

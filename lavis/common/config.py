@@ -539,6 +539,7 @@ def build_config(resolved: dict[str, Any]) -> Config:
         raise ConfigError(f"run.world_size_hint must be >= 1 or null, got {run.world_size_hint}")
     _check_schedule(run)
     _check_eval_schedule(run, evaluation)
+    _check_freeze_strategy(model_cfg.freeze, run.strategy)
     return Config(model=model_cfg, datasets=datasets, evaluation=evaluation, run=run, raw=resolved)
 
 
@@ -574,6 +575,15 @@ def _check_schedule(run: RunConfig) -> None:
         raise ConfigError(
             f"run.warmup_steps ({run.warmup_steps}) is not below run.max_steps ({run.max_steps}): the run would end "
             "before the learning rate reaches run.lr; lower run.warmup_steps"
+        )
+
+
+def _check_freeze_strategy(freeze: FreezeConfig, strategy: ComponentConfig) -> None:
+    quantized = [name for name, block in vars(freeze).items() if block.type == "qlora"]
+    if quantized and strategy.type == "fsdp":
+        raise ConfigError(
+            f"model.freeze.{quantized[0]}: qlora's 4-bit weights are not sharded by run.strategy=fsdp here; "
+            "use run.strategy=ddp (each GPU holds the 4-bit model) or policy lora"
         )
 
 

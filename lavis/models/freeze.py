@@ -198,23 +198,26 @@ def merge_lora(component: nn.Module) -> int:
     return merged
 
 
-def merge_lora_state(state: dict[str, torch.Tensor], scales: dict[str, float]) -> dict[str, torch.Tensor]:
+def merge_lora_state(
+    state: dict[str, torch.Tensor], scales: dict[str, float], base: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """A state dict with LoRA adapters (``X.lora_A.default.weight``, ``X.lora_B...``, ``X.base_layer.*``)
-    folded into plain weights (``X.weight += scale * B @ A``), the base taken from ``state``.
+    folded into plain weights (``X.weight = W + scale * B @ A``).
 
-    ``scales``: ``alpha / r`` per component (the first part of the names). Keys without adapters pass.
+    ``W`` comes from ``state``, else from ``base`` (e.g. the weights a model already holds, when the
+    adapters come alone); ``scales``: ``alpha / r`` per component (the first part of the names).
     """
-    out = {k: v for k, v in state.items() if ".lora_A." not in k and ".lora_B." not in k}
-    out = {k.replace(".base_layer.", "."): v for k, v in out.items()}
+    out = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_A." not in k and ".lora_B." not in k}
     suffix = f".lora_A.{LORA_ADAPTER}.weight"
     for key in [k for k in state if k.endswith(suffix)]:
         module = key[: -len(suffix)]
         down, up = state[key], state[f"{module}.lora_B.{LORA_ADAPTER}.weight"]
-        base = f"{module}.weight"
-        if base not in out:
+        name = f"{module}.weight"
+        weight = out.get(name, (base or {}).get(name))
+        if weight is None:
             raise KeyError(f"LoRA adapter of {module} without its base weight")
         scale = scales[module.split(".", 1)[0]]
-        out[base] = (out[base].float() + scale * (up.float() @ down.float())).to(out[base].dtype)
+        out[name] = (weight.float() + scale * (up.float() @ down.float())).to(weight.dtype)
     return out
 
 

@@ -120,7 +120,7 @@ class VisionLanguageModel(nn.Module):
         mismatches that cannot be adapted are errors.
         """
         own = self.state_dict()
-        state = self._match_lora_names(state, set(own), lora_scales, source)
+        state = self._match_lora_names(state, own, lora_scales, source)
         for name, component in self.components.items():
             if hasattr(component, "adapt_state_dict"):
                 state = component.adapt_state_dict(state, f"{name}.")
@@ -132,14 +132,14 @@ class VisionLanguageModel(nn.Module):
 
     @staticmethod
     def _match_lora_names(
-        state: dict[str, torch.Tensor], own: set[str], lora_scales: dict[str, float] | None, source: str
+        state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], lora_scales: dict[str, float] | None, source: str
     ) -> dict[str, torch.Tensor]:
         adapters = [k for k in state if ".lora_A." in k or ".lora_B." in k]
         if adapters and not any(k in own for k in adapters):
-            if lora_scales is None:
+            if not lora_scales:
                 raise ValueError(f"{source}: holds LoRA adapters ({adapters[0]}, ...) but not the LoRA settings to merge "
                                  "them (its config.yaml); merge it with python -m lavis.export --merge-lora first")
-            state = merge_lora_state(state, lora_scales)
+            state = merge_lora_state(state, lora_scales, base=own)
         renamed = {}
         for key, value in state.items():
             module, _, leaf = key.rpartition(".")
