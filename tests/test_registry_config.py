@@ -245,7 +245,7 @@ RUN_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(RunConfig)))
         ("model.adapter.num_querys=16", ("unknown key 'model.adapter.num_querys' (did you mean 'num_queries'?); "
          "valid keys: num_heads, num_queries")),
         ("model.vision.nam=x", ("unknown key 'model.vision.nam' (did you mean 'name'?); valid keys: "
-         "class_token, gradient_checkpointing, image_size, model_kwargs, name, pos_embed_init, pretrained")),
+         "class_token, gradient_checkpointing, image_size, model_kwargs, name, pos_embed_grid, pos_embed_init, pretrained")),
         ("model.llm.attn_implementaton=eager", ("unknown key 'model.llm.attn_implementaton' (did you mean "
          "'attn_implementation'?); valid keys: attn_implementation, config, dtype, gradient_checkpointing, "
          "pretrained, trust_remote_code")),

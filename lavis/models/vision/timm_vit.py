@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import types
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +27,11 @@ class TimmViT(nn.Module):
     preset). Position embeddings follow ``image_size``: a weights file trained at another size is
     interpolated on load, and inputs of another size are interpolated on the fly. ``pos_embed_init``:
     ``random`` (timm's) or ``sincos`` (2D sin-cos values, for ViTs trained from scratch).
+
+    ``pos_embed_grid``: keep the position table at this many patches per side whatever
+    ``image_size``, and resize it to every input's patch grid as Qwen-VL's ViT does (its 16x16 table
+    serves 448 px): bicubic, ``align_corners=False``, without the antialiasing timm's own resize
+    applies. Needs a ViT without prefix (class or register) tokens.
     """
 
     def __init__(
@@ -37,6 +43,7 @@ class TimmViT(nn.Module):
         model_kwargs: dict | None = None,
         gradient_checkpointing: bool = False,
         pos_embed_init: Literal["random", "sincos"] = "random",
+        pos_embed_grid: int | None = None,
     ) -> None:
         super().__init__()
         kwargs = dict(model_kwargs or {})
@@ -55,12 +62,24 @@ class TimmViT(nn.Module):
         self.patch_size = tuple(self.model.patch_embed.patch_size)
         self.width = self.model.embed_dim
         on_meta = torch.get_default_device().type == "meta"  # meta: shapes only
+        if pos_embed_grid is not None:
+            self.resize_pos_embed_as_qwen_vl(pos_embed_grid, init=not on_meta)
         if pos_embed_init == "sincos" and not on_meta:
             self.init_sincos_pos_embed()
         if pretrained and not on_meta:
             self.load_pretrained(pretrained)
         # Applied by the composite model (VisionLanguageModel.apply_activation_checkpointing), per block.
         self.activation_checkpointing = gradient_checkpointing
+
+    def resize_pos_embed_as_qwen_vl(self, grid: int, init: bool) -> None:
+        """Keep a ``grid`` x ``grid`` position table, resized at every forward (see the class docstring)."""
+        if self.model.num_prefix_tokens or self.model.pos_embed is None:
+            raise ValueError("timm_vit: pos_embed_grid needs a ViT with position embeddings and no class or "
+                             "register tokens (set class_token: false)")
+        self.model.set_input_size(img_size=(grid * self.patch_size[0], grid * self.patch_size[1]))
+        if init:
+            nn.init.trunc_normal_(self.model.pos_embed, std=0.02)  # timm's initialisation of the table
+        self.model._pos_embed = types.MethodType(add_pos_embed_as_qwen_vl, self.model)
 
     @torch.no_grad()
     def init_sincos_pos_embed(self) -> None:
@@ -140,3 +159,14 @@ class TimmViT(nn.Module):
         feats = self.model.forward_features(pixel_values)
         feats = feats[:, self.model.num_prefix_tokens :]
         return feats, self.grid_for(pixel_values.shape[-2], pixel_values.shape[-1])
+
+
+def add_pos_embed_as_qwen_vl(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Replaces timm's ``VisionTransformer._pos_embed`` under ``pos_embed_grid``: ``x`` is the patch
+    embedding ``[B, rows, cols, width]``; the table is resized to ``(rows, cols)`` exactly as Qwen-VL's
+    ``get_abs_pos`` (:func:`~lavis.models.adapters.qwen_resampler.resize_pos_embed`)."""
+    from lavis.models.adapters.qwen_resampler import resize_pos_embed
+
+    batch, rows, cols, width = x.shape
+    table = resize_pos_embed(vit.pos_embed[0], (rows, cols))
+    return vit.pos_drop(x.reshape(batch, rows * cols, width) + table)
