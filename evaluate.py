@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     device = dist.init_distributed(cfg.run.device)
     seed_everything(cfg.run.seed)
     try:
+        cfg.check_local_paths()
         model, processors = build_model(dataclasses.replace(cfg.model, load_from=None))
         if cfg.model.load_from:
             load_trained(model, cfg.model.load_from)

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     strategy = build_strategy(cfg.run.strategy)
     try:
+        cfg.check_local_paths()
         strategy.setup(cfg.run.device, cfg.run.dist_timeout_s)  # join the process group first
         runner = build_runner(cfg, strategy)
     except (ConfigError, RegistryError, AnnotationError, FileNotFoundError, ValueError) as err:

@@ -13,6 +13,9 @@ adapters into the weights they adapt: OUT is a plain model (its config's LoRA po
 
 ``--format hf`` writes, besides, ``OUT/llm/``: the language model alone as a transformers directory
 (``save_pretrained``, safetensors) that ``AutoModelForCausalLM.from_pretrained`` loads.
+``--format qwen-vl`` writes ``OUT/qwen_vl/``: the whole model in Qwen-VL's original layout and config
+(``python -m lavis.convert to-qwen-vl``), for Qwen-VL's own code, web demo and evaluation scripts.
+Both merge LoRA adapters first.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from lavis.common.logging import setup_logging
 log = logging.getLogger("lavis.export")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FORMATS = ("lavis", "hf")
+FORMATS = ("lavis", "hf", "qwen-vl")
 
 
 def export(
@@ -48,39 +51,26 @@ def export(
 ) -> Path:
     """Write ``out/model.safetensors`` (+ ``config.yaml``, ``meta.json``; ``llm/`` with ``format="hf"``)
     from a run or checkpoint."""
-    from lavis.models import build_model, config_of, resolve_weights_path, weights_chain
-    from lavis.models.freeze import lora_scales, merge_lora_state
+    from lavis.models import config_of, resolve_weights_path, weights_chain
 
     if format not in FORMATS:
         raise ValueError(f"unknown format '{format}'; expected one of {', '.join(FORMATS)}")
-    if merge_lora or format == "hf":
+    if merge_lora or format != "lavis":
         weights = "full"
         merge_lora = True
     file = resolve_weights_path(str(source))
     config = config_of(file)
     if config is None:
         raise FileNotFoundError(f"{source}: no config.yaml in the checkpoint or its run")
-    chain = weights_chain(str(source)) if weights == "full" else [file]
-    state: dict[str, torch.Tensor] = {}
-    for part in chain:
-        state.update(ckpt.load_weights_file(part))
     raw = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
-    merged = lora_scales(raw["model"]["freeze"]) if merge_lora else {}
-    if merged:
-        state = merge_lora_state(state, merged)
-        raw["model"]["freeze"].update({name: {"type": "trainable"} for name in merged})
+    chain = weights_chain(str(source)) if weights == "full" else [file]
+    merged: list[str] = []
     if weights == "full":
-        cfg = load_config(config, [f"model.freeze.{name}=trainable" for name in merged])
-        model, _ = build_model(dataclasses.replace(cfg.model, load_from=None), meta=True)
-        from lavis.runners.strategies import parameter_names
-
-        missing = sorted(parameter_names(model) - set(state))
-        if missing:
-            raise ValueError(
-                f"{source}: {len(missing)} parameters are in no checkpoint of the chain "
-                f"({' <- '.join(map(str, chain[::-1]))}), e.g. {missing[:5]}; export --weights trainable instead"
-            )
+        state, merged = whole_model_state(source, config, merge_lora)
+        raw["model"]["freeze"].update({name: {"type": "trainable"} for name in merged})
         raw["model"]["load_from"] = None
+    else:
+        state = ckpt.load_weights_file(file)
     if dtype is not None:
         state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
     out = Path(out)
@@ -94,13 +84,43 @@ def export(
         "freeze": source_meta.get("freeze"),
         "exported_from": [str(p) for p in chain],
         "dtype": dtype,
-        "merged_lora": sorted(merged),
+        "merged_lora": merged,
     }
     (out / ckpt.META_NAME).write_text(json.dumps(meta, indent=2))
     if format == "hf":
         write_hf_llm(out)
+    elif format == "qwen-vl":
+        from lavis.convert import to_qwen_vl
+
+        to_qwen_vl(out, out / "qwen_vl")
     log.info("exported %d tensors (%s weights) from %s to %s", len(state), weights, " <- ".join(map(str, chain[::-1])), out)
     return out
+
+
+def whole_model_state(source: str | Path, config: Path, merge_lora: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every weight of the model ``source`` holds: built from its run's config (pretrained files
+    included), its checkpoints loaded along the ``load_from`` chain, LoRA folded in if ``merge_lora``.
+    Returns the state (canonical names) and the components whose adapters were merged; parameters
+    that come neither from a checkpoint nor from a pretrained file (random initialisation) are an error."""
+    from lavis.models import build_model, load_trained
+    from lavis.models.freeze import LoRA, merge_lora as fold
+    from lavis.models.vlm import canonical_name
+
+    cfg = load_config(config)
+    model, _ = build_model(dataclasses.replace(cfg.model, load_from=None))
+    as_built = load_trained(model, str(source))
+    from_files = {name for name in model.COMPONENTS if getattr(cfg.model, name).params.get("pretrained")}
+    missing = sorted(n for n in as_built if n.split(".", 1)[0] not in from_files)
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} parameters are in no checkpoint of the load_from chain and in no "
+                         f"pretrained file, e.g. {missing[:5]}; export --weights trainable instead")
+    merged = [name for name, policy in model.freeze_policies.items() if merge_lora and isinstance(policy, LoRA)]
+    for name in merged:
+        fold(getattr(model, name))
+    # The state dict less the second name of tied parameters (safetensors stores a tensor once).
+    parameters = dict(model.named_parameters())
+    tied = {k for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.nn.Parameter) and k not in parameters}
+    return {canonical_name(k): v.detach() for k, v in model.state_dict().items() if k not in tied}, merged
 
 
 def write_hf_llm(export_dir: Path) -> Path:
@@ -124,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors")
     parser.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the weights (implies --weights full)")
     parser.add_argument("--format", choices=FORMATS, default="lavis",
-                        help="hf: also OUT/llm/, the language model as a transformers directory (merges LoRA)")
+                        help="hf: also OUT/llm/, the language model as a transformers directory; qwen-vl: also "
+                             "OUT/qwen_vl/, Qwen-VL's original layout (both merge LoRA)")
     args = parser.parse_args(argv)
     setup_logging()
     try:

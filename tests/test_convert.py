@@ -325,3 +325,37 @@ def test_to_qwen_vl_refuses_another_tokenizer(tmp_path, load_sft):
     save_file({"llm.lm_head.weight": torch.zeros(1)}, str(run / "model.safetensors"))
     with pytest.raises(ConversionError, match="tokenizer is 'hf_tokenizer'"):
         to_qwen_vl(run, tmp_path / "out")
+
+
+def test_a_lora_fine_tune_exports_merged_in_qwen_vl_s_layout(tmp_path, project, reference):
+    """LoRA on the converted model's LLM (adapters given values) -> ``lavis.export --format qwen-vl``
+    (merged) -> back through ``from-qwen-vl`` -> a plain model with the LoRA model's logits."""
+    from lavis.common.config import load_config
+    from lavis.export import export
+    from lavis.models import build_model
+    from lavis.models.vlm import canonical_name
+    from lavis.processors.image import CLIPImageProcessor, load_image
+
+    path, options = project
+    cfg = load_config(path, [*options, "model.freeze.llm={policy: lora, r: 4, alpha: 8, dropout: 0.0}"])
+    lora, processors = build_model(cfg.model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    run = tmp_path / "lora_run"
+    run.mkdir()
+    cfg.save(run / "config.yaml")
+    save_file({canonical_name(k): v.contiguous() for k, v in lora.state_dict().items()}, str(run / "model.safetensors"))
+
+    export(run, tmp_path / "exported", format="qwen-vl")
+    assert main(["from-qwen-vl", str(tmp_path / "exported" / "qwen_vl"), str(tmp_path / "back")]) == 0
+    plain, _ = build_model(load_config(path, [f"model.llm.pretrained={tmp_path / 'back'}", *TINY_OPTIONS]).model)
+    pixels = CLIPImageProcessor(128)(load_image(FIXTURE / "image.png"))[None]
+    ids = model_inputs(reference, processors.tokenizer.img_pad_id)
+    with torch.no_grad():
+        expected = lora.eval()(ids, pixel_values=pixels).logits
+        got = plain.eval()(ids, pixel_values=pixels).logits
+    assert (got - expected).abs().max().item() < 1e-5
+    assert not any(".lora_" in k for k in plain.state_dict())

@@ -218,3 +218,32 @@ def test_a_killed_lora_run_resumes_bitwise_and_chains_into_evaluation_and_export
         ours = merged.llm(input_ids=ids, attention_mask=batch["attention_mask"]).logits
         theirs = hf(input_ids=ids, attention_mask=batch["attention_mask"]).logits
     assert (ours - theirs).abs().max() < 1e-5
+
+
+# --------------------------------------------------------------------------- Qwen-VL's finetune.py modes
+
+FINETUNE_MODES = {  # trainable parameters per component of the full-size Qwen-VL-Chat, counted on the meta device
+    "full": {"vision": 0, "adapter": 91_791_360, "llm": 7_721_324_544},
+    "lora": {"vision": 0, "adapter": 0, "llm": 1_373_634_560},  # adapters + embeddings + LM head (modules_to_save)
+    "qlora": {"vision": 0, "adapter": 0, "llm": 128_974_848},  # adapters only
+}
+
+
+@pytest.mark.parametrize("mode", sorted(FINETUNE_MODES))
+def test_finetune_projects_train_what_finetune_py_trains_and_name_missing_files_at_start(mode):
+    """projects/qwen_vl/finetune_<mode>.yaml: what trains (counted on the meta device, anywhere), and
+    their placeholder paths fail at once, every missing key named, before anything is built."""
+    from lavis.models.freeze import parameter_counts
+
+    project = REPO / "projects" / "qwen_vl" / f"finetune_{mode}.yaml"
+    cfg = load_config(project)
+    assert cfg.run.label_policy == "qwen_vl_finetune"
+    model, _ = build_model(cfg.model, meta=True)
+    counts = parameter_counts(model.components)
+    assert {name: counts[name]["trainable"] for name in model.COMPONENTS} == FINETUNE_MODES[mode]
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--cfg-path", str(project)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    for key in ("model.llm.pretrained", "model.vision.pretrained", "model.tokenizer.path", "datasets.conversations.ann_path"):
+        assert f"  {key}: /" in proc.stderr
+    assert "python -m lavis.convert from-qwen-vl SRC OUT" in proc.stderr

@@ -72,6 +72,7 @@ class ReadmeCommand:
     why: str = ""  # why it is replaced
     stdin: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    release: bool = False  # runs on the stand-in Qwen-VL release (test_readme_release_commands...)
 
     def shell(self) -> str:
         if self.here is not None:
@@ -215,6 +216,50 @@ README_COMMANDS = [
 ]
 
 
+# The README's Qwen-VL release commands run on the tiny Qwen-VL of tests/fixtures/qwen_vl_tiny written as a
+# release under models/ (the README's /models/), trained on the demo's conversations on one CPU process.
+STANDIN = "models/"
+TINY_QWEN = ("model.vision.image_size=128", "'model.vision.model_kwargs={patch_size: 4, embed_dim: 32, depth: 2, "
+             "num_heads: 2, mlp_ratio: 4.0, pre_norm: true, final_norm: false}'", "model.vision.gradient_checkpointing=false",
+             "model.llm.gradient_checkpointing=false", "model.llm.dtype=float32", "model.llm.config=null",
+             "run.strategy=single", "run.precision=fp32", *TINY)
+ON_DEMO_DATA = "datasets.conversations.ann_path=data/synthetic/sft_train.json datasets.conversations.image_root=data/synthetic"
+
+
+def finetune(mode: str) -> str:
+    return (f".venv/bin/python train.py --cfg-path projects/qwen_vl/finetune_{mode}.yaml --options "
+            f"model.llm.pretrained=models/qwen_vl_chat_lavis {ON_DEMO_DATA} {' '.join(TINY_QWEN)}")
+
+
+RELEASE_COMMANDS = [
+    ReadmeCommand(
+        ".venv/bin/python -m lavis.convert from-qwen-vl /models/Qwen-VL-Chat /models/qwen_vl_chat_lavis",
+        here=".venv/bin/python -m lavis.convert from-qwen-vl models/Qwen-VL-Chat models/qwen_vl_chat_lavis",
+        why="the tiny Qwen-VL fixture as the release", release=True,
+        writes=tuple(f"models/qwen_vl_chat_lavis/{f}" for f in ("config.json", "vision.safetensors", "adapter.safetensors",
+                                                                "qwen.tiktoken")),
+    ),
+    ReadmeCommand(
+        ".venv/bin/torchrun --standalone --nproc_per_node 8 train.py --cfg-path projects/qwen_vl/finetune_lora.yaml "
+        "--options model.llm.pretrained=/models/qwen_vl_chat_lavis datasets.conversations.ann_path=/data/my_conversations.json "
+        "datasets.conversations.image_root=/data/my_images",
+        here=finetune("lora"), why="8 GPUs: the tiny release on one CPU process, on the demo's conversations", release=True,
+        prints=(r"^llm\s+lora r=64\s", r"^adapter\s+frozen\s"), writes=("outputs/qwen_vl/finetune_lora/checkpoints/step_00000002/meta.json",),
+    ),
+    ReadmeCommand(".venv/bin/python -m lavis.export outputs/qwen_vl/finetune_lora /models/my_lora --format qwen-vl",
+                  here=".venv/bin/python -m lavis.export outputs/qwen_vl/finetune_lora models/my_lora --format qwen-vl",
+                  why="models/ for /models/", release=True,
+                  writes=("models/my_lora/model.safetensors", "models/my_lora/qwen_vl/config.json", "models/my_lora/qwen_vl/qwen.tiktoken")),
+    ReadmeCommand(
+        ".venv/bin/python -m lavis.convert to-qwen-vl outputs/qwen_vl/finetune_full /models/my_full_qwen_vl --code-from /models/Qwen-VL-Chat",
+        here=f"{finetune('full')} && .venv/bin/python -m lavis.convert to-qwen-vl outputs/qwen_vl/finetune_full "
+             "models/my_full_qwen_vl --code-from models/Qwen-VL-Chat",
+        why="after a two-step finetune_full run of the tiny release (models/ for /models/)", release=True,
+        prints=(r"^vision\s+frozen\s",), writes=("models/my_full_qwen_vl/config.json", "models/my_full_qwen_vl/modeling_qwen.py"),
+    ),
+]
+
+
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory) -> Path:
     """A copy of the repository with the world generated, a ``.venv`` of this interpreter and stand-ins
@@ -249,24 +294,45 @@ def run_in(checkout: Path, command: str, stdin: str | None = None, env: dict[str
 
 
 def test_every_readme_command_has_a_check():
-    listed = [c.command for c in README_COMMANDS]
+    listed = [c.command for c in README_COMMANDS + RELEASE_COMMANDS]
     assert len(set(listed)) == len(listed)
     assert set(readme_commands()) == set(listed), "README commands without a check (or checks of commands gone)"
-    for c in README_COMMANDS:
+    for c in README_COMMANDS + RELEASE_COMMANDS:
         assert (c.here is None) == (not c.why), c.command
 
 
 def test_readme_commands_run_and_print_what_the_readme_says(checkout):
     """The commands in README order (the order a reader follows), then the README's Python examples."""
+    run_in_readme_order(checkout, README_COMMANDS)
+    check_outputs(checkout)
+    check_python_examples(checkout)
+
+
+def run_in_readme_order(checkout: Path, commands: list[ReadmeCommand]) -> None:
     order = {command: i for i, command in enumerate(readme_commands())}
-    for c in sorted(README_COMMANDS, key=lambda c: order[c.command]):
+    for c in sorted(commands, key=lambda c: order[c.command]):
         output = run_in(checkout, c.shell(), c.stdin, c.env)
         for pattern in c.prints:
             assert re.search(pattern, output, flags=re.M), f"{c.shell()}\ndoes not print /{pattern}/:\n{output[-4000:]}"
         for path in c.writes:
             assert (checkout / path).exists(), f"{c.shell()}\ndid not write {path}:\n{output[-4000:]}"
-    check_outputs(checkout)
-    check_python_examples(checkout)
+
+
+def test_readme_release_commands_run_on_the_tiny_qwen_vl(checkout):
+    """Convert a Qwen-VL release, fine-tune it with LoRA and fully (finetune.py's modes), and write both
+    back in Qwen-VL's layout, as the README's commands do, on the tiny Qwen-VL of the parity fixture."""
+    from test_convert import FIXTURE, regenerate, tokenizer_file, write_release
+
+    from lavis.convert import CODE_FILES
+
+    config = json.loads((FIXTURE / "config.json").read_text())
+    state = regenerate()["random_original_state"](config, json.loads((FIXTURE / "fixture.json").read_text())["seed"])
+    release = write_release(checkout / "models" / "Qwen-VL-Chat", config, state, tokenizer_file())
+    for name in CODE_FILES:  # stand-ins for Qwen-VL's Python files, which --code-from copies
+        (release / name).write_text(f"# {name} of the release\n")
+    run_in_readme_order(checkout, RELEASE_COMMANDS)
+    written = json.loads((checkout / "models" / "my_lora" / "qwen_vl" / "config.json").read_text())
+    assert {k: written[k] for k in ("hidden_size", "num_hidden_layers")} == {k: config[k] for k in ("hidden_size", "num_hidden_layers")}
 
 
 def check_outputs(checkout: Path) -> None:

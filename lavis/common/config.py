@@ -207,6 +207,25 @@ class Config:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_yaml())
 
+    def check_local_paths(self) -> None:
+        """Fail, naming every key, when a configured local file or directory is missing: model weights,
+        tokenizer, annotation files and image roots (a dataset generated from ``synthetic_root`` excepted).
+        Run before anything is built, so that a placeholder path fails in a second, not after loading
+        a 7B model."""
+        found = [(f"model.{name}.{key}", value) for name in ("vision", "llm", "tokenizer")
+                 for key, value in getattr(self.model, name).params.items() if key in ("pretrained", "path")]
+        entries = [(f"datasets.{n}", d.params, d.synthetic_root) for n, d in self.datasets.items()]
+        entries += [(f"evaluation.{n}", e.builder_params, e.synthetic_root) for n, e in self.evaluation.items()]
+        for where, params, synthetic in entries:
+            if synthetic is None:
+                found += [(f"{where}.{key}", value) for key, value in params.items() if key.endswith("_path") or key == "image_root"]
+        missing = [f"  {key}: {path}" for key, value in found for path in _as_list(value) if path and not Path(path).exists()]
+        if missing:
+            hint = "".join(f"\n(a Qwen-VL release becomes {key}'s directory with: python -m lavis.convert from-qwen-vl SRC OUT)"
+                           for key, value in found[:2] if key == "model.llm.pretrained" and not Path(value).exists())
+            raise FileNotFoundError("local files not found (point these keys at your copies with --options key=path):\n"
+                                    + "\n".join(missing) + hint)
+
 
 # --------------------------------------------------------------------------- type checking
 
@@ -342,6 +361,10 @@ def load_project(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, An
         bases = [bases]
     layers = [load_project(path.parent / base, _seen + (path,)) for base in bases]
     return _merge(*layers, data) if layers else data
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def component_defaults(kind: str, type_name: str) -> dict[str, Any]:

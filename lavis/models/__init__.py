@@ -25,7 +25,7 @@ from lavis.common.checkpoint import (
 from lavis.common.registry import registry
 from lavis.models import adapters, freeze, llm, vision  # noqa: F401  (register the components)
 from lavis.models.freeze import lora_scales
-from lavis.models.vlm import VisionLanguageModel
+from lavis.models.vlm import VisionLanguageModel, canonical_name
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,9 @@ def weights_chain(path: str) -> list[Path]:
             ) from None
 
 
-def load_trained(model: VisionLanguageModel, path: str) -> list[Path]:
-    """Load a trained model's weights for inference or evaluation (see :func:`weights_chain`)."""
+def load_trained(model: VisionLanguageModel, path: str) -> set[str]:
+    """Load a trained model's weights for inference or evaluation (see :func:`weights_chain`); returns
+    the names of the parameters no checkpoint held (as built: pretrained files or initialisation)."""
     chain = weights_chain(path)
     covered: set[str] = set()
     everything = set(model.state_dict())
@@ -190,6 +191,7 @@ def load_trained(model: VisionLanguageModel, path: str) -> list[Path]:
         if unexpected:
             raise ValueError(f"{file}: {len(unexpected)} keys are not in this model, e.g. {unexpected[:5]}")
         covered |= everything - set(missing)
-    kept = Counter(name.split(".", 1)[0] for name, _ in model.named_parameters() if name not in covered)
+    as_built = {canonical_name(name) for name, _ in model.named_parameters() if name not in covered}
+    kept = Counter(name.split(".", 1)[0] for name in as_built)
     log.info("loaded %s; not in any checkpoint (as built): %s", " <- ".join(map(str, chain[::-1])), dict(kept) or "none")
-    return chain
+    return as_built
