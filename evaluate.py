@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             (name, r.task, metric, value)
             for name, r in results.items()
             for metric, value in r.metrics.items()
-            if metric in evaluator.tasks[name].metric_names or metric == "skipped"
+            if metric.split("/", 1)[0] in evaluator.tasks[name].metric_names or metric == "skipped"
         ]
         print(results_table(rows))
         print(f"predictions and metrics: {cfg.run.output_dir}/eval/<name>.json")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -29,17 +31,19 @@ from lavis.tasks.metrics import (
         ("a dog", "dog"),
         ("The red an apple", "red apple"),
         ("yes.", "yes"),
-        ("Yes!", "yes!"),  # '!' is not in the official punctuation list
+        ("Yes!", "yes"),  # '!' is punctuation (the 2015 beta's list lacked it)
         ("2.5", "2.5"),  # a period followed by a digit stays
         ("3.", "3"),
-        ("dont", "don\u2019t"),  # official contractions use U+2019
-        ("isnt", "isn\u2019t"),
-        ("don't", "don t"),  # "'" is punctuation: replaced by a space when not next to one
+        ("dont", "don't"),  # ASCII apostrophes (the 2015 beta used U+2019)
+        ("isnt", "isn't"),
+        ("don't", "don't"),  # the apostrophe is not punctuation
+        ("10:30", "10:30"),  # nor is the colon
         ("1,000", "1000"),  # digit,digit comma: every punctuation mark is deleted
         ("red,blue", "red blue"),  # no digit comma, no adjacent space: replaced by a space
         ("red, blue", "red blue"),  # ", " touches a space: deleted
         ("  left\tside\n", "left side"),
-        ("well-known", "well-known"),  # '-' is not in the official punctuation list
+        ("well-known", "well known"),  # '-' is punctuation: a space inside a word
+        ("{red}", "red"),
     ],
 )
 def test_normalize_vqa_answer(raw: str, expected: str) -> None:
@@ -50,7 +54,7 @@ def test_vqa_accuracy_normalised_prediction_matches() -> None:
     assert vqa_accuracy("two", ["2"] * 10) == 1.0
     assert vqa_accuracy("a dog", ["dog"] * 10) == 1.0
     assert vqa_accuracy("yes.", ["yes"] * 10) == 1.0
-    assert vqa_accuracy("dont", ["don\u2019t"] * 10) == 1.0
+    assert vqa_accuracy("dont", ["don't"] * 10) == 1.0
     assert vqa_accuracy("1,000", ["1000"] * 10) == 1.0
     assert vqa_accuracy("cat", ["dog"] * 10) == 0.0
 
@@ -78,6 +82,27 @@ def test_vqa_accuracy_ground_truth_handling_is_official() -> None:
     # ... and get the punctuation rule only when they are not all identical.
     assert vqa_accuracy("yes", ["yes."] * 10) == 0.0
     assert vqa_accuracy("yes", ["yes."] * 5 + ["no"] * 5) == 1.0
+
+
+VQA_EVAL_CASES = json.loads((Path(__file__).parent / "fixtures" / "vqa_eval_cases.json").read_text())
+
+
+@pytest.mark.parametrize("case", VQA_EVAL_CASES["cases"], ids=[c["rule"] for c in VQA_EVAL_CASES["cases"]])
+def test_vqa_accuracy_equals_the_official_evaluator_case_for_case(case: dict) -> None:
+    """Per-question accuracy as Qwen-VL's eval_mm/vqa_eval.py (LAVIS's vqaEval.py) computes it, on cases
+    made to hit every normalisation rule (tests/fixtures/vqa_eval_cases.json, made with that code)."""
+    assert vqa_accuracy(case["prediction"], case["answers"]) == pytest.approx(case["accuracy"], abs=1e-12)
+
+
+def test_vqa_task_reports_the_official_overall_and_per_answer_type_figures() -> None:
+    from lavis.tasks.vqa import VQATask
+
+    results = [{"prediction": c["prediction"], "answers": c["answers"], "answer_type": c["answer_type"]}
+               for c in VQA_EVAL_CASES["cases"]]
+    metrics = VQATask().metrics(results)
+    assert round(100 * metrics["accuracy"], 2) == VQA_EVAL_CASES["overall"]
+    per_type = {t: round(100 * metrics[f"accuracy/{t}"], 2) for t in ("yes/no", "number", "other")}
+    assert per_type == VQA_EVAL_CASES["per_answer_type"]
 
 
 def test_vqa_score_means_and_counts() -> None:
@@ -119,7 +144,8 @@ def test_parse_first_box_scales_non_square() -> None:
         parse_first_box("<box>(1,2),(3,4)</box>", 200)
 
 
-def test_grounding_accuracy_hand_cases() -> None:
+def test_grounding_accuracy_lenient_parser_hand_cases() -> None:
+    """The lenient parser (diagnosis): any box spelling, corners ordered, scaled by 1000."""
     preds = [
         "<ref>dog</ref><box>(100,200),(500,600)</box>",  # non-square exact: IoU 1 -> hit
         "<box>(500,600),(100,200)</box>",  # swapped corners: hit
@@ -132,12 +158,14 @@ def test_grounding_accuracy_hand_cases() -> None:
     ]
     gts = [(20, 20, 100, 60)] * 3 + [(0, 0, 10, 10)] + [(0, 0, 100, 100)] * 2 + [(20, 20, 100, 60)]
     sizes = [(200, 100)] * 3 + [(100, 100)] + [(1000, 1000)] * 2 + [(100, 100)]
-    out = grounding_accuracy(preds, gts, sizes)
+    out = grounding_accuracy(preds, gts, sizes, parser="lenient")
     assert out == {"accuracy": pytest.approx(4 / 7), "correct": 4, "unparseable": 1, "count": 7}
     # the IoU=1/3 case passes a lower threshold
-    assert grounding_accuracy(preds[4:5], gts[4:5], sizes[4:5], threshold=0.3)["correct"] == 1
+    assert grounding_accuracy(preds[4:5], gts[4:5], sizes[4:5], threshold=0.3, parser="lenient")["correct"] == 1
     with pytest.raises(ValueError):
         grounding_accuracy(preds, gts[:2], sizes)
+    with pytest.raises(ValueError, match="unknown grounding parser 'strict'"):
+        grounding_accuracy(preds, gts, sizes, parser="strict")
 
 
 # -------------------------------------------------------------------------------------- captioning
@@ -216,3 +244,23 @@ def test_choose_option() -> None:
     assert choose_option({"A": math.nan, "B": 2.0}) == "B"
     with pytest.raises(ValueError):
         choose_option({})
+
+
+GROUNDING_EVAL_CASES = json.loads((Path(__file__).parent / "fixtures" / "grounding_eval_cases.json").read_text())
+
+
+@pytest.mark.parametrize("case", GROUNDING_EVAL_CASES["cases"], ids=[c["rule"] for c in GROUNDING_EVAL_CASES["cases"]])
+def test_grounding_hits_equal_qwen_vl_s_evaluator_case_for_case(case: dict) -> None:
+    """Hit or miss, and the IoU, as the scoring loop of Qwen-VL's eval_mm/evaluate_grounding.py gives them
+    (tests/fixtures/grounding_eval_cases.json, made with that loop), with special tokens around the box."""
+    from lavis.tasks.metrics import qwen_vl_box_iou
+
+    size = (GROUNDING_EVAL_CASES["image"]["width"], GROUNDING_EVAL_CASES["image"]["height"])
+    gt = tuple(GROUNDING_EVAL_CASES["gt_box_xyxy"])
+    for output in (case["output"], f"{case['output']}</box><|endoftext|>"):  # as decoded with special tokens
+        measured = qwen_vl_box_iou(output, gt, *size)
+        assert (measured == case["iou"]) or (case["iou"] is None and math.isnan(measured)), output
+        assert grounding_accuracy([output], [gt], [size])["correct"] == int(case["hit"])
+    lenient = grounding_accuracy([case["output"]], [gt], [size], parser="lenient")["correct"]
+    if case["rule"] in ("swapped corners", "spaces after commas"):
+        assert lenient == 1 and not case["hit"]  # where the two parsers part

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from lavis.common.config import ConfigError
 from lavis.common.registry import registry
@@ -15,7 +15,9 @@ from lavis.tasks.metrics import grounding_accuracy
 class GroundingTask(EvalTask):
     """Grounds each referring expression (records of ``ref_grounding``: RefCOCO/RefCOCO+/RefCOCOg
     splits, e.g. ``val``, ``testA``, ``testB``) and scores the first box of the output, scaled from
-    [0, 1000) to pixels, by IoU with the ground truth. An output without a parseable box is a miss.
+    [0, 999] to pixels, by IoU with the ground truth, as Qwen-VL's eval_mm/evaluate_grounding.py
+    does (``parser: qwen_vl``; ``lenient`` accepts any box spelling, for diagnosis). An output without
+    a parseable box is a miss.
     Qwen-VL's prompt: ``<ref>{expression}</ref><box>`` (the model continues with the coordinates).
     """
 
@@ -30,11 +32,13 @@ class GroundingTask(EvalTask):
         num_beams: int = 1,
         max_samples: int | None = None,
         iou_threshold: float = 0.5,
+        parser: Literal["qwen_vl", "lenient"] = "qwen_vl",
     ) -> None:
         super().__init__(prompt, chat, max_new_tokens, num_beams, max_samples)
         if not 0 < iou_threshold <= 1:
             raise ConfigError(f"grounding: iou_threshold must be in (0, 1], got {iou_threshold}")
         self.iou_threshold = iou_threshold
+        self.parser = parser
 
     def samples(self, records: Sequence[dict[str, Any]]) -> list[EvalSample]:
         out = []
@@ -57,4 +61,5 @@ class GroundingTask(EvalTask):
             [tuple(r["bbox"]) for r in results],
             [(r["width"], r["height"]) for r in results],
             threshold=self.iou_threshold,
+            parser=self.parser,
         )

@@ -28,50 +28,53 @@ __all__ = [
 Box = tuple[float, float, float, float]
 
 # ---------------------------------------------------------------------------------------------
-# VQAv2 accuracy: the rules of the official evaluation (GT-Vision-Lab/VQA, vqaEval.py).
+# VQA accuracy: the rules of the VQA repository's vqaEval.py as LAVIS ships it and Qwen-VL's
+# eval_mm/vqa_eval.py runs it (not the 2015 beta, whose punctuation list held ':' and "'" but not
+# '!' or '-', and whose contractions used U+2019). tests/fixtures/vqa_eval_cases.json holds that
+# code's per-question accuracies on cases that hit every rule.
 # ---------------------------------------------------------------------------------------------
 
-# The official contractions map, verbatim (most values use the typographic apostrophe U+2019,
-# a few use ASCII ', and a few keys are capitalised so never match lowercased text; kept as is).
+# The contractions map, verbatim (ASCII apostrophes; a few keys are capitalised so never match
+# lowercased text, and "somebody'd" maps to "somebodyd": kept as is).
 _VQA_CONTRACTIONS: dict[str, str] = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn’t’ve", "couldnt’ve": "couldn’t’ve", "didnt": "didn’t", "doesnt": "doesn’t",
-    "dont": "don’t", "hadnt": "hadn’t", "hadnt’ve": "hadn’t’ve", "hadn'tve": "hadn’t’ve",
-    "hasnt": "hasn’t", "havent": "haven’t", "hed": "he’d", "hed’ve": "he’d’ve", "he’dve": "he’d’ve",
-    "hes": "he’s", "howd": "how’d", "howll": "how’ll", "hows": "how’s", "Id’ve": "I’d’ve",
-    "I’dve": "I’d’ve", "Im": "I’m", "Ive": "I’ve", "isnt": "isn’t", "itd": "it’d", "itd’ve": "it’d’ve",
-    "it’dve": "it’d’ve", "itll": "it’ll", "let’s": "let’s", "maam": "ma’am", "mightnt": "mightn’t",
-    "mightnt’ve": "mightn’t’ve", "mightn’tve": "mightn’t’ve", "mightve": "might’ve",
-    "mustnt": "mustn’t", "mustve": "must’ve", "neednt": "needn’t", "notve": "not’ve",
-    "oclock": "o’clock", "oughtnt": "oughtn’t", "ow’s’at": "’ow’s’at", "’ows’at": "’ow’s’at",
-    "’ow’sat": "’ow’s’at", "shant": "shan’t", "shed’ve": "she’d’ve", "she’dve": "she’d’ve",
-    "she’s": "she’s", "shouldve": "should’ve", "shouldnt": "shouldn’t", "shouldnt’ve": "shouldn’t’ve",
-    "shouldn’tve": "shouldn’t’ve", "somebody’d": "somebodyd", "somebodyd’ve": "somebody’d’ve",
-    "somebody’dve": "somebody’d’ve", "somebodyll": "somebody’ll", "somebodys": "somebody’s",
-    "someoned": "someone’d", "someoned’ve": "someone’d’ve", "someone’dve": "someone’d’ve",
-    "someonell": "someone’ll", "someones": "someone’s", "somethingd": "something’d",
-    "somethingd’ve": "something’d’ve", "something’dve": "something’d’ve",
-    "somethingll": "something’ll", "thats": "that’s", "thered": "there’d", "thered’ve": "there’d’ve",
-    "there’dve": "there’d’ve", "therere": "there’re", "theres": "there’s", "theyd": "they’d",
-    "theyd’ve": "they’d’ve", "they’dve": "they’d’ve", "theyll": "they’ll", "theyre": "they’re",
-    "theyve": "they’ve", "twas": "’twas", "wasnt": "wasn’t", "wed’ve": "we’d’ve", "we’dve": "we’d’ve",
-    "weve": "we've", "werent": "weren’t", "whatll": "what’ll", "whatre": "what’re", "whats": "what’s",
-    "whatve": "what’ve", "whens": "when’s", "whered": "where’d", "wheres": "where's",
-    "whereve": "where’ve", "whod": "who’d", "whod’ve": "who’d’ve", "who’dve": "who’d’ve",
-    "wholl": "who’ll", "whos": "who’s", "whove": "who've", "whyll": "why’ll", "whyre": "why’re",
-    "whys": "why’s", "wont": "won’t", "wouldve": "would’ve", "wouldnt": "wouldn’t",
-    "wouldnt’ve": "wouldn’t’ve", "wouldn’tve": "wouldn’t’ve", "yall": "y’all", "yall’ll": "y’all’ll",
-    "y’allll": "y’all’ll", "yall’d’ve": "y’all’d’ve", "y’alld’ve": "y’all’d’ve",
-    "y’all’dve": "y’all’d’ve", "youd": "you’d", "youd’ve": "you’d’ve", "you’dve": "you’d’ve",
-    "youll": "you’ll", "youre": "you’re", "youve": "you’ve",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
+    "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've",
+    "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've",
+    "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've",
+    "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
+    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've",
+    "somethingll": "something'll", "thats": "that's", "thered": "there'd", "thered've": "there'd've",
+    "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd",
+    "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
+    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
+    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
+    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
+    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've",
+    "youll": "you'll", "youre": "you're", "youve": "you've",
 }  # fmt: skip
 _VQA_NUMBER_WORDS: dict[str, str] = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }  # fmt: skip
 _VQA_ARTICLES = frozenset({"a", "an", "the"})
-# Note: no '-', '!' or '.' here ('.' has its own rule), but ':' and "'" are, as in the original.
-_VQA_PUNCT = (";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_", ">", "<", "@", "`", ",", "?")
+# '.' has its own rule; ':', "'", '$', '%' and '&' are not punctuation here.
+_VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 # The original's "(?!<=\d)" is a (buggy) negative *lookahead*, true before any '.', so this removes
 # every period that is not followed by a digit ("yes." -> "yes", "2.5" stays).
 _VQA_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
@@ -105,8 +108,8 @@ def _vqa_process_digit_article(text: str) -> str:
 def normalize_vqa_answer(text: str) -> str:
     """Normalise a predicted answer exactly as the official VQA evaluation does.
 
-    Examples: ``"Two."`` -> ``"2"``, ``"a dog"`` -> ``"dog"``, ``"dont"`` -> ``"don’t"`` (U+2019),
-    ``"1,000"`` -> ``"1000"``, ``"2.5"`` -> ``"2.5"``, ``"don't"`` -> ``"don t"``.
+    Examples: ``"Two."`` -> ``"2"``, ``"a dog"`` -> ``"dog"``, ``"dont"`` -> ``"don't"``,
+    ``"1,000"`` -> ``"1000"``, ``"2.5"`` -> ``"2.5"``, ``"t-shirt"`` -> ``"t shirt"``.
     """
     text = text.replace("\n", " ").replace("\t", " ").strip()
     return _vqa_process_digit_article(_vqa_process_punctuation(text))
@@ -183,21 +186,68 @@ def parse_first_box(text: str, width: int | None = None, height: int | None = No
     return denorm_box(box, width, height)
 
 
+# Qwen-VL's eval_mm/evaluate_grounding.py: the answer is decoded without special tokens, and its first
+# "(a),(b)" (no spaces around the comma between them) is split on ',' into two numbers per point.
+_QWEN_VL_BOX = re.compile(r"\((.*?)\),\((.*?)\)")
+_SPECIAL_TOKENS = re.compile(r"<\|(?:endoftext|im_start|im_end|extra_\d+)\|>|</?(?:ref|box|quad|img)>|<imgpad>")
+GROUNDING_PARSERS = ("qwen_vl", "lenient")
+
+
+def parse_box_qwen_vl(text: str) -> Box:
+    """The first box of an answer as Qwen-VL's grounding evaluation reads it, in [0, 999] units;
+    ``(0, 0, 0, 0)`` (a miss) when it cannot. Corners are kept as written (swapped ones miss)."""
+    found = _QWEN_VL_BOX.findall(_SPECIAL_TOKENS.sub("", text))
+    try:
+        x1, y1 = (float(v) for v in found[0][0].split(","))
+        x2, y2 = (float(v) for v in found[0][1].split(","))
+    except (IndexError, ValueError):
+        return (0.0, 0.0, 0.0, 0.0)
+    return (x1, y1, x2, y2)
+
+
+def qwen_vl_box_iou(text: str, gt: Box, width: int, height: int) -> float:
+    """IoU of the answer's box with the pixel ground truth exactly as evaluate_grounding.py computes
+    it: float32, coordinates / 999 times the image size, torchvision's area and IoU (NaN when the
+    union is empty)."""
+    import torch
+
+    box = torch.tensor(parse_box_qwen_vl(text), dtype=torch.float32).view(-1, 4) / 999
+    box[:, 0::2] *= width
+    box[:, 1::2] *= height
+    target = torch.tensor(gt, dtype=torch.float32).view(-1, 4)
+    area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
+    target_area = (target[:, 2] - target[:, 0]) * (target[:, 3] - target[:, 1])
+    low, high = torch.max(box[:, None, :2], target[:, :2]), torch.min(box[:, None, 2:], target[:, 2:])
+    wh = (high - low).clamp(min=0)
+    inter = wh[:, :, 0] * wh[:, :, 1]
+    return (inter / (area[:, None] + target_area - inter)).item()
+
+
 def grounding_accuracy(
     predictions: Sequence[str],
     gt_boxes: Sequence[Box],
     sizes: Sequence[tuple[int, int]],
     threshold: float = 0.5,
+    parser: str = "qwen_vl",
 ) -> dict[str, float | int]:
     """Acc@IoU>=``threshold`` of generated boxes against pixel ground truth ``(x1, y1, x2, y2)``.
 
-    ``sizes`` are the images' ``(width, height)``. A prediction without a parseable box is a miss
-    (counted in ``"unparseable"``). Returns ``{"accuracy", "correct", "unparseable", "count"}``.
+    ``sizes`` are the images' ``(width, height)``. ``parser``: ``qwen_vl`` scores as Qwen-VL's
+    evaluate_grounding.py (:func:`qwen_vl_box_iou`); ``lenient`` (for diagnosis) reads any box
+    spelling (:func:`parse_first_box`), orders its corners and scales by 1000. A prediction without a
+    parseable box is a miss (counted in ``"unparseable"``). Returns ``{"accuracy", "correct",
+    "unparseable", "count"}``.
     """
     if not len(predictions) == len(gt_boxes) == len(sizes):
         raise ValueError(f"lengths differ: {len(predictions)} predictions, {len(gt_boxes)} boxes, {len(sizes)} sizes")
+    if parser not in GROUNDING_PARSERS:
+        raise ValueError(f"unknown grounding parser '{parser}'; expected one of {', '.join(GROUNDING_PARSERS)}")
     correct = unparseable = 0
     for text, gt, (width, height) in zip(predictions, gt_boxes, sizes):
+        if parser == "qwen_vl":
+            unparseable += parse_box_qwen_vl(text) == (0.0, 0.0, 0.0, 0.0)
+            correct += qwen_vl_box_iou(text, tuple(gt), width, height) >= threshold
+            continue
         box = parse_first_box(text, width, height)
         if box is None:
             unparseable += 1

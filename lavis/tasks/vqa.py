@@ -39,10 +39,17 @@ class VQATask(EvalTask):
                     images=[record["image"]],
                     text=self.prompt.format(question=record["question"]),
                     image_root=record.get("image_root", ""),
-                    reference={"image": record["image"], "question": record["question"], "answers": record["answers"]},
+                    reference={"image": record["image"], "question": record["question"], "answers": record["answers"],
+                               **({"answer_type": record["answer_type"]} if "answer_type" in record else {})},
                 )
             )
         return out
 
     def metrics(self, results: list[dict[str, Any]]) -> dict[str, float | int]:
-        return vqa_score([r["prediction"] for r in results], [r["answers"] for r in results])
+        """Accuracy over all questions and, when the records give VQAv2's answer types, per type
+        (``accuracy/yes/no``, ``accuracy/number``, ``accuracy/other``), as the official output has."""
+        scores = vqa_score([r["prediction"] for r in results], [r["answers"] for r in results])
+        for answer_type in sorted({r["answer_type"] for r in results if "answer_type" in r}):
+            typed = [r for r in results if r.get("answer_type") == answer_type]
+            scores[f"accuracy/{answer_type}"] = vqa_score([r["prediction"] for r in typed], [r["answers"] for r in typed])["accuracy"]
+        return scores

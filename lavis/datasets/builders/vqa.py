@@ -32,9 +32,12 @@ from lavis.processors.conversation import image_reference
 ANSWER_PROMPT = " Answer:"
 
 
-def vqa_record(rid: str, image: str, question: str, answers: list[str], answer: str) -> dict[str, Any]:
-    """A training sample (target: ``answer``) plus the fields evaluation reads (all human ``answers``)."""
-    return {
+def vqa_record(
+    rid: str, image: str, question: str, answers: list[str], answer: str, answer_type: str | None = None
+) -> dict[str, Any]:
+    """A training sample (target: ``answer``) plus the fields evaluation reads (all human ``answers``,
+    and VQAv2's ``answer_type``, yes/no, number or other, when the annotations give it)."""
+    record = {
         "id": rid,
         "prompt": image_reference(image) + question + ANSWER_PROMPT,
         "target": f" {answer}",
@@ -42,6 +45,9 @@ def vqa_record(rid: str, image: str, question: str, answers: list[str], answer: 
         "question": question,
         "answers": answers,
     }
+    if answer_type is not None:
+        record["answer_type"] = str(answer_type)
+    return record
 
 
 def answer_texts(where: str, answers: Any) -> list[str]:
@@ -136,7 +142,7 @@ class VQABuilder:
             rid = record.get("id", record.get("question_id", index))
             question = require_str(where, record["question"], "'question'")
             image = image_path(where, record["image"])
-            records.append(vqa_record(str(rid), image, question, texts or [answer], answer))
+            records.append(vqa_record(str(rid), image, question, texts or [answer], answer, record.get("answer_type")))
         return records
 
     def _vqav2(self, qpath: str, apath: str) -> list[dict[str, str]]:
@@ -176,7 +182,8 @@ class VQABuilder:
                     f"{where}: image_id {q['image_id']!r} does not fit image_pattern {self.image_pattern!r}: {err}"
                 ) from None
             question = require_str(where, q["question"], "'question'")
-            records.append(vqa_record(str(qid), image_path(where, image), question, texts or [answer], answer))
+            records.append(vqa_record(str(qid), image_path(where, image), question, texts or [answer], answer,
+                                      ann.get("answer_type")))
         return records
 
 
