@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             if metric.split("/", 1)[0] in evaluator.tasks[name].metric_names or metric == "skipped"
         ]
         print(results_table(rows))
+        for name, r in results.items():
+            if r.metrics.get("ptb") == 0:
+                print(f"note: {name}: captions tokenized without PTBTokenizer (no Java, or tokenizer: simple): "
+                      "CIDEr and BLEU-4 are not comparable with published figures")
         print(f"predictions and metrics: {cfg.run.output_dir}/eval/<name>.json")
     dist.barrier()
     dist.shutdown()

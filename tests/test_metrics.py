@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -180,7 +181,7 @@ REFS = {
     2: ["Two dogs play in the snow.", "Dogs running through (fresh) snow."],
     3: ["A plate with food on it.", "Food on a white plate."],
 }
-# The same captions tokenized by hand as PTBTokenizer would (lowercase, punctuation dropped).
+# The same captions tokenized by hand as PTBTokenizer does (lowercase, punctuation dropped, brackets named).
 HAND_RES = {
     1: ["a man riding a horse"],
     2: ["two dogs playing in the snow"],
@@ -188,17 +189,17 @@ HAND_RES = {
 }
 HAND_GTS = {
     1: ["a man is riding a horse", "a person rides a brown horse"],
-    2: ["two dogs play in the snow", "dogs running through fresh snow"],
+    2: ["two dogs play in the snow", "dogs running through -lrb- fresh -rrb- snow"],
     3: ["a plate with food on it", "food on a white plate"],
 }
 
 
 def test_tokenize_caption() -> None:
     assert tokenize_caption("A Dog's toy, well-known (really) don't... \"ok\"!") == (
-        "a dog 's toy well-known really do n't ok"
+        "a dog 's toy well-known -lrb- really -rrb- do n't ok"
     )
     assert tokenize_caption("1,000 people; 3.5 km: end.") == "1,000 people 3.5 km end"
-    assert tokenize_caption("?!") == ""
+    assert tokenize_caption("?!") == "?!"  # as PTBTokenizer: a run of marks is one token, kept
 
 
 def test_caption_scores_match_pycocoevalcap() -> None:
@@ -264,3 +265,41 @@ def test_grounding_hits_equal_qwen_vl_s_evaluator_case_for_case(case: dict) -> N
     lenient = grounding_accuracy([case["output"]], [gt], [size], parser="lenient")["correct"]
     if case["rule"] in ("swapped corners", "spaces after commas"):
         assert lenient == 1 and not case["hit"]  # where the two parsers part
+
+
+PTB_CAPTIONS = json.loads((Path(__file__).parent / "fixtures" / "ptb_captions.json").read_text())
+
+
+@pytest.mark.parametrize("caption, expected", list(zip(PTB_CAPTIONS["captions"], PTB_CAPTIONS["ptb"])))
+def test_the_java_free_tokenizer_equals_ptb_on_realistic_captions(caption: str, expected: str) -> None:
+    """The fallback tokenizer against pycocoevalcap's PTBTokenizer (tests/fixtures/ptb_captions.json, made
+    with it): times, prices, percentages, abbreviations, brackets, clitics, slashes, repeated marks."""
+    assert tokenize_caption(caption) == expected
+
+
+@pytest.mark.skipif(not shutil.which("java"), reason="PTBTokenizer needs Java")
+def test_caption_scores_with_ptb_equal_the_coco_caption_pipeline() -> None:
+    """CIDEr and BLEU-4 as COCOEvalCap computes them (PTBTokenizer on both sides, then its scorers)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    captions = PTB_CAPTIONS["captions"]
+    predictions = {i: captions[i] for i in range(0, 40, 4)}
+    references = {i: captions[i + 1: i + 4] for i in predictions}
+    gts = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in references.items()})
+    res = PTBTokenizer().tokenize({k: [{"caption": v}] for k, v in predictions.items()})
+    cider, _ = Cider().compute_score(gts, res)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    ours = caption_scores(predictions, references)
+    assert ours["ptb"] == 1
+    assert abs(ours["CIDEr"] - cider) < 1e-6 and abs(ours["BLEU-4"] - bleu[3]) < 1e-6
+    simple = caption_scores(predictions, references, tokenizer="simple")
+    assert simple["ptb"] == 0 and abs(simple["CIDEr"] - cider) < 1e-6  # the fallback agrees on these captions
+
+
+def test_without_java_captions_fall_back_with_a_warning(monkeypatch, caplog) -> None:
+    monkeypatch.setattr("lavis.tasks.metrics.shutil.which", lambda name: None)
+    with caplog.at_level("WARNING"):
+        out = caption_scores({1: "a dog"}, {1: ["a dog", "a brown dog"]})
+    assert out["ptb"] == 0 and "no Java, so PTBTokenizer cannot run" in caplog.text

@@ -221,8 +221,9 @@ class Config:
                 found += [(f"{where}.{key}", value) for key, value in params.items() if key.endswith("_path") or key == "image_root"]
         missing = [f"  {key}: {path}" for key, value in found for path in _as_list(value) if path and not Path(path).exists()]
         if missing:
-            hint = "".join(f"\n(a Qwen-VL release becomes {key}'s directory with: python -m lavis.convert from-qwen-vl SRC OUT)"
-                           for key, value in found[:2] if key == "model.llm.pretrained" and not Path(value).exists())
+            llm = self.model.llm.params.get("pretrained")
+            hint = ("\n(a Qwen-VL release becomes model.llm.pretrained's directory with: python -m lavis.convert "
+                    "from-qwen-vl SRC OUT)") if llm and not Path(llm).exists() else ""
             raise FileNotFoundError("local files not found (point these keys at your copies with --options key=path):\n"
                                     + "\n".join(missing) + hint)
 

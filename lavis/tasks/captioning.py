@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from lavis.common.registry import registry
 from lavis.tasks.evaluation import EvalSample, EvalTask
@@ -14,7 +14,9 @@ from lavis.tasks.metrics import caption_scores
 class CaptioningTask(EvalTask):
     """Generates one caption per image (records of ``coco_caption``: COCO captions, Karpathy's split
     JSON, e.g. its ``test`` split, or a list) and scores corpus CIDEr and BLEU-4 (pycocoevalcap)
-    against every reference caption of the image. Qwen-VL's prompt: ``Describe the image in English:``.
+    against every reference caption of the image, tokenized as the COCO caption evaluation does
+    (``tokenizer: ptb``, Java; without Java a fallback, flagged ``ptb: 0`` in the metrics and the
+    table). Qwen-VL's prompt: ``Describe the image in English:``.
     """
 
     metric_names = ("CIDEr", "BLEU-4")
@@ -26,8 +28,10 @@ class CaptioningTask(EvalTask):
         max_new_tokens: int = 30,
         num_beams: int = 1,
         max_samples: int | None = None,
+        tokenizer: Literal["ptb", "simple"] = "ptb",
     ) -> None:
         super().__init__(prompt, chat, max_new_tokens, num_beams, max_samples)
+        self.tokenizer = tokenizer
 
     def samples(self, records: Sequence[dict[str, Any]]) -> list[EvalSample]:
         by_image: dict[str, EvalSample] = {}
@@ -48,4 +52,4 @@ class CaptioningTask(EvalTask):
     def metrics(self, results: list[dict[str, Any]]) -> dict[str, float | int]:
         predictions = {r["id"]: r["prediction"] for r in results}
         references = {r["id"]: r["references"] for r in results}
-        return caption_scores(predictions, references)
+        return caption_scores(predictions, references, self.tokenizer)

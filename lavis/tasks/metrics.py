@@ -1,15 +1,16 @@
-"""Evaluation metrics for Qwen-VL-style benchmarks: VQAv2 accuracy, grounding Acc@IoU, captioning
-CIDEr/BLEU-4 and multiple-choice selection by lowest loss.
-
-Everything here is a pure function of its inputs (no global state, no I/O). Captioning needs
-``pycocoevalcap`` (imported lazily) but not Java: text is tokenized by :func:`tokenize_caption`
-instead of the Stanford PTB tokenizer.
+"""Evaluation metrics for Qwen-VL-style benchmarks, each as the evaluator researchers publish with
+computes it: VQA accuracy (the VQA repository's vqaEval.py as LAVIS and Qwen-VL run it), grounding
+Acc@IoU (Qwen-VL's evaluate_grounding.py), captioning CIDEr/BLEU-4 (pycocoevalcap with its
+PTBTokenizer, which needs Java; a Java-free fallback tokenizer otherwise), and multiple-choice
+selection by lowest loss.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import shutil
 from collections.abc import Hashable, Mapping, Sequence
 
 from lavis.processors.boxes import denorm_box, iou, parse_boxes
@@ -26,6 +27,7 @@ __all__ = [
 ]
 
 Box = tuple[float, float, float, float]
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # VQA accuracy: the rules of the VQA repository's vqaEval.py as LAVIS ships it and Qwen-VL's
@@ -262,48 +264,90 @@ def grounding_accuracy(
 # ---------------------------------------------------------------------------------------------
 
 _CAPTION_NT = re.compile(r"(?<=\w)n't\b")
-_CAPTION_TOKEN = re.compile(r"n't|'(?:s|re|ve|ll|m|d)\b|\d+(?:[.,]\d+)+|[^\W_]+(?:[-_][^\W_]+)*")
+# PTB's token classes, in order: clitics, abbreviations (u.s., p.m., mr.), numbers with . , : / inside,
+# words (hyphens and slashes inside), brackets, symbols, runs of ! or ?, other punctuation.
+_CAPTION_TOKEN = re.compile(
+    r"n't|'(?:s|re|ve|ll|m|d)\b"
+    r"|(?:[a-z]\.){2,}|\b(?:mr|mrs|ms|dr|st|jr|sr|vs|etc|inc|co|no|mt)\.(?=\s)"
+    r"|\d+(?:[.,:/-]\d+)*"
+    r"|[^\W_]+(?:[-/][^\W_]+)*"
+    r"|[()\[\]{}]|[$%#&@*+=<>^~|]|[!?]{2,}|\.\.\.|--|[^\w\s]"
+)
+_PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+# pycocoevalcap's PTBTokenizer drops these tokens after tokenizing (its bracket names are upper case,
+# so the lower-cased -lrb- ... stay).
+_PTB_REMOVED = frozenset({"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"'})
 
 
 def tokenize_caption(text: str) -> str:
-    """Lowercase and tokenize a caption roughly as pycocoevalcap's ``PTBTokenizer`` does, without Java.
+    """Lowercase and tokenize a caption as pycocoevalcap's ``PTBTokenizer`` does, without Java (the
+    fallback of :func:`caption_scores`; equal to PTB on tests/fixtures/ptb_captions.json).
 
-    Keeps words (hyphenated words whole: ``"well-known"``), numbers (``"1,000"``, ``"3.5"``) and
-    PTB's clitic splits (``"dog's"`` -> ``dog 's``, ``"don't"`` -> ``do n't``); drops punctuation
-    (``. , ? ! : ; - -- ... ' " ` ( ) [ ] { }``) as PTBTokenizer does. Returns space-joined tokens.
+    Clitics split (``dog's`` -> ``dog 's``, ``can't`` -> ``ca n't``); abbreviations, numbers
+    (``10:30``, ``5.99``, ``1,000``), hyphenated and slashed words stay whole; ``$ % # & @`` are
+    tokens; brackets become ``-lrb-`` ...; single punctuation marks and quotes are dropped.
     """
     text = text.lower().replace("\u2019", "'").replace("\u2018", "'")
+    text = re.sub(r"\bcan't\b", "ca n't", text)
     text = _CAPTION_NT.sub(" n't", text)
-    return " ".join(_CAPTION_TOKEN.findall(text))
+    tokens = (_PTB_BRACKETS.get(t, t) for t in _CAPTION_TOKEN.findall(text))
+    return " ".join(t for t in tokens if t not in _PTB_REMOVED)
+
+
+CAPTION_TOKENIZERS = ("ptb", "simple")
+
+
+def ptb_available() -> bool:
+    """Whether pycocoevalcap's PTBTokenizer can run (it starts Java)."""
+    return shutil.which("java") is not None
+
+
+def tokenize_captions(captions: Mapping[Hashable, Sequence[str]], tokenizer: str) -> dict[Hashable, list[str]]:
+    """Captions per id, tokenized by pycocoevalcap's PTBTokenizer (``ptb``, as the COCO caption
+    evaluation does) or by :func:`tokenize_caption` (``simple``, no Java)."""
+    if tokenizer == "simple":
+        return {k: [tokenize_caption(c) for c in v] for k, v in captions.items()}
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
 
 
 def caption_scores(
-    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
+    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], tokenizer: str = "ptb"
 ) -> dict[str, float | int]:
     """Corpus CIDEr (CIDEr-D as in coco-caption) and BLEU-4 of ``predictions`` (one caption per id)
-    against ``references`` (captions per id), both tokenized by :func:`tokenize_caption`.
+    against ``references`` (captions per id), as pycocoevalcap's COCOEvalCap computes them: both
+    sides tokenized by PTBTokenizer (``tokenizer="ptb"``, which needs Java), then its scorers.
 
-    Both mappings must have the same ids. Note CIDEr's IDF comes from the references of this set,
-    so it is only meaningful over several images. Returns ``{"CIDEr", "BLEU-4", "count"}``.
+    Without Java, or with ``tokenizer="simple"``, :func:`tokenize_caption` tokenizes instead and
+    ``"ptb"`` is 0 in the result: the figures may then differ from published ones. Both mappings must
+    have the same ids; CIDEr's IDF comes from this set's references. Returns ``{"CIDEr", "BLEU-4",
+    "count", "ptb"}``.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
+    if tokenizer not in CAPTION_TOKENIZERS:
+        raise ValueError(f"unknown caption tokenizer '{tokenizer}'; expected one of {', '.join(CAPTION_TOKENIZERS)}")
     if set(predictions) != set(references):
         missing = set(references) - set(predictions)
         extra = set(predictions) - set(references)
         raise ValueError(f"ids differ: {len(missing)} without prediction, {len(extra)} without references")
+    if tokenizer == "ptb" and not ptb_available():
+        log.warning("captioning: no Java, so PTBTokenizer cannot run; tokenizing without it: CIDEr and BLEU may "
+                    "differ from published figures (install Java, e.g. apt-get install default-jre-headless)")
+        tokenizer = "simple"
+    ptb = int(tokenizer == "ptb")
     if not predictions:
-        return {"CIDEr": 0.0, "BLEU-4": 0.0, "count": 0}
-    res = {k: [tokenize_caption(predictions[k])] for k in predictions}
-    gts = {}
-    for k in predictions:
-        if not references[k]:
-            raise ValueError(f"no references for id {k!r}")
-        gts[k] = [tokenize_caption(r) for r in references[k]]
+        return {"CIDEr": 0.0, "BLEU-4": 0.0, "count": 0, "ptb": ptb}
+    empty = [k for k in predictions if not references[k]]
+    if empty:
+        raise ValueError(f"no references for id {empty[0]!r}")
+    gts = tokenize_captions(references, tokenizer)
+    res = tokenize_captions({k: [v] for k, v in predictions.items()}, tokenizer)
     cider, _ = Cider().compute_score(gts, res)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    return {"CIDEr": float(cider), "BLEU-4": float(bleu[3]), "count": len(res)}
+    return {"CIDEr": float(cider), "BLEU-4": float(bleu[3]), "count": len(res), "ptb": ptb}
 
 
 # ---------------------------------------------------------------------------------------------
