@@ -411,3 +411,24 @@ def test_wandb_gets_the_training_and_evaluation_metrics(load_sft, small_world, m
     evals = [(step, values) for step, values in logged if "eval/vqa/accuracy" in values]
     assert [step for step, _ in evals] == [2] and math.isfinite(evals[0][1]["eval/vqa/accuracy"])
     assert finished == [True]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_answers_are_generated_and_read_as_qwen_vl_s_evaluation(tiny, monkeypatch, chat):
+    """Per task Qwen-VL's minimum of new tokens (VQA 1, captions 8, grounding 10); a raw prompt stops only
+    at <|endoftext|>, a chat turn also at <|im_end|>; the answer's text leaves special tokens out."""
+    cfg, model, processors = tiny("vqa", "grounding", "caption", options=(f"evaluation.vqa.chat={chat}",
+                                  f"evaluation.grounding.chat={chat}", f"evaluation.caption.chat={chat}"), max_samples=2)
+    tok = processors.tokenizer
+    seen = {}
+    answer = tok.encode("<ref>cat</ref> (1,2),(3,4)") + [tok.eod_id, tok.encode("x")[0]]
+
+    def generate(input_ids, attention_mask, pixel_values, **options):
+        seen.setdefault(options["min_new_tokens"], options["stop_ids"])
+        return torch.tensor([answer] * input_ids.shape[0])
+
+    monkeypatch.setattr(model, "generate", generate)
+    results = Evaluator(cfg, model, processors).evaluate()
+    stops = (tok.im_end_id, tok.eod_id) if chat else (tok.eod_id,)
+    assert seen == {1: stops, 8: stops, 10: stops}
+    assert {r["output"] for result in results.values() for r in result.results} == {"cat (1,2),(3,4)"}

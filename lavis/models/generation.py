@@ -54,6 +54,7 @@ def generate(
     pad_id: int | None = None,
     suppress_ids: Sequence[int] = (),
     synced: bool = False,
+    min_new_tokens: int = 0,
 ) -> torch.Tensor:
     """New tokens [B, T] (T <= ``max_new_tokens``) for left-padded prompts; rows that stopped are padded.
 
@@ -61,6 +62,7 @@ def generate(
     batch, in row order then text order (as the collator stacks them). ``stop_ids``: generation of a
     row ends after it emits one of these (kept in the output); later positions hold ``pad_id``.
     ``suppress_ids``: tokens never generated (chat and evaluation pass the image-span tokens).
+    ``min_new_tokens``: the stop ids cannot end a row before this many tokens (Qwen-VL's evaluation sets it per task).
     ``synced``: every rank keeps stepping until all ranks are done (sharded parameters: each decoding
     step gathers them, so the ranks must take the same number of steps).
     """
@@ -91,7 +93,7 @@ def generate(
         embeds = model.embed_inputs(input_ids, pixel_values)  # the images enter here, once
         options = {
             "max_new_tokens": max_new_tokens,
-            "min_new_tokens": 0,
+            "min_new_tokens": min_new_tokens,
             "num_beams": num_beams,
             "num_return_sequences": 1,
             "do_sample": do_sample,

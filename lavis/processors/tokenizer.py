@@ -37,6 +37,11 @@ class TextTokenizer:
         self.stop_ids = (self.im_end_id, self.eod_id)
         # Only the prompt builds image spans; generated text that held one could not be fed back.
         self.image_span_ids = (self.img_start_id, self.img_end_id, self.img_pad_id)
+        self.special_ids = frozenset(ids.values())
+
+    def decode_without_specials(self, ids: list[int]) -> str:
+        """``decode`` with special tokens left out, as transformers' ``skip_special_tokens=True``."""
+        return self.decode([i for i in ids if i not in self.special_ids])
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special-token strings in it become their single ids."""

@@ -28,9 +28,10 @@ class CaptioningTask(EvalTask):
         max_new_tokens: int = 30,
         num_beams: int = 1,
         max_samples: int | None = None,
+        min_new_tokens: int = 8,
         tokenizer: Literal["ptb", "simple"] = "ptb",
     ) -> None:
-        super().__init__(prompt, chat, max_new_tokens, num_beams, max_samples)
+        super().__init__(prompt, chat, max_new_tokens, num_beams, max_samples, min_new_tokens)
         self.tokenizer = tokenizer
 
     def samples(self, records: Sequence[dict[str, Any]]) -> list[EvalSample]:

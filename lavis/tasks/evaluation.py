@@ -79,6 +79,7 @@ class EvalTask:
         max_new_tokens: int = 32,
         num_beams: int = 1,
         max_samples: int | None = None,
+        min_new_tokens: int = 0,
     ) -> None:
         try:
             prompt.format(**{name: "x" for name in self.prompt_fields})
@@ -87,6 +88,9 @@ class EvalTask:
             raise ConfigError(f"{self.registry_name}: prompt {prompt!r} cannot be formatted ({err!r}); fields: {fields}") from None
         if max_new_tokens < 1 or num_beams < 1:
             raise ConfigError(f"{self.registry_name}: max_new_tokens and num_beams must be >= 1")
+        if not 0 <= min_new_tokens <= max_new_tokens:
+            raise ConfigError(f"{self.registry_name}: min_new_tokens must be in [0, max_new_tokens], got {min_new_tokens}")
+        self.min_new_tokens = min_new_tokens
         if max_samples is not None and max_samples < 1:
             raise ConfigError(f"{self.registry_name}: max_samples must be >= 1 or null, got {max_samples}")
         self.prompt = prompt
@@ -273,19 +277,24 @@ class Evaluator:
     # ------------------------------------------------------------------ generation and scoring
 
     def _generate(self, task: EvalTask, batch: list[tuple[EvalSample, list[int], torch.Tensor]]) -> list[str]:
+        """Answers as Qwen-VL's evaluation decodes them: a raw prompt ends only at ``<|endoftext|>``
+        (a chat turn also at ``<|im_end|>``), after at least the task's ``min_new_tokens``, and the
+        answer's text leaves special tokens out."""
+        stop_ids = self.tokenizer.stop_ids if task.chat else (self.tokenizer.eod_id,)
         input_ids, attention_mask = left_pad([ids for _, ids, _ in batch], self.tokenizer.pad_id)
         tokens = self.model.generate(
             input_ids,
             attention_mask,
             torch.cat([pixels for _, _, pixels in batch]),
             max_new_tokens=task.max_new_tokens,
+            min_new_tokens=task.min_new_tokens,
             num_beams=task.num_beams,
-            stop_ids=self.tokenizer.stop_ids,
+            stop_ids=stop_ids,
             pad_id=self.tokenizer.pad_id,
             suppress_ids=self.tokenizer.image_span_ids,
             synced=self.lockstep,
         )
-        return [self.tokenizer.decode(until_stop(row.tolist(), self.tokenizer.stop_ids)) for row in tokens]
+        return [self.tokenizer.decode_without_specials(until_stop(row.tolist(), stop_ids)) for row in tokens]
 
     def _score_options(self, batch: list[tuple[EvalSample, list[int], torch.Tensor]]) -> list[str]:
         """For each sample, the option whose tokens have the lowest mean loss after the prompt."""

@@ -31,10 +31,11 @@ class GroundingTask(EvalTask):
         max_new_tokens: int = 28,
         num_beams: int = 1,
         max_samples: int | None = None,
+        min_new_tokens: int = 10,
         iou_threshold: float = 0.5,
         parser: Literal["qwen_vl", "lenient"] = "qwen_vl",
     ) -> None:
-        super().__init__(prompt, chat, max_new_tokens, num_beams, max_samples)
+        super().__init__(prompt, chat, max_new_tokens, num_beams, max_samples, min_new_tokens)
         if not 0 < iou_threshold <= 1:
             raise ConfigError(f"grounding: iou_threshold must be in (0, 1], got {iou_threshold}")
         self.iou_threshold = iou_threshold

@@ -26,8 +26,9 @@ class VQATask(EvalTask):
         max_new_tokens: int = 10,
         num_beams: int = 1,
         max_samples: int | None = None,
+        min_new_tokens: int = 1,
     ) -> None:
-        super().__init__(prompt, chat, max_new_tokens, num_beams, max_samples)
+        super().__init__(prompt, chat, max_new_tokens, num_beams, max_samples, min_new_tokens)
 
     def samples(self, records: Sequence[dict[str, Any]]) -> list[EvalSample]:
         out = []
