@@ -549,6 +549,7 @@ def test_a_dataset_without_records_fails_at_start_naming_its_files(tmp_path):
         [sys.executable, str(REPO / "train.py"), "--cfg-path", str(SFT_PROJECT), "--options",
          "datasets.synthetic_sft.builder=vqa", f"datasets.synthetic_sft.question_path={questions}",
          f"datasets.synthetic_sft.ann_path={answers}", "datasets.synthetic_sft.synthetic_root=null",
+         f"datasets.synthetic_sft.image_root={tmp_path}",
          f"run.output_dir={tmp_path / 'out'}", "run.device=cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
