@@ -303,3 +303,27 @@ def test_without_java_captions_fall_back_with_a_warning(monkeypatch, caplog) -> 
     with caplog.at_level("WARNING"):
         out = caption_scores({1: "a dog"}, {1: ["a dog", "a brown dog"]})
     assert out["ptb"] == 0 and "no Java, so PTBTokenizer cannot run" in caplog.text
+
+
+TEXT_VQA_CASES = json.loads((Path(__file__).parent / "fixtures" / "text_vqa_eval_cases.json").read_text())
+
+
+@pytest.mark.parametrize("case", TEXT_VQA_CASES["anls"], ids=[c["rule"] for c in TEXT_VQA_CASES["anls"]])
+def test_anls_equals_the_docvqa_evaluator_case_for_case(case: dict) -> None:
+    from lavis.tasks.metrics import anls
+
+    assert anls(case["prediction"], case["answers"]) == pytest.approx(case["score"], abs=1e-12)
+
+
+@pytest.mark.parametrize("case", TEXT_VQA_CASES["relaxed"], ids=[c["rule"] for c in TEXT_VQA_CASES["relaxed"]])
+def test_relaxed_accuracy_equals_qwen_vl_s_chartqa_scoring_case_for_case(case: dict) -> None:
+    from lavis.tasks.metrics import relaxed_accuracy
+
+    assert relaxed_accuracy(case["prediction"], case["annotations"]) == case["score"]
+
+
+@pytest.mark.parametrize("case", TEXT_VQA_CASES["exact"], ids=[c["rule"] for c in TEXT_VQA_CASES["exact"]])
+def test_exact_match_equals_qwen_vl_s_gqa_scoring_case_for_case(case: dict) -> None:
+    from lavis.tasks.metrics import exact_match
+
+    assert exact_match(case["prediction"], case["annotations"]) == case["score"]

@@ -16,11 +16,14 @@ from collections.abc import Hashable, Mapping, Sequence
 from lavis.processors.boxes import denorm_box, iou, parse_boxes
 
 __all__ = [
+    "anls",
     "caption_scores",
+    "exact_match",
     "choose_option",
     "grounding_accuracy",
     "normalize_vqa_answer",
     "parse_first_box",
+    "relaxed_accuracy",
     "tokenize_caption",
     "vqa_accuracy",
     "vqa_score",
@@ -152,6 +155,68 @@ def vqa_score(
         raise ValueError(f"{len(predictions)} predictions but {len(answers)} answer lists")
     accs = [vqa_accuracy(p, a, normalize_answers) for p, a in zip(predictions, answers)]
     return {"accuracy": sum(accs) / len(accs) if accs else 0.0, "count": len(accs)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Text-oriented VQA: ANLS (DocVQA, InfographicsVQA), relaxed accuracy (ChartQA), exact match (GQA,
+# OCR-VQA, AI2D), as Qwen-VL's eval_mm computes them (tests/fixtures/text_vqa_eval_cases.json).
+# ---------------------------------------------------------------------------------------------
+
+
+def _levenshtein(a: str, b: str) -> int:
+    if len(a) > len(b):
+        a, b = b, a
+    row = list(range(len(a) + 1))
+    for j, cb in enumerate(b):
+        previous, row = row, [j + 1]
+        for i, ca in enumerate(a):
+            row.append(previous[i] if ca == cb else 1 + min(previous[i], previous[i + 1], row[-1]))
+    return row[-1]
+
+
+def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
+    """Average Normalized Levenshtein Similarity of one answer, as the DocVQA/InfographicsVQA evaluation
+    (infographicsvqa_eval.py): 1 - the smallest edit distance to an answer (both lowercased, spaces
+    collapsed) over the longer raw length; below ``threshold``: 0."""
+    if not answers:
+        raise ValueError("anls needs at least one answer")
+    found = " ".join(prediction.strip().lower().split())
+    distances = []
+    for answer in answers:
+        length = max(len(answer.upper()), len(prediction.upper()))
+        distances.append(0.0 if length == 0 else _levenshtein(" ".join(answer.strip().lower().split()), found) / length)
+    score = 1 - min(distances)
+    return score if score >= threshold else 0.0
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        return None
+
+
+def relaxed_accuracy(prediction: str, annotations: Sequence[str], max_relative_change: float = 0.05) -> float:
+    """ChartQA's relaxed accuracy as Qwen-VL's evaluate_vqa.py computes it: 1 if, for some annotation,
+    both parse as numbers (``"5%"`` is 0.05) within ``max_relative_change`` of the *answer* (that
+    script passes the answer as pix2struct's ``target``; an answer of 0 is compared as text), or the
+    texts are equal ignoring case; the answer is stripped, the annotations are not."""
+    answer = prediction.strip()
+    for annotation in annotations:
+        base, other = _number(answer), _number(annotation)
+        if other is not None and base:
+            if abs(other - base) / abs(base) <= max_relative_change:
+                return 1.0
+        elif annotation.lower() == answer.lower():
+            return 1.0
+    return 0.0
+
+
+def exact_match(prediction: str, annotations: Sequence[str]) -> float:
+    """1 if the answer equals an annotation ignoring case and surrounding spaces (GQA, OCR-VQA, AI2D in
+    Qwen-VL's evaluate_vqa.py)."""
+    answer = prediction.strip().lower()
+    return float(any(answer == a.strip().lower() for a in annotations))
 
 
 # ---------------------------------------------------------------------------------------------
