@@ -25,6 +25,13 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 REPO = Path(__file__).resolve().parents[1]
 SFT_PROJECT = REPO / "projects" / "sft.yaml"
 KILLED_DURING_SAVE = REPO / "tests" / "train_killed_during_save.py"  # train.py that dies mid-save
+# Data of the real Qwen-VL-Chat release (its qwen.tiktoken vocabulary): $LAVIS_REFERENCE, else the
+# project's shared/reference beside the checkout, else the workplace's (a CI clone elsewhere finds it).
+REFERENCE = next(
+    (p for p in (Path(os.environ.get("LAVIS_REFERENCE", REPO.parent / "shared" / "reference")),
+                 REPO.parent / "shared" / "reference", Path("/work/shared/reference")) if p.is_dir()),
+    REPO.parent / "shared" / "reference",
+)
 TINY_PRESET = REPO / "configs" / "models" / "presets" / "tiny.yaml"
 SMALL_WORLD_SIZES = {"train": 64, "val": 8, "test": 8}
 

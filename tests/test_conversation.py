@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import REFERENCE
 from PIL import Image
 
 from lavis.common.config import ConfigError
@@ -36,7 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "qwen_vl_finetune_example.json"
 # What Qwen-VL's finetune.py preprocess made of FIXTURE (see make_qwen_vl_finetune_labels.py there).
 FINETUNE_PY_OUTPUT = REPO / "tests" / "fixtures" / "qwen_vl_finetune_labels.json"
-REFERENCE = REPO.parent / "shared" / "reference"
 QWEN_TIKTOKEN = REFERENCE / "qwen-vl-chat" / "qwen.tiktoken"
 
 SYSTEM = "You are a helpful assistant."

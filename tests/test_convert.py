@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REFERENCE, REPO
 from safetensors.torch import load_file, save_file
 
 from lavis.convert import (
@@ -37,7 +37,7 @@ from lavis.convert import (
 
 FIXTURE = REPO / "tests" / "fixtures" / "qwen_vl_tiny"
 PRESET = REPO / "configs" / "models" / "presets" / "qwen_vl_chat.yaml"
-QWEN_TIKTOKEN = REPO.parent / "shared" / "reference" / "qwen-vl-chat" / "qwen.tiktoken"
+QWEN_TIKTOKEN = REFERENCE / "qwen-vl-chat" / "qwen.tiktoken"
 TOLERANCE = 1e-4  # fp32 logits
 RELEASE_NUMEL = 19_313_870_336 // 2  # Qwen-VL-Chat's pytorch_model.bin.index.json: total_size in bf16 bytes
 # The preset at the fixture's sizes: what a user converting a smaller Qwen-VL would override.
