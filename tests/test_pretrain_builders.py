@@ -27,7 +27,7 @@ from lavis.datasets.synthetic.formats import OCR_WORDS, write_formats
 from lavis.processors.boxes import parse_boxes
 from lavis.processors.quads import parse_quads, quad_text
 
-BUILDERS = ("coco_caption", "vqa", "ref_grounding", "grounded_caption", "ocr", "text")
+BUILDERS = ("coco_caption", "vqa", "ref_grounding", "grounded_caption", "ocr", "text", "textvqa", "gqa", "docvqa", "chartqa")
 
 
 def write(path: Path, data) -> str:

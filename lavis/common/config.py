@@ -214,12 +214,17 @@ class Config:
         a 7B model."""
         found = [(f"model.{name}.{key}", value) for name in ("vision", "llm", "tokenizer")
                  for key, value in getattr(self.model, name).params.items() if key in ("pretrained", "path")]
-        entries = [(f"datasets.{n}", d.params, d.synthetic_root) for n, d in self.datasets.items()]
-        entries += [(f"evaluation.{n}", e.builder_params, e.synthetic_root) for n, e in self.evaluation.items()]
-        for where, params, synthetic in entries:
+        entries = [(f"datasets.{n}", d.builder, d.params, d.synthetic_root) for n, d in self.datasets.items()]
+        entries += [(f"evaluation.{n}", e.builder, e.builder_params, e.synthetic_root) for n, e in self.evaluation.items()]
+        published = {}
+        for where, builder, params, synthetic in entries:
             if synthetic is None:
-                found += [(f"{where}.{key}", value) for key, value in params.items() if key.endswith("_path") or key == "image_root"]
-        missing = [f"  {key}: {path}" for key, value in found for path in _as_list(value) if path and not Path(path).exists()]
+                keys = [f"{where}.{key}" for key in params if key.endswith("_path") or key == "image_root"]
+                found += [(key, params[key.rsplit(".", 1)[1]]) for key in keys]
+                released_at = getattr(registry.get("builder", builder), "released_at", "")
+                published.update({key: f" (released at {released_at})" for key in keys if released_at})
+        missing = [f"  {key}: {path}{published.get(key, '')}" for key, value in found for path in _as_list(value)
+                   if path and not Path(path).exists()]
         if missing:
             llm = self.model.llm.params.get("pretrained")
             hint = ("\n(a Qwen-VL release becomes model.llm.pretrained's directory with: python -m lavis.convert "

@@ -1,0 +1,93 @@
+"""Question-answering benchmarks read as their authors release them (TextVQA, GQA, DocVQA, ChartQA):
+tiny files in each released format load into VQA records, evaluate with the benchmark's metric, and a
+missing file names where it is published."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from lavis.common.registry import registry
+from lavis.datasets.builders.base import AnnotationError
+from lavis.tasks.vqa import VQATask
+
+RELEASED = {  # builder: (file name, content in the released format, expected (id, image, question, answers))
+    "textvqa": ("TextVQA_0.5.1_val.json", {"dataset_name": "textvqa", "data": [
+        {"question_id": 34602, "image_id": "003a8ae2ef43b901", "question": "what is the brand of this camera?",
+         "answers": ["nous les gosses", "dakota", "clos culombu", "dakota digital", "dakota", "dakota", "dakota digital",
+                     "dakota digital", "dakota", "dakota"], "set_name": "val"}]},
+        ("34602", "003a8ae2ef43b901.jpg", "what is the brand of this camera?", "dakota")),
+    "gqa": ("testdev_balanced_questions.json", {"20968379": {
+        "imageId": "n288870", "question": "Is the tray on the right or on the left?", "answer": "right",
+        "fullAnswer": "The tray is on the right of the image.", "isBalanced": True}},
+        ("20968379", "n288870.jpg", "Is the tray on the right or on the left?", "right")),
+    "docvqa": ("val_v1.0.json", {"dataset_name": "docvqa", "dataset_split": "val", "data": [
+        {"questionId": 49153, "question": "What is the ‘actual’ value per 1000, during the year 1975?",
+         "image": "documents/pybv0228_81.png", "docId": 14465, "answers": ["0.28"], "data_split": "val"}]},
+        ("49153", "documents/pybv0228_81.png", "What is the ‘actual’ value per 1000, during the year 1975?", "0.28")),
+    "chartqa": ("test_human.json", [{"imgname": "41699051005347.png", "query": "How many food item is shown in the bar graph?",
+                                     "label": "14"}],
+                ("test_human-0", "41699051005347.png", "How many food item is shown in the bar graph?", "14")),
+}
+METRIC = {"textvqa": ("vqa_accuracy", "accuracy"), "gqa": ("exact_match", "accuracy"), "docvqa": ("anls", "anls"),
+          "chartqa": ("relaxed_accuracy", "relaxed_accuracy")}
+
+
+def write_release(tmp_path: Path, name: str) -> Path:
+    file, content, _ = RELEASED[name]
+    path = tmp_path / file
+    path.write_text(json.dumps(content))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_a_released_file_becomes_vqa_records_and_scores_with_its_metric(tmp_path, name):
+    path = write_release(tmp_path, name)
+    (record,) = registry.get("builder", name)(ann_path=str(path), image_root="images").build().records
+    rid, image, question, answer = RELEASED[name][2]
+    assert (record["id"], record["image"], record["question"]) == (rid, image, question)
+    assert record["prompt"] == f"<img>{image}</img>{question} Answer:" and record["target"] == f" {answer}"
+    metric, name_in_results = METRIC[name]
+    task = VQATask(metric=metric)
+    (sample,) = task.samples([record])
+    right = task.metrics([{**sample.reference, "prediction": answer}])
+    wrong = task.metrics([{**sample.reference, "prediction": "zebra"}])
+    assert task.metric_names == (name_in_results,)
+    assert right[name_in_results] == pytest.approx(1.0) and wrong[name_in_results] == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_a_missing_or_misshapen_file_names_it_and_where_it_is_published(tmp_path, name):
+    builder = registry.get("builder", name)
+    with pytest.raises(AnnotationError, match=rf"not found: {tmp_path / 'absent.json'} \({name}: released at http"):
+        builder(ann_path=str(tmp_path / "absent.json")).build()
+    (tmp_path / "other.json").write_text(json.dumps({"something": "else"} if name != "gqa" else [1]))
+    with pytest.raises(AnnotationError, match=rf"{tmp_path / 'other.json'}"):
+        builder(ann_path=str(tmp_path / "other.json")).build()
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_each_benchmark_project_validates_with_qwen_vl_s_settings(name):
+    from lavis.common.config import load_config
+
+    entry = load_config(REPO / "projects" / "eval" / f"{name}.yaml").evaluation[name]
+    assert (entry.task, entry.builder, entry.task_params["metric"]) == ("vqa", name, METRIC[name][0])
+    assert entry.task_params["prompt"] == "{question} Answer:" and entry.task_params["min_new_tokens"] == 1
+    assert entry.task_params["max_new_tokens"] == (100 if name in ("docvqa", "chartqa") else 10)
+
+
+def test_evaluate_py_names_a_missing_benchmark_file_and_where_it_is_published(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "evaluate.py"), "--cfg-path", str(REPO / "projects" / "eval" / "docvqa.yaml"), "--options",
+         f"evaluation.docvqa.ann_path={tmp_path / 'val_v1.0.json'}", f"evaluation.docvqa.image_root={tmp_path}",
+         f"run.output_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"evaluation.docvqa.ann_path: {tmp_path / 'val_v1.0.json'} (released at https://rrc.cvc.uab.es/?ch=17" in proc.stderr
+    assert "model.llm.pretrained: /models/qwen_vl_chat_lavis" in proc.stderr  # the project's placeholders too
