@@ -91,3 +91,38 @@ def test_evaluate_py_names_a_missing_benchmark_file_and_where_it_is_published(tm
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"evaluation.docvqa.ann_path: {tmp_path / 'val_v1.0.json'} (released at https://rrc.cvc.uab.es/?ch=17" in proc.stderr
     assert "model.llm.pretrained: /models/qwen_vl_chat_lavis" in proc.stderr  # the project's placeholders too
+
+
+def test_vizwiz_as_released_loads_through_the_vqa_builder_and_scores_per_answer_type(tmp_path):
+    """VizWiz's val.json (answer objects with confidences, an answer_type, "unanswerable" as an answer)."""
+    answers = [{"answer": "unanswerable", "answer_confidence": "yes"}] * 7 + [{"answer": "soup", "answer_confidence": "maybe"}] * 3
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps([
+        {"image": "VizWiz_val_00000000.jpg", "question": "What is this?", "answers": answers,
+         "answer_type": "unanswerable", "answerable": 0},
+        {"image": "VizWiz_val_00000001.jpg", "question": "What color is this?",
+         "answers": [{"answer": "blue", "answer_confidence": "yes"}] * 10, "answer_type": "other", "answerable": 1},
+    ]))
+    records = registry.get("builder", "vqa")(ann_path=str(path)).build().records
+    assert [r["answer_type"] for r in records] == ["unanswerable", "other"] and records[0]["target"] == " unanswerable"
+    task = VQATask()
+    results = [{**s.reference, "prediction": p} for s, p in zip(task.samples(records), ["unanswerable", "red"])]
+    metrics = task.metrics(results)
+    assert metrics["accuracy/unanswerable"] == 1.0 and metrics["accuracy/other"] == 0.0 and metrics["accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("project, entries", [
+    ("okvqa", {"okvqa": ("vqa", "vqa")}), ("vizwiz", {"vizwiz": ("vqa", "vqa")}),
+    ("flickr30k", {"flickr30k": ("captioning", "coco_caption")}),
+    ("refcoco", {f"{name}_{split}": ("grounding", "ref_grounding") for name, splits in
+                 (("refcoco", ("val", "testA", "testB")), ("refcoco_plus", ("val", "testA", "testB")), ("refcocog", ("val", "test")))
+                 for split in splits}),
+])
+def test_benchmark_projects_over_existing_builders_validate(project, entries):
+    from lavis.common.config import load_config
+
+    cfg = load_config(REPO / "projects" / "eval" / f"{project}.yaml")
+    assert {name: (e.task, e.builder) for name, e in cfg.evaluation.items()} == entries
+    if project == "refcoco":
+        assert {e.builder_params["split"] for e in cfg.evaluation.values()} == {"val", "testA", "testB", "test"}
+        assert all(e.task_params["parser"] == "qwen_vl" for e in cfg.evaluation.values())
