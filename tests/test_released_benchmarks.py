@@ -113,7 +113,7 @@ def test_vizwiz_as_released_loads_through_the_vqa_builder_and_scores_per_answer_
 
 @pytest.mark.parametrize("project, entries", [
     ("okvqa", {"okvqa": ("vqa", "vqa")}), ("vizwiz", {"vizwiz": ("vqa", "vqa")}),
-    ("flickr30k", {"flickr30k": ("captioning", "coco_caption")}),
+    ("flickr30k", {"flickr30k": ("captioning", "coco_caption")}), ("nocaps", {"nocaps": ("captioning", "coco_caption")}),
     ("refcoco", {f"{name}_{split}": ("grounding", "ref_grounding") for name, splits in
                  (("refcoco", ("val", "testA", "testB")), ("refcoco_plus", ("val", "testA", "testB")), ("refcocog", ("val", "test")))
                  for split in splits}),
@@ -126,3 +126,21 @@ def test_benchmark_projects_over_existing_builders_validate(project, entries):
     if project == "refcoco":
         assert {e.builder_params["split"] for e in cfg.evaluation.values()} == {"val", "testA", "testB", "test"}
         assert all(e.task_params["parser"] == "qwen_vl" for e in cfg.evaluation.values())
+
+
+def test_nocaps_as_released_loads_through_the_coco_caption_builder(tmp_path):
+    """nocaps_val_4500_captions.json: COCO-captions JSON with Open Images ids and a domain per image."""
+    path = tmp_path / "nocaps_val_4500_captions.json"
+    path.write_text(json.dumps({
+        "licenses": [], "info": {"version": "0.1"},
+        "images": [{"id": 0, "open_images_id": "0013ea2087020901", "file_name": "0013ea2087020901.jpg",
+                    "height": 1024, "width": 732, "domain": "in-domain"}],
+        "annotations": [{"image_id": 0, "id": 0, "caption": "A baby is standing in front of a house."},
+                        {"image_id": 0, "id": 1, "caption": "A little girl in a white jacket and sandals."}],
+    }))
+    records = registry.get("builder", "coco_caption")(ann_path=str(path)).build().records
+    assert [r["image"] for r in records] == ["0013ea2087020901.jpg"] * 2
+    from lavis.tasks.captioning import CaptioningTask
+
+    (sample,) = CaptioningTask().samples(records)
+    assert sample.reference["references"] == ["A baby is standing in front of a house.", "A little girl in a white jacket and sandals."]
