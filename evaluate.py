@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
+from pathlib import Path
 
 from lavis.common import dist
 from lavis.common.config import ConfigError, load_config
@@ -36,6 +38,28 @@ def results_table(rows: list[tuple[str, str, str, float | int]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def write_summary(results: dict, out_dir: Path, model: str | None) -> tuple[Path, Path]:
+    """``eval/results.json`` and ``eval/results.md`` beside the predictions: one row per evaluation and
+    metric (evaluation, task, builder's data, metric, value, samples, skipped)."""
+    rows = [
+        {"evaluation": name, "task": r.task, "metric": metric, "value": value,
+         "samples": r.metrics.get("count", 0), "skipped": r.metrics.get("skipped", 0)}
+        for name, r in results.items()
+        for metric, value in r.metrics.items()
+        if metric not in ("count", "skipped")
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "results.json", out_dir / "results.md"
+    json_path.write_text(json.dumps({"model": model, "results": rows}, indent=1) + "\n")
+    lines = [f"Results of `{model}`" if model else "Results", "", "| evaluation | task | metric | value | samples | skipped |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        value = f"{r['value']:.4f}" if isinstance(r["value"], float) else str(r["value"])
+        lines.append(f"| {r['evaluation']} | {r['task']} | {r['metric']} | {value} | {r['samples']} | {r['skipped']} |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return json_path, md_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             if r.metrics.get("ptb") == 0:
                 print(f"note: {name}: captions tokenized without PTBTokenizer (no Java, or tokenizer: simple): "
                       "CIDEr and BLEU-4 are not comparable with published figures")
-        print(f"predictions and metrics: {cfg.run.output_dir}/eval/<name>.json")
+        write_summary(results, Path(cfg.run.output_dir) / "eval", cfg.model.load_from)
+        print(f"predictions and metrics: {cfg.run.output_dir}/eval/<name>.json; the table: eval/results.md and results.json")
     dist.barrier()
     dist.shutdown()
     return 0

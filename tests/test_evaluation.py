@@ -312,6 +312,12 @@ def test_evaluate_py_prints_a_table_and_writes_results(small_world, tmp_path):
     assert any(line.split()[:3] == ["vqa", "vqa", "accuracy"] for line in lines)
     assert any(line.split()[:3] == ["grounding", "grounding", "accuracy"] for line in lines)
     assert json.loads((tmp_path / "out" / "eval" / "vqa.json").read_text())["metrics"]["count"] == 7
+    summary = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
+    vqa = next(r for r in summary["results"] if (r["evaluation"], r["metric"]) == ("vqa", "accuracy"))
+    assert (vqa["task"], vqa["samples"], vqa["skipped"]) == ("vqa", 7, 0)
+    markdown = (tmp_path / "out" / "eval" / "results.md").read_text().splitlines()
+    assert markdown[2] == "| evaluation | task | metric | value | samples | skipped |"
+    assert f"| vqa | vqa | accuracy | {vqa['value']:.4f} | 7 | 0 |" in markdown
 
 
 @pytest.mark.parametrize(
