@@ -42,7 +42,7 @@ def results_table(rows: list[tuple[str, str, str, float | int]]) -> str:
 
 def write_summary(results: dict, out_dir: Path, model: str | None) -> tuple[Path, Path]:
     """``eval/results.json`` and ``eval/results.md`` beside the predictions: one row per evaluation and
-    metric (evaluation, task, builder's data, metric, value, samples, skipped)."""
+    metric (evaluation, task, metric, value, samples, skipped)."""
     rows = [
         {"evaluation": name, "task": r.task, "metric": metric, "value": value,
          "samples": r.metrics.get("count", 0), "skipped": r.metrics.get("skipped", 0)}

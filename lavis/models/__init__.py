@@ -109,7 +109,8 @@ def load_stage_checkpoint(model: VisionLanguageModel, path: str) -> None:
         raise ValueError(f"model.load_from {file}: {len(unexpected)} keys are not in this model, e.g. {unexpected[:5]}")
     loaded = Counter(k.split(".", 1)[0] for k in state)
     # Parameters only: buffers are derived (e.g. sin-cos tables), tied weights appear once.
-    kept = Counter(name.split(".", 1)[0] for name, _ in model.named_parameters() if name in set(missing))
+    as_built = set(missing)
+    kept = Counter(name.split(".", 1)[0] for name, _ in model.named_parameters() if name in as_built)
     log.info(
         "model.load_from %s: loaded %s; not in the checkpoint (kept as built): %s",
         file, dict(loaded) or "nothing", dict(kept) or "none",

@@ -9,6 +9,7 @@ naming the file and, with a missing file, where the authors publish it (``releas
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from lavis.common.registry import registry
@@ -46,12 +47,9 @@ class ReleasedQABuilder:
         return RecordDataset(records, self.image_root)
 
     def read(self, path: str) -> Any:
-        try:
-            return read_json(path)
-        except AnnotationError as err:
-            if "not found" in str(err):
-                raise AnnotationError(f"{err} ({self.registry_name}: released at {self.released_at})") from None
-            raise
+        if not Path(path).is_file():
+            raise AnnotationError(f"annotation file not found: {path} ({self.registry_name}: released at {self.released_at})")
+        return read_json(path)
 
     def questions(self, path: str, data: Any) -> Iterator[Question]:
         raise NotImplementedError
