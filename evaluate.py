@@ -30,34 +30,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def results_table(rows: list[tuple[str, str, str, float | int]]) -> str:
-    """``evaluation | task | metric | value`` as an aligned text table."""
-    header = ("evaluation", "task", "metric", "value")
-    cells = [header] + [(n, t, m, f"{v:.4f}" if isinstance(v, float) else str(v)) for n, t, m, v in rows]
-    widths = [max(len(row[k]) for row in cells) for k in range(4)]
+TABLE_COLUMNS = ("benchmark", "split", "metric", "value", "samples", "skipped")
+
+
+def table_rows(cfg, results: dict, metric_names: dict[str, tuple[str, ...]]) -> list[dict]:
+    """One row per evaluation and reported metric (a task's ``metric_names`` and their ``name/part``
+    breakdowns): benchmark, split, metric, value, samples, skipped (plus the evaluation and task)."""
+    rows = []
+    for name, result in results.items():
+        entry = cfg.evaluation[name]
+        for metric, value in result.metrics.items():
+            if metric.split("/", 1)[0] in metric_names[name]:
+                rows.append({"benchmark": entry.benchmark or name, "split": entry.benchmark_split or "-", "metric": metric,
+                             "value": value, "samples": result.metrics.get("count", 0),
+                             "skipped": result.metrics.get("skipped", 0), "evaluation": name, "task": result.task})
+    return rows
+
+
+def _cells(row: dict) -> list[str]:
+    return [f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in TABLE_COLUMNS]
+
+
+def results_table(rows: list[dict]) -> str:
+    """The rows as an aligned text table under :data:`TABLE_COLUMNS`."""
+    cells = [list(TABLE_COLUMNS)] + [_cells(row) for row in rows]
+    widths = [max(len(row[k]) for row in cells) for k in range(len(TABLE_COLUMNS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def write_summary(results: dict, out_dir: Path, model: str | None) -> tuple[Path, Path]:
-    """``eval/results.json`` and ``eval/results.md`` beside the predictions: one row per evaluation and
-    metric (evaluation, task, metric, value, samples, skipped)."""
-    rows = [
-        {"evaluation": name, "task": r.task, "metric": metric, "value": value,
-         "samples": r.metrics.get("count", 0), "skipped": r.metrics.get("skipped", 0)}
-        for name, r in results.items()
-        for metric, value in r.metrics.items()
-        if metric not in ("count", "skipped")
-    ]
+def write_summary(rows: list[dict], out_dir: Path, model: str | None) -> tuple[Path, Path]:
+    """``eval/results.json`` and ``eval/results.md`` beside the predictions: the table's rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "results.json", out_dir / "results.md"
     json_path.write_text(json.dumps({"model": model, "results": rows}, indent=1) + "\n")
-    lines = [f"Results of `{model}`" if model else "Results", "", "| evaluation | task | metric | value | samples | skipped |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        value = f"{r['value']:.4f}" if isinstance(r["value"], float) else str(r["value"])
-        lines.append(f"| {r['evaluation']} | {r['task']} | {r['metric']} | {value} | {r['samples']} | {r['skipped']} |")
+    lines = [f"Results of `{model}`" if model else "Results", "", "| " + " | ".join(TABLE_COLUMNS) + " |",
+             "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
 
@@ -95,18 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     results = evaluator.evaluate(cfg.run.output_dir, model_name=cfg.model.load_from)
     if dist.is_main():
-        rows = [
-            (name, r.task, metric, value)
-            for name, r in results.items()
-            for metric, value in r.metrics.items()
-            if metric.split("/", 1)[0] in evaluator.tasks[name].metric_names or metric == "skipped"
-        ]
+        rows = table_rows(cfg, results, {name: task.metric_names for name, task in evaluator.tasks.items()})
         print(results_table(rows))
         for name, r in results.items():
             if r.metrics.get("ptb") == 0:
                 print(f"note: {name}: captions tokenized without PTBTokenizer (no Java, or tokenizer: simple): "
                       "CIDEr and BLEU-4 are not comparable with published figures")
-        write_summary(results, Path(cfg.run.output_dir) / "eval", cfg.model.load_from)
+        write_summary(rows, Path(cfg.run.output_dir) / "eval", cfg.model.load_from)
         print(f"predictions and metrics: {cfg.run.output_dir}/eval/<name>.json; the table: eval/results.md and results.json")
     dist.barrier()
     dist.shutdown()

@@ -288,7 +288,7 @@ def write_eval_project(path: Path, world: Path, **extra_run) -> Path:
         "base": [str(TINY_PRESET)],
         "evaluation": {
             "vqa": {"task": "vqa", "builder": "vqa", "ann_path": str(world / "vqa_val.jsonl"), "image_root": str(world),
-                    "max_samples": 7},
+                    "max_samples": 7, "benchmark": "VQA", "benchmark_split": "val"},
             "grounding": {"task": "grounding", "builder": "ref_grounding", "ann_path": str(world / "refs_val.json"),
                           "image_root": str(world), "max_samples": 5},
         },
@@ -308,16 +308,16 @@ def test_evaluate_py_prints_a_table_and_writes_results(small_world, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "untrained" in proc.stderr  # model.load_from is null
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["evaluation", "task", "metric", "value"]
-    assert any(line.split()[:3] == ["vqa", "vqa", "accuracy"] for line in lines)
-    assert any(line.split()[:3] == ["grounding", "grounding", "accuracy"] for line in lines)
+    assert lines[0].split() == ["benchmark", "split", "metric", "value", "samples", "skipped"]
+    assert any(line.split()[:3] == ["VQA", "val", "accuracy"] and line.split()[4:] == ["7", "0"] for line in lines)
+    assert any(line.split()[:3] == ["grounding", "-", "accuracy"] for line in lines)
     assert json.loads((tmp_path / "out" / "eval" / "vqa.json").read_text())["metrics"]["count"] == 7
     summary = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
     vqa = next(r for r in summary["results"] if (r["evaluation"], r["metric"]) == ("vqa", "accuracy"))
-    assert (vqa["task"], vqa["samples"], vqa["skipped"]) == ("vqa", 7, 0)
+    assert (vqa["benchmark"], vqa["split"], vqa["task"], vqa["samples"], vqa["skipped"]) == ("VQA", "val", "vqa", 7, 0)
     markdown = (tmp_path / "out" / "eval" / "results.md").read_text().splitlines()
-    assert markdown[2] == "| evaluation | task | metric | value | samples | skipped |"
-    assert f"| vqa | vqa | accuracy | {vqa['value']:.4f} | 7 | 0 |" in markdown
+    assert markdown[2] == "| benchmark | split | metric | value | samples | skipped |"
+    assert f"| VQA | val | accuracy | {vqa['value']:.4f} | 7 | 0 |" in markdown
 
 
 @pytest.mark.parametrize(
@@ -343,7 +343,7 @@ def test_two_process_torchrun_evaluation_equals_one_process(small_world, tmp_pat
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "evaluate.py"]
     double = run_evaluate([*launch, "--cfg-path", str(project), "--options", f"run.output_dir={tmp_path / 'two'}"], timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]
-    assert double.stdout.count("evaluation  task") == 1  # only rank 0 prints the table
+    assert double.stdout.count("benchmark  split") == 1  # only rank 0 prints the table
     for name in ("vqa", "grounding"):
         one = json.loads((tmp_path / "one" / "eval" / f"{name}.json").read_text())
         two = json.loads((tmp_path / "two" / "eval" / f"{name}.json").read_text())

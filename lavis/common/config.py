@@ -59,7 +59,7 @@ CONTEXT_ARGS = {"adapter": ("vision_width", "llm_hidden_size")}
 # Keys of a dataset entry that belong to the framework, not to the builder.
 DATASET_KEYS = ("builder", "ratio", "synthetic_root")
 # Keys of an evaluation entry that belong to the framework, not to its task or builder.
-EVAL_KEYS = ("task", "builder", "synthetic_root")
+EVAL_KEYS = ("task", "builder", "synthetic_root", "benchmark", "benchmark_split")
 SECTIONS = ("model", "datasets", "evaluation", "run")
 # Component blocks that may be given by their type's name alone (``run.strategy: fsdp``).
 FREEZE_COMPONENTS = ("vision", "adapter", "llm")
@@ -122,6 +122,8 @@ class EvalConfig:
     task: str
     builder: str
     synthetic_root: str | None = None
+    benchmark: str | None = None  # its name in the results table (default: the evaluation's name)
+    benchmark_split: str | None = None  # its split in the results table (e.g. testA, val)
     task_params: dict[str, Any] = field(default_factory=dict)
     builder_params: dict[str, Any] = field(default_factory=dict)
 

@@ -40,7 +40,7 @@ def options_text(choices: list[str]) -> str:
     return "\n".join(f"{LETTERS[k]}. {choice}" for k, choice in enumerate(choices))
 
 
-def _choices(where: str, value: Any) -> list[str]:
+def choice_texts(where: str, value: Any) -> list[str]:
     if isinstance(value, dict):
         letters = list(value)
         if letters != list(LETTERS[: len(letters)]):
@@ -51,7 +51,7 @@ def _choices(where: str, value: Any) -> list[str]:
     return [require_str(where, c, f"choice {k}") for k, c in enumerate(value)]
 
 
-def _answer_letter(where: str, answer: Any, n: int) -> str:
+def answer_letter(where: str, answer: Any, n: int) -> str:
     if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < n:
         return LETTERS[answer]
     if isinstance(answer, str) and answer.strip() in LETTERS[:n]:
@@ -86,19 +86,41 @@ class MultipleChoiceBuilder:
 
     @staticmethod
     def _record(where: str, record: dict[str, Any], index: int) -> dict[str, Any]:
-        choices = _choices(where, record["choices"])
-        answer = _answer_letter(where, record["answer"], len(choices))
-        question = require_str(where, record["question"], "'question'")
-        hint = record.get("hint") or record.get("context") or "N/A"
+        choices = choice_texts(where, record["choices"])
         image = image_path(where, record["image"]) if record.get("image") is not None else None
-        text = MC_PROMPT.format(hint=hint, question=question, options=options_text(choices))
-        return {
-            "id": str(record.get("id", index)),
-            "prompt": (image_reference(image) if image else "") + text,
-            "target": f" {answer}",
-            "image": image,
-            "question": question,
-            "hint": hint,
-            "choices": choices,
-            "answer": answer,
-        }
+        return mc_record(
+            str(record.get("id", index)), image, require_str(where, record["question"], "'question'"), choices,
+            answer_letter(where, record["answer"], len(choices)), record.get("hint") or record.get("context"),
+        )
+
+
+def mc_record(
+    rid: str,
+    image: str | None,
+    question: str,
+    choices: list[str],
+    answer: str,
+    hint: str | None = None,
+    category: str | None = None,
+    circular_group: str | None = None,
+) -> dict[str, Any]:
+    """A multiple-choice record: Qwen-VL's training prompt and target, plus what the ``multiple_choice``
+    task reads (``question``, ``hint``, ``choices``, the ``answer`` letter; ``category`` for accuracy
+    per category; ``circular_group``: the question this record is a rotation of, for circular evaluation)."""
+    hint = hint or "N/A"
+    text = MC_PROMPT.format(hint=hint, question=question, options=options_text(choices))
+    record = {
+        "id": rid,
+        "prompt": (image_reference(image) if image else "") + text,
+        "target": f" {answer}",
+        "image": image,
+        "question": question,
+        "hint": hint,
+        "choices": choices,
+        "answer": answer,
+    }
+    if category is not None:
+        record["category"] = category
+    if circular_group is not None:
+        record["circular_group"] = circular_group
+    return record
