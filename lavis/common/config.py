@@ -459,13 +459,11 @@ def merge_layers(project: dict[str, Any], options: dict[str, Any]) -> dict[str, 
         )
     data_proj, data_opt = project.get("datasets") or {}, options.get("datasets") or {}
     merged["datasets"] = {
-        name: _merge_dataset(name, data_proj.get(name), data_opt.get(name))
-        for name in {**data_proj, **data_opt}
+        name: _merge_dataset(name, data_proj.get(name), data_opt.get(name)) for name in _entries(data_proj, data_opt)
     }
     eval_proj, eval_opt = project.get("evaluation") or {}, options.get("evaluation") or {}
     merged["evaluation"] = {
-        name: _merge_evaluation(name, eval_proj.get(name), eval_opt.get(name))
-        for name in {**eval_proj, **eval_opt}
+        name: _merge_evaluation(name, eval_proj.get(name), eval_opt.get(name)) for name in _entries(eval_proj, eval_opt)
     }
     return merged
 
@@ -491,6 +489,12 @@ def _freeze_block(value: Any) -> Any:
             raise ConfigError(f"model.freeze: a block names both policy '{value['policy']}' and type '{value['type']}'")
         return {"type": value["policy"], **{k: v for k, v in value.items() if k != "policy"}}
     return value
+
+
+def _entries(project: dict[str, Any], options: dict[str, Any]) -> list[str]:
+    """The names of a section's entries; one set to null (``--options evaluation.vqav2_val=null``, or
+    in a project over its base) is dropped, e.g. to run part of a suite."""
+    return [name for name in {**project, **options} if (options if name in options else project)[name] is not None]
 
 
 def _merge_evaluation(name: str, project: dict | None, options: dict | None) -> dict[str, Any]:

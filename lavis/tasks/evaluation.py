@@ -6,7 +6,9 @@ evaluation prompts by default), the :class:`Evaluator` generates (or, for multip
 the options' losses) in left-padded batches, and the task turns the gathered predictions into
 metrics. With ``torchrun`` the samples are split into contiguous shards, one per process, and the
 results gathered so every process gets the same metrics; the main process writes
-``<output_dir>/eval/<name>.json`` with the metrics and every prediction.
+``<output_dir>/eval/<name>.json`` with the metrics and every prediction, and, for a task that gives
+one (:meth:`EvalTask.submission`, e.g. VQAv2 test-dev), the evaluation server's results file
+``<output_dir>/eval/<name>_submission.json``.
 """
 
 from __future__ import annotations
@@ -111,6 +113,12 @@ class EvalTask:
         """Metrics over all results (each ``{"id", "output", "prediction", **reference}``)."""
         raise NotImplementedError
 
+    def submission(self, results: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """The records of the file an evaluation server takes for these results (questions whose
+        answers are not released), written as ``<output_dir>/eval/<name>_submission.json``; None
+        (the default) when the task scores the results itself."""
+        return None
+
     @staticmethod
     def require(record: dict[str, Any], *keys: str, builder_hint: str) -> None:
         missing = [k for k in keys if k not in record]
@@ -186,7 +194,8 @@ class Evaluator:
     # ------------------------------------------------------------------ the loop
 
     def evaluate(self, output_dir: str | Path | None = None, step: int | None = None, model_name: str | None = None) -> dict[str, EvalResult]:
-        """Every evaluation; writes ``<output_dir>/eval/<name>.json`` on the main process when given."""
+        """Every evaluation; writes ``<output_dir>/eval/<name>.json`` (and ``<name>_submission.json`` for
+        a task that gives one) on the main process when given."""
         was_training = self.model.training
         self.model.eval()
         out: dict[str, EvalResult] = {}
@@ -198,6 +207,11 @@ class Evaluator:
                     path = Path(output_dir) / "eval" / f"{name}.json"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(out[name].to_json(step, model_name), indent=1))
+                    submission = self.tasks[name].submission(out[name].results)
+                    if submission is not None:
+                        path = path.with_name(f"{name}_submission.json")
+                        path.write_text(json.dumps(submission))
+                        log.info("evaluation %s: %d answers for the evaluation server: %s", name, len(submission), path)
         finally:
             self.model.train(was_training)
         return out

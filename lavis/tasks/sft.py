@@ -52,6 +52,12 @@ class LanguageModelingTask:
             if hasattr(data, "__len__") and len(data) == 0:
                 files = [f"{k}={v}" for k, v in ds_cfg.params.items() if k.endswith("path") or k == "shards"]
                 raise AnnotationError(f"datasets.{name} ({ds_cfg.builder}): no records in {', '.join(files) or 'its files'}")
+            unanswered = next((r for r in getattr(data, "records", ()) if "target" not in r and "messages" not in r), None)
+            if unanswered is not None:
+                raise AnnotationError(
+                    f"datasets.{name} ({ds_cfg.builder}): record {unanswered.get('id')!r} has no answer to train on; "
+                    "questions without answers (e.g. VQAv2 test-dev, ann_path: null) are for evaluation only"
+                )
             size = f"{len(data)} records" if hasattr(data, "__len__") else "streaming"
             log.info("dataset %s (%s): %s, ratio %g", name, ds_cfg.builder, size, ds_cfg.ratio)
             sources.append(Source(name, data, ds_cfg.ratio))

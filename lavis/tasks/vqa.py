@@ -1,11 +1,16 @@
-"""VQA evaluation: VQAv2 accuracy with the official answer normalisation and 10-choose-9 averaging."""
+"""VQA evaluation: VQAv2 accuracy with the official answer normalisation and 10-choose-9 averaging, or,
+for questions without answers (VQAv2 test-dev), the results file of the evaluation server."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
+from lavis.common.config import ConfigError
 from lavis.common.registry import registry
+from lavis.datasets.builders.base import AnnotationError, require_dict
+from lavis.datasets.builders.vqa import vqav2_section
 from lavis.tasks.evaluation import EvalSample, EvalTask
 from lavis.tasks.metrics import anls, exact_match, relaxed_accuracy, vqa_score
 
@@ -20,10 +25,17 @@ ANSWER_METRICS = {
 @registry.register("task", "vqa")
 class VQATask(EvalTask):
     """Answers each question (records of the ``vqa`` builder: VQAv2 questions + annotations, or
-    JSONL; or of a released benchmark: ``textvqa``, ``gqa``, ``docvqa``, ``chartqa``) and scores it
-    against all reference answers with ``metric``: ``vqa_accuracy`` (VQAv2, OK-VQA, TextVQA, VizWiz),
-    ``anls`` (DocVQA), ``relaxed_accuracy`` (ChartQA) or ``exact_match`` (GQA, OCR-VQA, AI2D), each
-    as Qwen-VL's eval_mm computes it. Qwen-VL's prompt: ``{question} Answer:``.
+    JSONL; or of a released benchmark: ``textvqa``, ``gqa``, ``docvqa``, ``chartqa``, ``ocrvqa``) and
+    scores it against all reference answers with ``metric``: ``vqa_accuracy`` (VQAv2, OK-VQA, TextVQA,
+    VizWiz), ``anls`` (DocVQA), ``relaxed_accuracy`` (ChartQA) or ``exact_match`` (GQA, OCR-VQA, AI2D),
+    each as Qwen-VL's eval_mm computes it. Qwen-VL's prompt: ``{question} Answer:``.
+
+    Questions without answers (the ``vqa`` builder's VQAv2 layout with ``ann_path: null``, e.g.
+    test-dev) are not scored: the metrics count the ``answered`` questions and the evaluation writes
+    the server's results file, ``[{"question_id", "answer"}]`` (see :meth:`submission`).
+    ``submission_questions``: the VQAv2 questions file the submission must cover
+    (``v2_OpenEnded_mscoco_test2015_questions.json``: EvalAI's VQA Challenge takes test2015-wide files
+    in its test-dev phase too); its questions not answered here get ``""``.
     """
 
     metric_names = ("accuracy",)
@@ -38,30 +50,81 @@ class VQATask(EvalTask):
         max_samples: int | None = None,
         min_new_tokens: int = 1,
         metric: Literal["vqa_accuracy", "anls", "relaxed_accuracy", "exact_match"] = "vqa_accuracy",
+        submission_questions: str | None = None,
     ) -> None:
         super().__init__(prompt, chat, max_new_tokens, num_beams, max_samples, min_new_tokens)
         self.metric = metric
         self.metric_names = (ANSWER_METRICS[metric][0],) if metric in ANSWER_METRICS else ("accuracy",)
+        if submission_questions is not None and not Path(submission_questions).is_file():
+            raise ConfigError(f"{self.registry_name}: submission_questions: file not found: {submission_questions} "
+                              "(VQAv2's v2_OpenEnded_mscoco_test2015_questions.json, https://visualqa.org/download.html)")
+        self.submission_questions = submission_questions
+        self.unanswered = False  # set by samples(): the records have no answers (a submission)
+        self.submission_ids: list[Any] | None = None  # submission_questions' question ids, in its order
 
     def samples(self, records: Sequence[dict[str, Any]]) -> list[EvalSample]:
+        records = list(records)
+        self._check_answered(records)
         out = []
         for record in records:
-            self.require(record, "image", "question", "answers", builder_hint="vqa")
+            if self.unanswered:
+                self.require(record, "image", "question", "question_id", builder_hint="vqa (ann_path: null)")
+                reference = {"image": record["image"], "question": record["question"], "question_id": record["question_id"]}
+            else:
+                self.require(record, "image", "question", "answers", builder_hint="vqa")
+                reference = {"image": record["image"], "question": record["question"], "answers": record["answers"],
+                             **({"answer_type": record["answer_type"]} if "answer_type" in record else {})}
             out.append(
                 EvalSample(
                     id=record["id"],
                     images=[record["image"]],
                     text=self.prompt.format(question=record["question"]),
                     image_root=record.get("image_root", ""),
-                    reference={"image": record["image"], "question": record["question"], "answers": record["answers"],
-                               **({"answer_type": record["answer_type"]} if "answer_type" in record else {})},
+                    reference=reference,
                 )
             )
+        if self.unanswered and self.submission_questions is not None:
+            self.submission_ids = self._submission_ids(records)
         return out
+
+    def _check_answered(self, records: list[dict[str, Any]]) -> None:
+        """All records answered (scored) or none (a submission); a mix is an error naming one of each."""
+        answered = [r for r in records if "answers" in r]
+        if answered and len(answered) != len(records):
+            unanswered = next(r for r in records if "answers" not in r)
+            raise ConfigError(
+                f"{self.registry_name}: record {answered[0].get('id')!r} has answers and record {unanswered.get('id')!r} "
+                "has none: one evaluation is either scored (every question answered) or a submission (none); "
+                "evaluate them as two entries"
+            )
+        self.unanswered = bool(records) and not answered
+        if self.unanswered:
+            self.metric_names = ("answered",)
+        elif self.submission_questions is not None:
+            raise ConfigError(
+                f"{self.registry_name}: submission_questions is set but the records have answers; a submission "
+                "file is written for questions without answers (the vqa builder with ann_path: null)"
+            )
+
+    def _submission_ids(self, records: list[dict[str, Any]]) -> list[Any]:
+        """The question ids of ``submission_questions``; every record's question must be among them."""
+        path = self.submission_questions
+        ids = [require_dict(f"{path}: questions[{index}]", question, "question_id")["question_id"]
+               for index, question in enumerate(vqav2_section(path, "questions"))]
+        known = set(ids)
+        stray = next((r for r in records if r["question_id"] not in known), None)
+        if stray is not None:
+            raise AnnotationError(
+                f"record {stray['id']!r}: question_id {stray['question_id']!r} is not in submission_questions {path}"
+            )
+        return ids
 
     def metrics(self, results: list[dict[str, Any]]) -> dict[str, float | int]:
         """Accuracy over all questions and, when the records give VQAv2's answer types, per type
-        (``accuracy/yes/no``, ``accuracy/number``, ``accuracy/other``), as the official output has."""
+        (``accuracy/yes/no``, ``accuracy/number``, ``accuracy/other``), as the official output has;
+        for questions without answers, the number ``answered``."""
+        if self.unanswered:
+            return {"answered": len(results), "count": len(results)}
         if self.metric in ANSWER_METRICS:
             name, score = ANSWER_METRICS[self.metric]
             return {name: sum(score(r["prediction"], r["answers"]) for r in results) / len(results), "count": len(results)}
@@ -70,3 +133,13 @@ class VQATask(EvalTask):
             typed = [r for r in results if r.get("answer_type") == answer_type]
             scores[f"accuracy/{answer_type}"] = vqa_score([r["prediction"] for r in typed], [r["answers"] for r in typed])["accuracy"]
         return scores
+
+    def submission(self, results: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """For questions without answers, VQAv2's results file (EvalAI): ``[{"question_id", "answer"}]``
+        with the generated answer stripped, as Qwen-VL writes it; with ``submission_questions``, every
+        question of that file in its order, ``""`` where not answered. None for scored records."""
+        if not self.unanswered:
+            return None
+        answers = {r["question_id"]: r["output"].strip() for r in results}
+        ids = self.submission_ids if self.submission_ids is not None else list(answers)
+        return [{"question_id": qid, "answer": answers.get(qid, "")} for qid in ids]

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,29 @@ def read_pickle(path: str | Path) -> Any:
 def load_file(path: str | Path) -> Any:
     """A ``.jsonl`` file as a list of records, any other file as parsed JSON (a list or an object)."""
     return read_annotations(path) if str(path).endswith(".jsonl") else read_json(path)
+
+
+class ReleasedBenchmark:
+    """Base of the builders that read a benchmark's files as its authors release them; ``released_at``
+    says where, and a missing file names it."""
+
+    released_at: str = ""
+
+    def require_release(self, path: str | Path) -> None:
+        """AnnotationError naming ``path`` and where the benchmark is published, if it does not exist."""
+        if not Path(path).exists():
+            raise AnnotationError(f"annotation file not found: {path} ({self.registry_name}: released at {self.released_at})")
+
+
+def keyed_entries(path: str | Path, data: Any, what: str, *keys: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """``(id, where, entry)`` for each entry of a released JSON object keyed by id (``{id: {...}}``, as
+    GQA, OCR-VQA and ScienceQA ship), each checked to hold ``keys``; another shape is an error naming
+    the file and ``what`` it should be."""
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{path}: not {what}: expected {{id: {{{', '.join(map(repr, keys))}, ...}}}}")
+    for key, entry in data.items():
+        where = f"{path}: {key}"
+        yield str(key), where, require_dict(where, entry, *keys)
 
 
 def describe_record(path: str | Path, index: int, record: Any, *keys: str) -> str:

@@ -21,29 +21,33 @@ from lavis.common.registry import registry
 from lavis.datasets.builders.base import (
     AnnotationError,
     RecordDataset,
+    ReleasedBenchmark,
     SplitFilter,
     describe_record,
     image_path,
+    keyed_entries,
     read_json,
     require_dict,
     require_str,
 )
-from lavis.datasets.builders.multiple_choice import LETTERS, answer_letter, choice_texts, mc_record
+from lavis.datasets.builders.multiple_choice import (
+    LETTERS,
+    answer_letter,
+    choice_texts,
+    mc_record,
+)
 
 
-class ReleasedMCBuilder:
+class ReleasedMCBuilder(ReleasedBenchmark):
     """Base of the builders of released multiple-choice files: ``ann_path`` and ``image_root``; a
     subclass names where the benchmark is published and turns its file into records."""
-
-    released_at: str = ""
 
     def __init__(self, ann_path: str, image_root: str = "") -> None:
         self.ann_path = ann_path
         self.image_root = image_root
 
     def build(self) -> RecordDataset:
-        if not Path(self.ann_path).exists():
-            raise AnnotationError(f"annotation file not found: {self.ann_path} ({self.registry_name}: released at {self.released_at})")
+        self.require_release(self.ann_path)
         records = list(self.records(self.ann_path))
         if not records:
             raise AnnotationError(f"{self.ann_path}: no {self.registry_name} questions kept")
@@ -69,13 +73,9 @@ class ScienceQABuilder(ReleasedMCBuilder):
         self.image_only = image_only
 
     def records(self, path: str) -> Iterator[dict[str, Any]]:
-        problems = read_json(path)
-        if not isinstance(problems, dict):
-            raise AnnotationError(f"{path}: not a ScienceQA problems.json: expected {{pid: {{'question', 'choices', 'answer', ...}}}}")
         splits = self.splits.reading(path)
-        for pid, problem in problems.items():
-            where = f"{path}: problem {pid}"
-            require_dict(where, problem, "question", "choices", "answer", "split")
+        problems = keyed_entries(path, read_json(path), "a ScienceQA problems.json", "question", "choices", "answer", "split")
+        for pid, where, problem in problems:
             if not splits.keeps(problem["split"]) or (self.image_only and not problem.get("image")):
                 continue
             choices = choice_texts(where, problem["choices"])
@@ -223,8 +223,7 @@ class AI2DBuilder(ReleasedMCBuilder):
             raise AnnotationError(f"{path}: ai2d's ann_path is the release's questions/ directory")
         keep = None
         if self.test_ids_path is not None:
-            if not Path(self.test_ids_path).is_file():
-                raise AnnotationError(f"annotation file not found: {self.test_ids_path} (ai2d: released at {self.released_at})")
+            self.require_release(self.test_ids_path)
             keep = {line.strip().removesuffix(".png") for line in Path(self.test_ids_path).read_text().splitlines() if line.strip()}
         for file in sorted(Path(path).glob("*.json"), key=lambda f: _diagram_order(f.name)):
             diagram = read_json(file)

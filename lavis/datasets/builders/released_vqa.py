@@ -1,5 +1,5 @@
 """Question-answering benchmarks read from the files their authors release: TextVQA, GQA, DocVQA,
-ChartQA. Each gives VQA records (``<img>…</img>{question} Answer:`` + `` {answer}``, and every
+ChartQA, OCR-VQA. Each gives VQA records (``<img>…</img>{question} Answer:`` + `` {answer}``, and every
 reference answer for evaluation), scored by the ``vqa`` task with the benchmark's metric.
 
 A released file is read as it is published; one whose shape is not the benchmark's is an error
@@ -8,17 +8,21 @@ naming the file and, with a missing file, where the authors publish it (``releas
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
+from lavis.common.config import ConfigError
 from lavis.common.registry import registry
 from lavis.datasets.builders.base import (
     AnnotationError,
     RecordDataset,
+    ReleasedBenchmark,
+    SplitFilter,
     as_paths,
     describe_record,
     image_path,
+    keyed_entries,
     read_json,
     require_dict,
     require_str,
@@ -29,11 +33,9 @@ from lavis.datasets.builders.vqa import answer_texts, choose_answer, vqa_record
 Question = tuple[str, str, str, list[str]]
 
 
-class ReleasedQABuilder:
+class ReleasedQABuilder(ReleasedBenchmark):
     """Base of the builders of released QA files: ``ann_path`` (one or more files) and ``image_root``;
     a subclass names where the files are published and turns the parsed file into questions."""
-
-    released_at: str = ""
 
     def __init__(self, ann_path: str | list[str], image_root: str = "") -> None:
         self.ann_paths = as_paths(ann_path)
@@ -47,8 +49,7 @@ class ReleasedQABuilder:
         return RecordDataset(records, self.image_root)
 
     def read(self, path: str) -> Any:
-        if not Path(path).is_file():
-            raise AnnotationError(f"annotation file not found: {path} ({self.registry_name}: released at {self.released_at})")
+        self.require_release(path)
         return read_json(path)
 
     def questions(self, path: str, data: Any) -> Iterator[Question]:
@@ -85,11 +86,7 @@ class GQABuilder(ReleasedQABuilder):
     released_at = "https://cs.stanford.edu/people/dorarad/gqa/download.html"
 
     def questions(self, path: str, data: Any) -> Iterator[Question]:
-        if not isinstance(data, dict):
-            raise AnnotationError(f"{path}: not a gqa file: expected {{question_id: {{'imageId', 'question', 'answer'}}}}")
-        for qid, entry in data.items():
-            where = f"{path}: question {qid}"
-            require_dict(where, entry, "imageId", "question", "answer")
+        for qid, where, entry in keyed_entries(path, data, "a GQA questions file", "imageId", "question", "answer"):
             image = image_path(where, f"{entry['imageId']}.jpg")
             yield str(qid), image, require_str(where, entry["question"], "'question'"), [require_str(where, entry["answer"], "'answer'")]
 
@@ -123,3 +120,38 @@ class ChartQABuilder(ReleasedQABuilder):
             require_dict(where, entry, "imgname", "query", "label")
             label = entry["label"] if isinstance(entry["label"], str) else str(entry["label"])
             yield f"{stem}-{index}", image_path(where, entry["imgname"]), require_str(where, entry["query"], "'query'"), [label]
+
+
+OCRVQA_SPLITS = {1: "train", 2: "val", 3: "test"}  # dataset.json's "split" codes
+
+
+@registry.register("builder", "ocrvqa")
+class OCRVQABuilder(ReleasedQABuilder):
+    """OCR-VQA (``dataset.json``): ``{book_id: {"imageURL", "questions": [...], "answers": [...],
+    "split": 1 | 2 | 3, ...}}`` (1 train, 2 val, 3 test); one record per question, id
+    ``{book_id}-{k}``. Images as its download script saves them, ``{book_id}{extension of imageURL}``,
+    under ``image_root`` (its images/). ``split``: the split(s) kept (``"train,val"``; null keeps all)."""
+
+    released_at = "https://ocr-vqa.github.io/"
+
+    def __init__(self, ann_path: str | list[str], image_root: str = "", split: str | None = "test") -> None:
+        super().__init__(ann_path, image_root)
+        self.splits = SplitFilter(split)
+        unknown = [name for name in self.splits.names or () if name not in OCRVQA_SPLITS.values()]
+        if unknown:
+            raise ConfigError(f"ocrvqa: unknown split {', '.join(unknown)}; OCR-VQA's splits: {', '.join(OCRVQA_SPLITS.values())}")
+
+    def questions(self, path: str, data: Any) -> Iterator[Question]:
+        kept = self.splits.reading(path)
+        for book, where, entry in keyed_entries(path, data, "an OCR-VQA dataset.json", "imageURL", "questions", "answers", "split"):
+            if not kept.keeps(OCRVQA_SPLITS.get(entry["split"], entry["split"])):
+                continue
+            questions, answers = entry["questions"], entry["answers"]
+            if not isinstance(questions, list) or not isinstance(answers, list) or len(questions) != len(answers):
+                raise AnnotationError(f"{where}: 'questions' and 'answers' must be lists of the same length")
+            url = require_str(where, entry["imageURL"], "'imageURL'")
+            image = image_path(where, f"{book}{os.path.splitext(url)[1]}")
+            for k, (question, answer) in enumerate(zip(questions, answers)):
+                yield (f"{book}-{k}", image, require_str(where, question, f"question {k}"),
+                       [require_str(where, answer, f"answer {k}")])
+        kept.check()

@@ -6,7 +6,9 @@ Every question becomes Qwen-VL's stage-2 VQA sample (DESIGN §7)::
     target  " {answer}"
 
 The answer is ``multiple_choice_answer`` when the record has one, otherwise the most frequent of its
-answers (ties: the first in order). A question without any answer fails the build (AnnotationError).
+answers (ties: the first in order). A question without any answer fails the build (AnnotationError),
+except VQAv2 questions read without annotations (``ann_path: null``, e.g. test-dev): these become
+unanswered records (no ``target``, no ``answers``), for evaluation only.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ def vqa_record(
     return record
 
 
+def question_record(rid: str, image: str, question: str, question_id: Any) -> dict[str, Any]:
+    """A question without answers (VQAv2 test-dev): for evaluation only, so it has no training ``target``
+    and no ``answers``; ``question_id`` is kept as the file gives it, for the submission file."""
+    return {"id": rid, "prompt": image_reference(image) + question + ANSWER_PROMPT, "image": image,
+            "question": question, "question_id": question_id}
+
+
 def answer_texts(where: str, answers: Any) -> list[str]:
     """``answers`` as strings: a list of strings or of VQAv2's ``{"answer": ...}`` objects, or one string."""
     if isinstance(answers, str):
@@ -83,6 +92,8 @@ class VQABuilder:
       "multiple_choice_answer"}]}``); lists of paths pair up in order. The image path is
       ``image_pattern.format(split=split, image_id=image_id)`` (VQAv2's COCO file names by default).
       Every question needs an annotation (AnnotationError otherwise). Record id: ``question_id``.
+      ``ann_path: null`` reads the questions alone (test-dev, whose answers are not released):
+      unanswered records, which the ``vqa`` task writes as a submission file and training refuses.
     * Simple (``question_path`` unset): ``ann_path`` is JSONL (or a JSON list) of ``{"image",
       "question", "answers": [str, ...]}``; ``"answer"`` (a string or a list, as in LAVIS's VQA
       JSON) and ``"multiple_choice_answer"`` are accepted too. Record id: ``id``, else
@@ -91,15 +102,19 @@ class VQABuilder:
 
     def __init__(
         self,
-        ann_path: str | list[str],
+        ann_path: str | list[str] | None,
         image_root: str = "",
         question_path: str | list[str] | None = None,
         split: str = "train",
         image_pattern: str = "COCO_{split}2014_{image_id:012d}.jpg",
     ) -> None:
-        self.ann_paths = as_paths(ann_path)
+        self.ann_paths = None if ann_path is None else as_paths(ann_path)
         self.question_paths = None if question_path is None else as_paths(question_path)
-        if self.question_paths is not None and len(self.question_paths) != len(self.ann_paths):
+        if self.ann_paths is None and self.question_paths is None:
+            raise ConfigError("vqa: ann_path is null and question_path is not set; questions without answers "
+                              "(ann_path: null) are read from VQAv2 questions files (question_path)")
+        paired = self.ann_paths is not None and self.question_paths is not None
+        if paired and len(self.question_paths) != len(self.ann_paths):
             raise ConfigError(
                 f"vqa: {len(self.question_paths)} question_path file(s) for {len(self.ann_paths)} ann_path file(s); "
                 "VQAv2 questions and annotations pair up one to one"
@@ -120,7 +135,7 @@ class VQABuilder:
             for path in self.ann_paths:
                 records += self._simple(path)
         else:
-            for qpath, apath in zip(self.question_paths, self.ann_paths):
+            for qpath, apath in zip(self.question_paths, self.ann_paths or [None] * len(self.question_paths)):
                 records += self._vqav2(qpath, apath)
         return RecordDataset(records, self.image_root)
 
@@ -145,18 +160,9 @@ class VQABuilder:
             records.append(vqa_record(str(rid), image, question, texts or [answer], answer, record.get("answer_type")))
         return records
 
-    def _vqav2(self, qpath: str, apath: str) -> list[dict[str, str]]:
-        questions = _section(qpath, read_json(qpath), "questions")
-        annotations = _section(apath, read_json(apath), "annotations")
-        by_qid: dict[Any, tuple[int, dict]] = {}
-        for index, ann in enumerate(annotations):
-            where = describe_record(f"{apath}: annotations", index, ann, "question_id")
-            require_dict(where, ann, "question_id")
-            if ann["question_id"] in by_qid:
-                raise AnnotationError(
-                    f"{where}: duplicate question_id (also annotations[{by_qid[ann['question_id']][0]}])"
-                )
-            by_qid[ann["question_id"]] = (index, ann)
+    def _vqav2(self, qpath: str, apath: str | None) -> list[dict[str, Any]]:
+        questions = vqav2_section(qpath, "questions")
+        by_qid = None if apath is None else _annotations_by_qid(apath)
         records, seen = [], set()
         for index, q in enumerate(questions):
             where = describe_record(f"{qpath}: questions", index, q, "question_id")
@@ -165,6 +171,10 @@ class VQABuilder:
             if qid in seen:
                 raise AnnotationError(f"{where}: duplicate question_id")
             seen.add(qid)
+            if by_qid is None:  # no annotations: a question to answer for a submission
+                question = require_str(where, q["question"], "'question'")
+                records.append(question_record(str(qid), self._image(where, q), question, qid))
+                continue
             if qid not in by_qid:
                 raise AnnotationError(f"{where}: no answers: question_id {qid!r} has no annotation in {apath}")
             aindex, ann = by_qid[qid]
@@ -175,19 +185,36 @@ class VQABuilder:
                 )
             texts = answer_texts(awhere, ann.get("answers", []))
             answer = choose_answer(awhere, texts, ann.get("multiple_choice_answer"))
-            try:
-                image = self.image_pattern.format(split=self.split, image_id=q["image_id"])
-            except (ValueError, TypeError) as err:
-                raise AnnotationError(
-                    f"{where}: image_id {q['image_id']!r} does not fit image_pattern {self.image_pattern!r}: {err}"
-                ) from None
             question = require_str(where, q["question"], "'question'")
-            records.append(vqa_record(str(qid), image_path(where, image), question, texts or [answer], answer,
+            records.append(vqa_record(str(qid), self._image(where, q), question, texts or [answer], answer,
                                       ann.get("answer_type")))
         return records
 
+    def _image(self, where: str, question: dict[str, Any]) -> str:
+        try:
+            image = self.image_pattern.format(split=self.split, image_id=question["image_id"])
+        except (ValueError, TypeError) as err:
+            raise AnnotationError(
+                f"{where}: image_id {question['image_id']!r} does not fit image_pattern {self.image_pattern!r}: {err}"
+            ) from None
+        return image_path(where, image)
 
-def _section(path: str, data: Any, key: str) -> list[Any]:
+
+def _annotations_by_qid(apath: str) -> dict[Any, tuple[int, dict]]:
+    """VQAv2 annotations by question_id, with their index in the file (duplicates are errors)."""
+    by_qid: dict[Any, tuple[int, dict]] = {}
+    for index, ann in enumerate(vqav2_section(apath, "annotations")):
+        where = describe_record(f"{apath}: annotations", index, ann, "question_id")
+        require_dict(where, ann, "question_id")
+        if ann["question_id"] in by_qid:
+            raise AnnotationError(f"{where}: duplicate question_id (also annotations[{by_qid[ann['question_id']][0]}])")
+        by_qid[ann["question_id"]] = (index, ann)
+    return by_qid
+
+
+def vqav2_section(path: str, key: str) -> list[Any]:
+    """The ``key`` list (``questions`` or ``annotations``) of a VQAv2 JSON file; an error names the file."""
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise AnnotationError(f"{path}: expected VQAv2 {key} JSON, an object with a {key!r} list")
     return data[key]
