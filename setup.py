@@ -23,6 +23,11 @@ setup(
         "pycocoevalcap",
         "matplotlib",
         "peft",
+        "wandb",  # experiment tracking (run.wandb), TensorBoard as the second logger
+        "tensorboard",
+        "gradio",  # python -m lavis.web
+        "fastapi",  # python -m lavis.serve (OpenAI-compatible API)
+        "uvicorn",
     ],
-    extras_require={"dev": ["pytest", "ruff", "hypothesis"]},
+    extras_require={"dev": ["pytest", "ruff", "hypothesis", "openai", "selenium"]},
 )

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from lavis.common.config import load_config
 from lavis.models import (
@@ -78,6 +80,37 @@ def from_list_format(items: list[dict[str, Any]], first_picture: int = 1) -> str
     return "".join(parts)
 
 
+def encode_chat(
+    model: VisionLanguageModel,
+    messages: list[dict[str, str]],
+    system_message: str | None = None,
+    images: Mapping[str, Image.Image] | None = None,
+) -> tuple[list[int], torch.Tensor]:
+    """A conversation ready for generation: its ChatML token ids, ending with the assistant's turn
+    opened, and its pictures' pixels ``[n, 3, H, W]`` in order.
+
+    ``messages``: ``{"role": "system" | "user" | "assistant", "content"}`` with ``<img>path</img>`` where
+    images go (a first system turn replaces ``system_message``, which defaults to the model's).
+    ``images``: pictures already in memory, by the path their ``<img>`` names; others are read from
+    disk. A stray image token in the text is a ValueError, a missing or unreadable image a
+    FileNotFoundError, each naming it.
+    """
+    if model.processors is None:
+        raise ValueError("this model has no processors attached: use lavis.load_model, or model.attach_processors(...)")
+    tokenizer, image_processor = model.processors.tokenizer, model.processors.image
+    encoder = ConversationEncoder(tokenizer, model.num_image_tokens, system_message or model.system_message, 1 << 30)
+    try:
+        encoded = encoder.encode_messages(messages, add_generation_prompt=True)
+    except SkipSample as err:  # e.g. a stray <img> token in the text
+        raise ValueError(str(err)) from None
+    try:
+        pixels = [image_processor(images[path] if images and path in images else load_image(path)) for path in encoded.images]
+    except SkipSample as err:
+        raise FileNotFoundError(str(err)) from None
+    size = image_processor.image_size
+    return encoded.input_ids, torch.stack(pixels) if pixels else torch.zeros(0, 3, size, size)
+
+
 def chat(
     model: VisionLanguageModel,
     query: str | list[dict[str, Any]],
@@ -93,34 +126,21 @@ def chat(
     disk as given (relative paths: from the working directory). ``generation``: options of
     :meth:`VisionLanguageModel.generate` (``num_beams``, ``do_sample``, ``temperature``, ``top_p``).
     """
-    if model.processors is None:
-        raise ValueError("this model has no processors attached: use lavis.load_model, or model.attach_processors(...)")
     history = list(history or [])
     if not isinstance(query, str):
         seen = sum(len(IMAGE_SPAN.findall(q)) for q, _ in history)
         query = from_list_format(query, first_picture=seen + 1)
-    tokenizer, image_processor = model.processors.tokenizer, model.processors.image
-    encoder = ConversationEncoder(tokenizer, model.num_image_tokens, system_message or model.system_message, 1 << 30)
     messages = []
     for past_query, past_response in history:
         messages += [{"role": "user", "content": past_query}, {"role": "assistant", "content": past_response}]
     messages.append({"role": "user", "content": query})
-    try:
-        encoded = encoder.encode_messages(messages, add_generation_prompt=True)
-    except SkipSample as err:  # e.g. a stray <img> token in the text
-        raise ValueError(str(err)) from None
-    pixels = []
-    for path in encoded.images:
-        try:
-            pixels.append(image_processor(load_image(path)))
-        except SkipSample as err:
-            raise FileNotFoundError(str(err)) from None
-    size = image_processor.image_size
-    input_ids, attention_mask = left_pad([encoded.input_ids], tokenizer.pad_id)
+    input_ids, pixels = encode_chat(model, messages, system_message)
+    tokenizer = model.processors.tokenizer
+    input_ids, attention_mask = left_pad([input_ids], tokenizer.pad_id)
     tokens = model.generate(
         input_ids,
         attention_mask,
-        torch.stack(pixels) if pixels else torch.zeros(0, 3, size, size),
+        pixels,
         max_new_tokens=max_new_tokens,
         stop_ids=tokenizer.stop_ids,
         pad_id=tokenizer.pad_id,

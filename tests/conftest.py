@@ -94,6 +94,16 @@ def run_train(options: list[str], timeout: float = 120, cfg_path: Path = SFT_PRO
     )
 
 
+@pytest.fixture(scope="session")
+def chat_run(small_world, tmp_path_factory) -> Path:
+    """A run directory holding a chat model after 2 SFT steps: what ``lavis.load_model``, the web demo's
+    and the API's ``--ckpt`` take."""
+    out = tmp_path_factory.mktemp("chat_run") / "sft"
+    result = run_train(sft_options(small_world, out, "run.max_steps=2", "run.save_every=2", "run.save_weights=full"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 def popen_train(options: list[str], log_path: Path, cfg_path: Path = SFT_PROJECT) -> subprocess.Popen:
     """Start train.py in the background; stdout and stderr go to ``log_path``."""
     with open(log_path, "w") as log:  # the child keeps its own descriptor

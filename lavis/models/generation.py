@@ -14,6 +14,7 @@ passed explicitly here so that this does not depend on the library version or th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -55,6 +56,8 @@ def generate(
     suppress_ids: Sequence[int] = (),
     synced: bool = False,
     min_new_tokens: int = 0,
+    streamer: Any = None,
+    stopping_criteria: Any = None,
 ) -> torch.Tensor:
     """New tokens [B, T] (T <= ``max_new_tokens``) for left-padded prompts; rows that stopped are padded.
 
@@ -65,6 +68,8 @@ def generate(
     ``min_new_tokens``: the stop ids cannot end a row before this many tokens (Qwen-VL's evaluation sets it per task).
     ``synced``: every rank keeps stepping until all ranks are done (sharded parameters: each decoding
     step gathers them, so the ranks must take the same number of steps).
+    ``streamer`` (a transformers ``BaseStreamer``: each step's new tokens [B]) and ``stopping_criteria``
+    (a ``StoppingCriteriaList``) go to the LLM's ``generate`` (serving: :mod:`lavis.serving`).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -102,6 +107,10 @@ def generate(
             "use_cache": True,
             "synced_gpus": synced,
         }
+        if streamer is not None:
+            options["streamer"] = streamer
+        if stopping_criteria is not None:
+            options["stopping_criteria"] = stopping_criteria
         if suppress_ids:
             options["suppress_tokens"] = [int(i) for i in suppress_ids]
         if do_sample:
