@@ -2,6 +2,8 @@
 
 Runs every entry under ``evaluation:`` on the model of ``model.load_from`` (a run's output_dir or a
 checkpoint; null evaluates the untrained model) and writes ``<run.output_dir>/eval/<name>.json``.
+With ``run.wandb.project`` or ``run.tensorboard.log_dir`` set, the metrics, the results table and a few
+sample predictions also go to Weights & Biases or TensorBoard (at step 0).
 Under ``torchrun --nproc_per_node N`` the samples are split between the processes.
 """
 
@@ -30,45 +32,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-TABLE_COLUMNS = ("benchmark", "split", "metric", "value", "samples", "skipped")
-
-
-def table_rows(cfg, results: dict, metric_names: dict[str, tuple[str, ...]]) -> list[dict]:
-    """One row per evaluation and reported metric (a task's ``metric_names`` and their ``name/part``
-    breakdowns): benchmark, split, metric, value, samples, skipped (plus the evaluation and task)."""
-    rows = []
-    for name, result in results.items():
-        entry = cfg.evaluation[name]
-        for metric, value in result.metrics.items():
-            if metric.split("/", 1)[0] in metric_names[name]:
-                rows.append({"benchmark": entry.benchmark or name, "split": entry.benchmark_split or "-", "metric": metric,
-                             "value": value, "samples": result.metrics.get("count", 0),
-                             "skipped": result.metrics.get("skipped", 0), "evaluation": name, "task": result.task})
-    return rows
-
-
-def _cells(row: dict) -> list[str]:
-    return [f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in TABLE_COLUMNS]
-
-
-def results_table(rows: list[dict]) -> str:
-    """The rows as an aligned text table under :data:`TABLE_COLUMNS`."""
-    cells = [list(TABLE_COLUMNS)] + [_cells(row) for row in rows]
-    widths = [max(len(row[k]) for row in cells) for k in range(len(TABLE_COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def write_summary(rows: list[dict], out_dir: Path, model: str | None) -> tuple[Path, Path]:
     """``eval/results.json`` and ``eval/results.md`` beside the predictions: the table's rows."""
+    # Imported here, as in main(): the evaluation module imports the models, after the config is checked.
+    from lavis.tasks.evaluation import markdown_table
+
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "results.json", out_dir / "results.md"
     json_path.write_text(json.dumps({"model": model, "results": rows}, indent=1) + "\n")
-    lines = [f"Results of `{model}`" if model else "Results", "", "| " + " | ".join(TABLE_COLUMNS) + " |",
-             "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-    md_path.write_text("\n".join(lines) + "\n")
+    title = f"Results of `{model}`" if model else "Results"
+    md_path.write_text(f"{title}\n\n{markdown_table(rows)}\n")
     return json_path, md_path
 
 
@@ -84,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
+    from lavis.common.loggers import build_loggers
     from lavis.models import build_model, load_trained
     from lavis.runners.iter_runner import seed_everything
-    from lavis.tasks.evaluation import Evaluator
+    from lavis.tasks.evaluation import Evaluator, flat_metrics, logged_samples, results_table, table_rows
 
     device = dist.init_distributed(cfg.run.device)
     seed_everything(cfg.run.seed)
@@ -103,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     torch.set_grad_enabled(False)
+    loggers = build_loggers(cfg, Path(cfg.run.output_dir)) if dist.is_main() else []  # run.wandb, run.tensorboard
     results = evaluator.evaluate(cfg.run.output_dir, model_name=cfg.model.load_from)
     if dist.is_main():
-        rows = table_rows(cfg, results, {name: task.metric_names for name, task in evaluator.tasks.items()})
+        rows = table_rows(cfg, results, evaluator.tasks)
         print(results_table(rows))
         for name, r in results.items():
             if r.metrics.get("ptb") == 0:
@@ -113,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                       "CIDEr and BLEU-4 are not comparable with published figures")
         write_summary(rows, Path(cfg.run.output_dir) / "eval", cfg.model.load_from)
         print(f"predictions and metrics: {cfg.run.output_dir}/eval/<name>.json; the table: eval/results.md and results.json")
+        for logger in loggers:
+            logger.log_metrics(flat_metrics(results), step=0)
+            logger.log_evaluation(rows, logged_samples(results, evaluator.samples), step=0)
+            logger.finish()
     dist.barrier()
     dist.shutdown()
     return 0

@@ -408,6 +408,8 @@ def test_wandb_gets_the_training_and_evaluation_metrics(load_sft, small_world, m
             finished.append(True)
 
     fake.init = lambda **kwargs: inits.append(kwargs) or Run()
+    fake.Table = lambda columns, data: dict(zip(columns, zip(*data)))
+    fake.Image = lambda image: image.size
     monkeypatch.setitem(sys.modules, "wandb", fake)
     cfg = load_sft(*eval_options(small_world, "vqa", max_samples=2), "run.max_steps=2", "run.eval_every=2",
                    "run.save_every=2", "run.wandb.project=demo", "run.wandb.tags=[a,b]")
@@ -416,6 +418,9 @@ def test_wandb_gets_the_training_and_evaluation_metrics(load_sft, small_world, m
     assert [step for step, values in logged if "loss" in values] == [1, 2]
     evals = [(step, values) for step, values in logged if "eval/vqa/accuracy" in values]
     assert [step for step, _ in evals] == [2] and math.isfinite(evals[0][1]["eval/vqa/accuracy"])
+    (step, tables), = [(step, values) for step, values in logged if "eval/results" in values]
+    assert step == 2 and tables["eval/results"]["metric"] == ("accuracy",) and tables["eval/results"]["samples"] == (2,)
+    assert len(tables["eval/samples/vqa"]["prediction"]) == 2 and tables["eval/samples/vqa"]["image"][0] == (128, 128)
     assert finished == [True]
 
 

@@ -19,7 +19,7 @@ from lavis.common.registry import KINDS, Registry, RegistryError, registry
 
 # --------------------------------------------------------------------------- registry
 
-KIND_LIST = "model, vision_encoder, adapter, llm, builder, processor, task, runner, strategy, lr_scheduler, freeze_policy"
+KIND_LIST = "model, vision_encoder, adapter, llm, builder, processor, task, runner, strategy, lr_scheduler, freeze_policy, logger"
 
 
 def test_kinds_are_the_designed_ones():
@@ -108,6 +108,7 @@ def test_builtin_components_are_registered():
         "runner": {"iter_runner"},
         "strategy": {"single", "ddp", "fsdp"},
         "lr_scheduler": {"linear_warmup_cosine", "constant"},
+        "logger": {"wandb", "tensorboard"},
     }
     for kind, names in expected.items():
         assert names <= set(registry.list(kind)), kind
@@ -203,6 +204,8 @@ def test_options_are_typed_as_yaml():
         ("run.max_steps=0", "run.max_steps must be >= 1, got 0"),
         ("run.lr", "--options expects key=value, got 'run.lr'"),
         ("run.dist_timeout_s=0", "run.dist_timeout_s must be > 0, got 0.0"),
+        ("run.tensorboard.log_dir=5", "run.tensorboard.log_dir: 5 is not a str | None"),
+        ("run.tensorboard=tb", "run.tensorboard: expected a mapping, got 'tb'"),
     ],
 )
 def test_wrong_values_are_config_errors(option, message):
@@ -251,6 +254,10 @@ RUN_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(RunConfig)))
          "pretrained, trust_remote_code")),
         ("datasets.synthetic_sft.ann_pth=x", "unknown key 'datasets.synthetic_sft.ann_pth' (did you mean 'ann_path'?); "),
         ("run.strategy.reshard=false", "unknown key 'run.strategy.reshard'; valid keys: none"),  # single takes none
+        # the experiment loggers' blocks (configs/loggers/<name>.yaml)
+        ("run.tensorboard.logdir=tb", "unknown key 'run.tensorboard.logdir' (did you mean 'log_dir'?); valid keys: log_dir"),
+        ("run.wandb.projct=x", "unknown key 'run.wandb.projct' (did you mean 'project'?); valid keys: entity, name, project, tags"),
+        ("run.tensorbord.log_dir=tb", "unknown key 'run.tensorbord' (did you mean 'tensorboard'?); valid keys: "),
     ],
 )
 def test_unknown_keys_fail_with_did_you_mean(option, message):

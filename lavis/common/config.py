@@ -1,7 +1,8 @@
 """Config: project YAML over component defaults, then ``--options``; validated into typed objects.
 
 Layers, lowest first:
-  1. ``configs/default.yaml``: run and model defaults;
+  1. ``configs/default.yaml``: run and model defaults, with each registered logger's block
+     (``run.wandb``, ``run.tensorboard``) from ``configs/loggers/<name>.yaml``;
   2. each component's default YAML, chosen by its ``type`` (``configs/models/adapters/mlp.yaml``, ...);
   3. the project YAML, over the files its ``base:`` list names;
   4. ``--options key=value`` (dotted keys; values typed as YAML: ``16``, ``2e-5``, ``[0.9,0.98]``).
@@ -45,6 +46,7 @@ DEFAULTS_DIR = {
     "task": "tasks",
     "strategy": "strategies",
     "freeze_policy": "models/freeze",
+    "logger": "loggers",
 }
 # model.<key> -> registry kind of that component block.
 MODEL_COMPONENTS = {
@@ -130,12 +132,28 @@ class EvalConfig:
 
 @dataclass
 class WandbConfig:
-    """Weights & Biases logging; off while ``project`` is null."""
+    """Weights & Biases logging (``run.wandb``, logger ``wandb``); off while ``project`` is null."""
 
     project: str | None
     entity: str | None
     name: str | None
     tags: list[str]
+
+    @property
+    def enabled(self) -> bool:
+        return self.project is not None
+
+
+@dataclass
+class TensorBoardConfig:
+    """TensorBoard logging (``run.tensorboard``, logger ``tensorboard``); off while ``log_dir`` is null.
+    A relative ``log_dir`` lies under ``run.output_dir``."""
+
+    log_dir: str | None
+
+    @property
+    def enabled(self) -> bool:
+        return self.log_dir is not None
 
 
 @dataclass
@@ -189,6 +207,7 @@ class RunConfig:
     best_metric: str | None
     best_mode: Literal["max", "min"]
     wandb: WandbConfig
+    tensorboard: TensorBoardConfig
 
 
 @dataclass
@@ -435,7 +454,7 @@ def _merge_component(
 
 def merge_layers(project: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """Merge the four layers into one plain (unresolved) dict."""
-    base = _load_yaml(CONFIG_ROOT / "default.yaml")
+    base = _with_logger_defaults(_load_yaml(CONFIG_ROOT / "default.yaml"))
     for name, section in (("project", project), ("options", options)):
         for key in section:
             if key not in SECTIONS:
@@ -466,6 +485,14 @@ def merge_layers(project: dict[str, Any], options: dict[str, Any]) -> dict[str, 
         name: _merge_evaluation(name, eval_proj.get(name), eval_opt.get(name)) for name in _entries(eval_proj, eval_opt)
     }
     return merged
+
+
+def _with_logger_defaults(base: dict[str, Any]) -> dict[str, Any]:
+    """``run.<name>`` of every registered logger, from its default YAML (``configs/loggers/<name>.yaml``)."""
+    run = base["run"]
+    for name in registry.list("logger"):
+        run[name] = _merge(component_defaults("logger", name), run.get(name) or {})
+    return base
 
 
 def _with_component_blocks(layer: dict[str, Any]) -> dict[str, Any]:

@@ -6,8 +6,12 @@ import json
 import logging
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lavis.common.loggers import Logger
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +51,28 @@ class JsonlLog:
 
 
 class MetricsWriter(JsonlLog):
-    """``metrics.jsonl``; ``mirror``: a wandb run (or anything with ``log(dict, step=)`` and
-    ``finish()``) that also gets the numeric values of every record."""
+    """``metrics.jsonl``; the experiment ``loggers`` (:mod:`lavis.common.loggers`) also get the numeric
+    values of every record, and each evaluation's table and samples through :meth:`log_evaluation`."""
 
-    def __init__(self, path: str | Path, resume_step: int | None = None, mirror: Any = None) -> None:
-        self.mirror = mirror
+    def __init__(self, path: str | Path, resume_step: int | None = None, loggers: Sequence[Logger] = ()) -> None:
+        self.loggers = list(loggers)
         super().__init__(path, resume_step)
 
     def write(self, record: dict[str, Any]) -> None:
         super().write(record)
-        if self.mirror is not None:
-            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
-            self.mirror.log(numbers, step=record["step"])
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
+        for logger in self.loggers:
+            logger.log_metrics(numbers, step=record["step"])
+
+    def log_evaluation(self, rows: list[dict[str, Any]], samples: dict[str, list[dict[str, Any]]], step: int) -> None:
+        """An evaluation's results table and sample predictions, to the loggers (see :class:`Logger`)."""
+        for logger in self.loggers:
+            logger.log_evaluation(rows, samples, step)
 
     def close(self) -> None:
         super().close()
-        if self.mirror is not None:
-            self.mirror.finish()
+        for logger in self.loggers:
+            logger.finish()
 
 
 class SkipLog(JsonlLog):
@@ -95,6 +104,9 @@ class NullMetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         pass
 
+    def log_evaluation(self, rows: list[dict[str, Any]], samples: dict[str, list[dict[str, Any]]], step: int) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -102,17 +114,3 @@ class NullMetricsWriter:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl``."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def init_wandb(cfg, raw_config: dict[str, Any], output_dir: Path):
-    """A wandb run when ``run.wandb.project`` is set (``WANDB_MODE=disabled`` still turns it off), else None."""
-    if cfg.project is None:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        raise RuntimeError("run.wandb.project is set but wandb is not installed: pip install wandb") from None
-    return wandb.init(
-        project=cfg.project, entity=cfg.entity, name=cfg.name, tags=list(cfg.tags) or None,
-        config=raw_config, dir=str(output_dir), resume="allow",
-    )

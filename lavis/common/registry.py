@@ -25,6 +25,7 @@ KINDS = (
     "strategy",
     "lr_scheduler",
     "freeze_policy",
+    "logger",
 )
 
 T = TypeVar("T")
@@ -37,6 +38,7 @@ _BUILTIN_MODULES = (
     "lavis.tasks",
     "lavis.runners",
     "lavis.common.optim",
+    "lavis.common.loggers",
 )
 
 

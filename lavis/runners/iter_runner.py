@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import Config
-from lavis.common.logging import MetricsWriter, NullMetricsWriter, SkipLog, init_wandb
+from lavis.common.loggers import build_loggers
+from lavis.common.logging import MetricsWriter, NullMetricsWriter, SkipLog
 from lavis.common.precision import autocast
 from lavis.common.optim import build_optimizer
 from lavis.common.registry import registry
@@ -28,7 +29,7 @@ from lavis.models import Processors, build_model
 from lavis.models.vlm import VisionLanguageModel
 from lavis.processors.conversation import IGNORE_INDEX
 from lavis.runners.strategies import Strategy, build_strategy, parameter_names
-from lavis.tasks.evaluation import Evaluator, flat_metrics
+from lavis.tasks.evaluation import Evaluator, flat_metrics, logged_samples, table_rows
 
 log = logging.getLogger(__name__)
 
@@ -334,14 +335,18 @@ class IterRunner:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, metrics: MetricsWriter | None = None) -> dict[str, Any]:
-        """Run the configured evaluations now; log them and keep the best checkpoint by ``run.best_metric``."""
+    def evaluate(self, metrics: MetricsWriter | NullMetricsWriter | None = None) -> dict[str, Any]:
+        """Run the configured evaluations now; log them (metrics, results table and sample predictions)
+        and keep the best checkpoint by ``run.best_metric``."""
         if self.evaluator is None:
             raise ValueError("no evaluation during training: set run.eval_every and add entries under 'evaluation:'")
         results = self.evaluator.evaluate(self.output_dir, step=self.step, model_name=str(self.output_dir))
         record = {"step": self.step, **flat_metrics(results), "time": time.time()}
         if metrics is not None:
             metrics.write(record)
+            metrics.log_evaluation(
+                table_rows(self.cfg, results, self.evaluator.tasks), logged_samples(results, self.evaluator.samples), self.step
+            )
         if self.run.best_metric:
             name, _, metric = self.run.best_metric.partition("/")
             value = float(results[name].metrics[metric])
@@ -424,6 +429,14 @@ class IterRunner:
 
     # ------------------------------------------------------------------ the loop
 
+    def metrics_writer(self, resume_step: int | None) -> MetricsWriter | NullMetricsWriter:
+        """``metrics.jsonl`` with the experiment loggers of ``run.wandb`` and ``run.tensorboard``, on the
+        main process; the other ranks log nothing. ``resume_step``: the step a resumed run continues from."""
+        if not self.is_main:
+            return NullMetricsWriter()
+        loggers = build_loggers(self.cfg, self.output_dir, resume_step)
+        return MetricsWriter(self.output_dir / "metrics.jsonl", resume_step, loggers)
+
     def _log_skips(self, skip_log: SkipLog | None, new_skips: list[dict[str, Any]]) -> Counter:
         """Every rank's skips so far by reason; the new ones (each rank's) go to ``skipped.jsonl``."""
         gathered = self.strategy.all_gather_object((dict(self.skipped), new_skips))
@@ -484,15 +497,7 @@ class IterRunner:
         resume = self.resume_path()
         if resume is not None:
             self.load(resume)
-        metrics = (
-            MetricsWriter(
-                self.output_dir / "metrics.jsonl",
-                resume_step=self.step if resume is not None else None,
-                mirror=init_wandb(self.run.wandb, self.cfg.raw, self.output_dir),
-            )
-            if self.is_main
-            else NullMetricsWriter()
-        )
+        metrics = self.metrics_writer(self.step if resume is not None else None)
         skip_log = SkipLog(self.output_dir / "skipped.jsonl", self.step if resume is not None else None) if self.is_main else None
         if skip_log is not None and resume is None:  # what the builders could not use, at step 0
             for source in self.sources:

@@ -14,6 +14,7 @@ one (:meth:`EvalTask.submission`, e.g. VQAv2 test-dev), the evaluation server's 
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 import logging
 import time
@@ -347,3 +348,68 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
 def flat_metrics(results: dict[str, EvalResult], prefix: str = "eval/") -> dict[str, float | int]:
     """``{"eval/<name>/<metric>": value}`` for metrics.jsonl and wandb."""
     return {f"{prefix}{name}/{metric}": value for name, result in results.items() for metric, value in result.metrics.items()}
+
+
+# --------------------------------------------------------------------------- the results table and logged samples
+
+TABLE_COLUMNS = ("benchmark", "split", "metric", "value", "samples", "skipped")
+SAMPLE_COLUMNS = ("id", "prompt", "output", "prediction", "reference", "image")
+LOGGED_SAMPLES = 4  # predictions per evaluation that go to the experiment loggers
+
+
+def table_rows(cfg: Config, results: dict[str, EvalResult], tasks: dict[str, EvalTask]) -> list[dict[str, Any]]:
+    """One row per evaluation and reported metric (its task's ``metric_names`` and their ``name/part``
+    breakdowns): benchmark, split, metric, value, samples, skipped (plus the evaluation and task)."""
+    rows = []
+    for name, result in results.items():
+        entry = cfg.evaluation[name]
+        for metric, value in result.metrics.items():
+            if metric.split("/", 1)[0] in tasks[name].metric_names:
+                rows.append({"benchmark": entry.benchmark or name, "split": entry.benchmark_split or "-", "metric": metric,
+                             "value": value, "samples": result.metrics.get("count", 0),
+                             "skipped": result.metrics.get("skipped", 0), "evaluation": name, "task": result.task})
+    return rows
+
+
+def _cells(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
+    return [f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as an aligned text table under :data:`TABLE_COLUMNS`."""
+    cells = [list(TABLE_COLUMNS)] + [_cells(row, TABLE_COLUMNS) for row in rows]
+    widths = [max(len(row[k]) for row in cells) for k in range(len(TABLE_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """The rows as a Markdown table under ``columns``. ``<`` and ``>`` are escaped: a prompt's
+    ``<img>…</img>`` would otherwise be rendered as an HTML image."""
+
+    def cell(text: str) -> str:
+        return html.escape(text, quote=False).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(c) for c in _cells(row, columns)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def logged_samples(
+    results: dict[str, EvalResult], samples: dict[str, list[EvalSample]], count: int = LOGGED_SAMPLES
+) -> dict[str, list[dict[str, Any]]]:
+    """The first ``count`` predictions of each evaluation under :data:`SAMPLE_COLUMNS`: ``reference``
+    as JSON, ``image`` the path of the sample's first image (None without one)."""
+    logged = {}
+    for name, result in results.items():
+        by_id = {sample.id: sample for sample in samples[name]}
+        rows = []
+        for entry in result.results[:count]:
+            sample = by_id[entry["id"]]
+            image = str(Path(sample.image_root or "") / sample.images[0]) if sample.images else None
+            rows.append({"id": entry["id"], "prompt": entry["prompt"], "output": entry["output"],
+                         "prediction": entry["prediction"], "reference": json.dumps(sample.reference, default=str),
+                         "image": image})
+        logged[name] = rows
+    return logged
