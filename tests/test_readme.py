@@ -104,6 +104,26 @@ def parameter_counts(vision: str, adapter: str, llm: str) -> str:
     return rf"vision\s+\w+\s+{vision}[\d,]*\s.*\n.*adapter\s+\w+\s+{adapter}[\d,]*\s.*\n.*llm\s+\w+\s+{llm}[\d,]*\s"
 
 
+WAIT_FOR = """.venv/bin/python -c "
+import sys, time, urllib.error, urllib.request
+for _ in range(180):
+    try:
+        urllib.request.urlopen(sys.argv[1], timeout=5)
+        break
+    except urllib.error.HTTPError:  # answering (e.g. 401 without the key): up
+        break
+    except OSError:
+        time.sleep(1)
+" """
+
+
+def while_serving(server: str, url: str, then: str) -> str:
+    """Bash: start ``server`` in the background, wait until ``url`` answers, run ``then``, stop the server
+    and show its log; the exit status is ``then``'s."""
+    return (f"{server} > server.log 2>&1 & server=$!\n{WAIT_FOR}{url}\n{then}\nstatus=$?\n"
+            "kill $server; wait $server; cat server.log; exit $status")
+
+
 README_COMMANDS = [
     ReadmeCommand(
         "make demo",
@@ -152,6 +172,22 @@ README_COMMANDS = [
                   stdin=":image data/synthetic/images/test/000003.png\nWhat colour is the shape?\n:draw chat_boxes.png\n:quit\n",
                   prints=(r"user> assistant> ", r"saved chat_boxes\.png")),
     ReadmeCommand(".venv/bin/python -m lavis.plot outputs/sft", writes=("outputs/sft/curves.png",)),
+    ReadmeCommand(
+        ".venv/bin/python -m lavis.web --ckpt outputs/sft --port 7860",
+        here=while_serving(".venv/bin/python -m lavis.web --ckpt outputs/sft --port 7871", "http://127.0.0.1:7871",
+                           ".venv/bin/python -c \"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:7871').read().decode())\""),
+        why="a server: started in the background (on a port of its own), its page fetched, then stopped; "
+            "tests/test_web.py drives the page in a browser",
+        prints=(r"<gradio-app", r"Running on local URL: +http://127\.0\.0\.1:7871"),
+    ),
+    ReadmeCommand(
+        ".venv/bin/python -m lavis.serve --ckpt outputs/sft --port 8000 --api-key secret",
+        here=while_serving(".venv/bin/python -m lavis.serve --ckpt outputs/sft --port 8000 --api-key secret",
+                           "http://127.0.0.1:8000/v1/models", f".venv/bin/python - <<'EOF'\n{readme_blocks('python')[1]}\nEOF"),
+        why="a server: started in the background, the README's openai client example run against it, then stopped",
+        prints=(r'(?s)"POST /v1/chat/completions HTTP/1\.1" 200.*"POST /v1/chat/completions HTTP/1\.1" 200',
+                r'"GET /v1/models HTTP/1\.1" 401'),
+    ),
     ReadmeCommand(
         ".venv/bin/torchrun --standalone --nproc_per_node 2 train.py --cfg-path projects/sft.yaml "
         "--options run.strategy=fsdp run.output_dir=outputs/sft_fsdp",
@@ -366,7 +402,7 @@ def check_outputs(checkout: Path) -> None:
 def check_python_examples(checkout: Path) -> None:
     """The inference example runs as written; the adapter of "Adding a component" is one file, one
     import and one YAML, and then trains through ``--options``."""
-    inference, component = readme_blocks("python")
+    inference, _, component = readme_blocks("python")  # the second, the API's client, runs with lavis.serve
     run_in(checkout, f"{sys.executable} -", stdin=inference + "\nprint('RESPONSE', repr(response))\n")
     assert (checkout / "boxes.png").exists()
 
