@@ -23,7 +23,6 @@ import argparse
 import base64
 import binascii
 import hmac
-import io
 import ipaddress
 import json
 import logging
@@ -44,14 +43,14 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.requests import Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lavis.inference import encode_chat, from_list_format
 from lavis.processors.conversation import IMAGE_SPAN
-from lavis.processors.image import to_rgb
+from lavis.processors.image import ImageTooLarge, open_bounded_image
 from lavis.serving import ChatEngine, Completion, SamplingOptions
 
 log = logging.getLogger(__name__)
@@ -290,13 +289,10 @@ def decode_image(data: bytes, source: str, max_pixels: int) -> Image.Image:
     """Picture bytes -> RGB; the size is checked before the pixels are decoded (413 when over
     ``max_pixels``), an unreadable picture is a 400."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise APIError(413, f"image {source} has {width}x{height} pixels, over the limit of {max_pixels}",
-                               code="image_too_large")
-            return to_rgb(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+        return open_bounded_image(data, max_pixels)
+    except ImageTooLarge as err:
+        raise APIError(413, f"image {source} is too large: {err}", code="image_too_large") from None
+    except ValueError as err:
         raise APIError(400, f"cannot read image {source}: {err}", code="invalid_image") from None
 
 

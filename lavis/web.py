@@ -24,12 +24,12 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio loads: no version check or analytics calls
 
 import gradio as gr
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 import lavis
 from lavis.inference import History, from_list_format
 from lavis.processors.conversation import IMAGE_SPAN
-from lavis.processors.image import to_rgb
+from lavis.processors.image import ImageTooLarge, open_bounded_image
 from lavis.serving import ChatEngine, SamplingOptions
 from lavis.visualize import draw_boxes
 
@@ -47,14 +47,10 @@ def open_picture(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image
     """The image at ``path`` as RGB; BadInput if PIL cannot read it or it has more than ``max_pixels``."""
     name = os.path.basename(path)  # the page shows the upload's name, not where gradio keeps it
     try:
-        with Image.open(path) as image:
-            width, height = image.size  # read from the header: a huge image is refused undecoded
-            if width * height > max_pixels:
-                raise BadInput(f"{name} is too large: {width} x {height} pixels (at most {max_pixels:,} pixels)")
-            return to_rgb(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
-        if isinstance(err, BadInput):
-            raise
+        return open_bounded_image(path, max_pixels)
+    except ImageTooLarge as err:
+        raise BadInput(f"{name} is too large: {err}") from None
+    except ValueError as err:
         raise BadInput(f"{name} is not an image PIL can read ({str(err).replace(path, name)})") from None
 
 

@@ -31,6 +31,24 @@ def load_image(path: str | Path, data: bytes | None = None) -> Image.Image:
         raise SkipSample("corrupt_image", f"cannot read image {path}: {err}") from None
 
 
+class ImageTooLarge(ValueError):
+    """A picture with more pixels than allowed (refused before its pixels are decoded)."""
+
+
+def open_bounded_image(source: str | Path | bytes, max_pixels: int) -> Image.Image:
+    """A picture from untrusted input (a file or its bytes) as RGB, for serving: its size is read
+    from the header and a picture over ``max_pixels`` is refused undecoded (:class:`ImageTooLarge`,
+    with its size); one PIL cannot read is a ValueError with PIL's reason."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(f"{width} x {height} pixels (at most {max_pixels:,} pixels)")
+            return to_rgb(image)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as err:
+        raise ValueError(str(err)) from None
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any mode PIL opens -> 8-bit RGB with the image's contrast.
 
