@@ -145,7 +145,7 @@ def test_unanswered_records_give_a_submission_of_the_stripped_answers_and_count_
 def test_submission_questions_fill_every_other_test2015_question_with_an_empty_answer(tmp_path):
     records = read_testdev(tmp_path)
     test2015 = write_json(tmp_path / "v2_OpenEnded_mscoco_test2015_questions.json", TEST2015)
-    task = VQATask(submission_questions=str(test2015))
+    task = VQATask(submission_questions_path=str(test2015))
     results = fake_results(task, records, ["yes", "2", "red"])
     assert task.submission(results) == [  # test2015's order
         {"question_id": 30, "answer": ""}, {"question_id": 10, "answer": "yes"}, {"question_id": 11, "answer": "2"},
@@ -153,12 +153,12 @@ def test_submission_questions_fill_every_other_test2015_question_with_an_empty_a
     assert task.metrics(results)["answered"] == 3
     # A question outside the file, a missing file, answered records: errors before anything is generated.
     partial = write_json(tmp_path / "partial.json", {"questions": TEST2015["questions"][:2]})
-    with pytest.raises(AnnotationError, match=rf"record '11': question_id 11 is not in submission_questions {partial}"):
-        VQATask(submission_questions=str(partial)).samples(records)
-    with pytest.raises(ConfigError, match=r"submission_questions: file not found: .*absent.json \(VQAv2's v2_OpenEnded_mscoco_test2015"):
-        VQATask(submission_questions=str(tmp_path / "absent.json"))
-    with pytest.raises(ConfigError, match="submission_questions is set but the records have answers"):
-        VQATask(submission_questions=str(test2015)).samples([{"id": "1", "image": "a.jpg", "question": "q?", "answers": ["yes"]}])
+    with pytest.raises(AnnotationError, match=rf"record '11': question_id 11 is not in submission_questions_path {partial}"):
+        VQATask(submission_questions_path=str(partial)).samples(records)
+    with pytest.raises(ConfigError, match=r"submission_questions_path: file not found: .*absent.json \(VQAv2's v2_OpenEnded_mscoco_test2015"):
+        VQATask(submission_questions_path=str(tmp_path / "absent.json"))
+    with pytest.raises(ConfigError, match="submission_questions_path is set but the records have answers"):
+        VQATask(submission_questions_path=str(test2015)).samples([{"id": "1", "image": "a.jpg", "question": "q?", "answers": ["yes"]}])
 
 
 def test_answered_and_unanswered_records_in_one_evaluation_are_an_error(tmp_path):
@@ -185,7 +185,7 @@ def test_vqav2_project_has_val_scored_and_testdev_submitted():
     assert testdev.builder_params["ann_path"] is None
     assert testdev.builder_params["question_path"].endswith("v2_OpenEnded_mscoco_test-dev2015_questions.json")
     assert testdev.builder_params["image_pattern"].format(split=testdev.builder_params["split"], image_id=1) == "COCO_test2015_000000000001.jpg"
-    assert testdev.task_params["submission_questions"].endswith("v2_OpenEnded_mscoco_test2015_questions.json")
+    assert testdev.task_params["submission_questions_path"].endswith("v2_OpenEnded_mscoco_test2015_questions.json")
     for entry in (val, testdev):
         assert entry.task_params["prompt"] == "{question} Answer:" and entry.task_params["max_new_tokens"] == 10
 
@@ -202,7 +202,7 @@ def test_evaluate_py_writes_the_testdev_submission_file(tmp_path):
         "evaluation": {"vqav2_testdev": {
             "task": "vqa", "builder": "vqa", "ann_path": None, "image_root": str(images), "split": "test", "image_pattern": TEST_PATTERN,
             "question_path": str(write_json(tmp_path / "testdev.json", TESTDEV)),
-            "submission_questions": str(write_json(tmp_path / "test2015.json", TEST2015)), "max_new_tokens": 4}},
+            "submission_questions_path": str(write_json(tmp_path / "test2015.json", TEST2015)), "max_new_tokens": 4}},
         "run": {"output_dir": str(tmp_path / "out"), "device": "cpu", "eval_batch_size": 2},
     })
     proc = subprocess.run([sys.executable, "evaluate.py", "--cfg-path", str(project)], check=False, cwd=REPO, capture_output=True, text=True, timeout=180)
@@ -215,3 +215,13 @@ def test_evaluate_py_writes_the_testdev_submission_file(tmp_path):
     assert submission[0]["answer"] == submission[-1]["answer"] == ""
     predictions = json.loads((tmp_path / "out" / "eval" / "vqav2_testdev.json").read_text())["predictions"]
     assert [s["answer"] for s in submission[1:4]] == [p["output"].strip() for p in predictions]
+
+
+def test_a_missing_submission_questions_file_is_named_before_the_model_is_built():
+    from lavis.common.config import load_config
+
+    cfg = load_config(REPO / "projects" / "eval" / "vqav2.yaml")
+    with pytest.raises(FileNotFoundError) as err:
+        cfg.check_local_paths()
+    assert ("evaluation.vqav2_testdev.submission_questions_path: /data/vqav2/v2_OpenEnded_mscoco_test2015_questions.json"
+            in str(err.value))

@@ -230,13 +230,16 @@ class Config:
 
     def check_local_paths(self) -> None:
         """Fail, naming every key, when a configured local file or directory is missing: model weights,
-        tokenizer, annotation files and image roots (a dataset generated from ``synthetic_root`` excepted).
+        tokenizer, annotation files, image roots (a dataset generated from ``synthetic_root`` excepted)
+        and an evaluation task's files (its keys ending in ``_path``).
         Run before anything is built, so that a placeholder path fails in a second, not after loading
         a 7B model."""
         found = [(f"model.{name}.{key}", value) for name in ("vision", "llm", "tokenizer")
                  for key, value in getattr(self.model, name).params.items() if key in ("pretrained", "path")]
         entries = [(f"datasets.{n}", d.builder, d.params, d.synthetic_root) for n, d in self.datasets.items()]
         entries += [(f"evaluation.{n}", e.builder, e.builder_params, e.synthetic_root) for n, e in self.evaluation.items()]
+        found += [(f"evaluation.{n}.{key}", value) for n, e in self.evaluation.items()
+                  for key, value in e.task_params.items() if key.endswith("_path")]
         published = {}
         for where, builder, params, synthetic in entries:
             if synthetic is None:

@@ -33,7 +33,7 @@ class VQATask(EvalTask):
     Questions without answers (the ``vqa`` builder's VQAv2 layout with ``ann_path: null``, e.g.
     test-dev) are not scored: the metrics count the ``answered`` questions and the evaluation writes
     the server's results file, ``[{"question_id", "answer"}]`` (see :meth:`submission`).
-    ``submission_questions``: the VQAv2 questions file the submission must cover
+    ``submission_questions_path``: the VQAv2 questions file the submission must cover
     (``v2_OpenEnded_mscoco_test2015_questions.json``: EvalAI's VQA Challenge takes test2015-wide files
     in its test-dev phase too); its questions not answered here get ``""``.
     """
@@ -50,17 +50,17 @@ class VQATask(EvalTask):
         max_samples: int | None = None,
         min_new_tokens: int = 1,
         metric: Literal["vqa_accuracy", "anls", "relaxed_accuracy", "exact_match"] = "vqa_accuracy",
-        submission_questions: str | None = None,
+        submission_questions_path: str | None = None,
     ) -> None:
         super().__init__(prompt, chat, max_new_tokens, num_beams, max_samples, min_new_tokens)
         self.metric = metric
         self.metric_names = (ANSWER_METRICS[metric][0],) if metric in ANSWER_METRICS else ("accuracy",)
-        if submission_questions is not None and not Path(submission_questions).is_file():
-            raise ConfigError(f"{self.registry_name}: submission_questions: file not found: {submission_questions} "
+        if submission_questions_path is not None and not Path(submission_questions_path).is_file():
+            raise ConfigError(f"{self.registry_name}: submission_questions_path: file not found: {submission_questions_path} "
                               "(VQAv2's v2_OpenEnded_mscoco_test2015_questions.json, https://visualqa.org/download.html)")
-        self.submission_questions = submission_questions
+        self.submission_questions_path = submission_questions_path
         self.unanswered = False  # set by samples(): the records have no answers (a submission)
-        self.submission_ids: list[Any] | None = None  # submission_questions' question ids, in its order
+        self.submission_ids: list[Any] | None = None  # submission_questions_path' question ids, in its order
 
     def samples(self, records: Sequence[dict[str, Any]]) -> list[EvalSample]:
         records = list(records)
@@ -83,7 +83,7 @@ class VQATask(EvalTask):
                     reference=reference,
                 )
             )
-        if self.unanswered and self.submission_questions is not None:
+        if self.unanswered and self.submission_questions_path is not None:
             self.submission_ids = self._submission_ids(records)
         return out
 
@@ -100,22 +100,22 @@ class VQATask(EvalTask):
         self.unanswered = bool(records) and not answered
         if self.unanswered:
             self.metric_names = ("answered",)
-        elif self.submission_questions is not None:
+        elif self.submission_questions_path is not None:
             raise ConfigError(
-                f"{self.registry_name}: submission_questions is set but the records have answers; a submission "
+                f"{self.registry_name}: submission_questions_path is set but the records have answers; a submission "
                 "file is written for questions without answers (the vqa builder with ann_path: null)"
             )
 
     def _submission_ids(self, records: list[dict[str, Any]]) -> list[Any]:
-        """The question ids of ``submission_questions``; every record's question must be among them."""
-        path = self.submission_questions
+        """The question ids of ``submission_questions_path``; every record's question must be among them."""
+        path = self.submission_questions_path
         ids = [require_dict(f"{path}: questions[{index}]", question, "question_id")["question_id"]
                for index, question in enumerate(vqav2_section(path, "questions"))]
         known = set(ids)
         stray = next((r for r in records if r["question_id"] not in known), None)
         if stray is not None:
             raise AnnotationError(
-                f"record {stray['id']!r}: question_id {stray['question_id']!r} is not in submission_questions {path}"
+                f"record {stray['id']!r}: question_id {stray['question_id']!r} is not in submission_questions_path {path}"
             )
         return ids
 
@@ -136,7 +136,7 @@ class VQATask(EvalTask):
 
     def submission(self, results: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
         """For questions without answers, VQAv2's results file (EvalAI): ``[{"question_id", "answer"}]``
-        with the generated answer stripped, as Qwen-VL writes it; with ``submission_questions``, every
+        with the generated answer stripped, as Qwen-VL writes it; with ``submission_questions_path``, every
         question of that file in its order, ``""`` where not answered. None for scored records."""
         if not self.unanswered:
             return None
