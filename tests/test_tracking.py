@@ -216,12 +216,14 @@ def test_tensorboard_logger_alone_writes_what_it_is_given(load_sft, tmp_path):
 
 
 def test_a_resumed_runs_tensorboard_events_replace_those_after_its_checkpoint(load_sft, tmp_path):
-    """As in metrics.jsonl: a run resumed from step 2 rewrites step 3 (its interrupted predecessor's is dropped)."""
+    """As in metrics.jsonl: a run resumed from step 2 rewrites step 3 (its interrupted predecessor's is dropped)
+    and steps 1-2 appear once."""
     cfg, settings = load_sft(), TensorBoardConfig(log_dir="tb")
     for resume_step, losses in ((None, {1: 3.0, 2: 2.0, 3: 1.0}), (2, {3: 1.5, 4: 1.25})):
-        logger = TensorBoardLogger(settings, cfg, tmp_path, resume_step)
+        # Through MetricsWriter, as the runner does: a resumed writer replays metrics.jsonl up to its step.
+        writer = MetricsWriter(tmp_path / "metrics.jsonl", resume_step, loggers=[TensorBoardLogger(settings, cfg, tmp_path, resume_step)])
         for step, loss in losses.items():
-            logger.log_metrics({"loss": loss}, step)
-        logger.finish()
+            writer.write({"step": step, "loss": loss})
+        writer.close()
     events = tensorboard_events(tmp_path / "tb")
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 3.0), (2, 2.0), (3, 1.5), (4, 1.25)]

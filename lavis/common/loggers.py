@@ -91,12 +91,15 @@ class TensorBoardLogger(Logger):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = output_dir / settings.log_dir
+        self.resume_step = resume_step
         # A resumed run's events replace those the interrupted run wrote after its last checkpoint
         # (as in metrics.jsonl): TensorBoard drops the earlier events from purge_step on.
         self.writer = SummaryWriter(str(self.log_dir), purge_step=None if resume_step is None else resume_step + 1)
         self.writer.add_text("config", textwrap.indent(cfg.to_yaml(), "    "), global_step=resume_step or 0)
 
     def log_metrics(self, record: dict[str, float | int], step: int) -> None:
+        if self.resume_step is not None and step <= self.resume_step:
+            return  # a resumed run replays metrics.jsonl up to its checkpoint: these events are on disk already
         for key, value in record.items():
             self.writer.add_scalar(key, value, global_step=step)
 
