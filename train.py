@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(cfg)
         return 0
     from lavis.common.checkpoint import CheckpointError
+    from lavis.datasets.stream import UnusableData
     from lavis.runners import build_runner
     from lavis.runners.iter_runner import NonFiniteLoss, OutputDirInUse
     from lavis.runners.strategies import build_strategy
@@ -84,9 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     except (OutputDirInUse, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as err:
+    except (NonFiniteLoss, UnusableData) as err:
         print(f"error: {err}", file=sys.stderr)
+        if isinstance(err, UnusableData):
+            print(f"the skipped samples are listed in {cfg.run.output_dir}/skipped.jsonl", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"interrupted at step {runner.step}; the last complete checkpoint is intact: continue with "
+              "run.resume=auto", file=sys.stderr)
+        return 130
     except RuntimeError as err:
         if strategy.world_size == 1 or not is_communication_error(err):
             raise

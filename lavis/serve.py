@@ -1,20 +1,23 @@
 """An OpenAI-compatible API for a trained model, as Qwen-VL's ``openai_api.py`` gives its users.
 
     python -m lavis.serve --ckpt outputs/sft [--host 127.0.0.1] [--port 8000] [--api-key KEY]
-                          [--max-batch-size 8] [--allow-remote-images] [--device auto] [--model-name NAME]
+                          [--max-batch-size 8] [--image-root DIR] [--allow-remote-images] [--device auto]
+                          [--model-name NAME]
 
-    from openai import OpenAI
+    from openai import OpenAI  # a server started with --image-root /data
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
     client.chat.completions.create(model="sft", temperature=0, messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "file:///data/cat.png"}},
         {"type": "text", "text": "What is it?"}]}])
 
 ``POST /v1/chat/completions`` (plain or ``stream: true``) and ``GET /v1/models``. Image parts are a
-local path, a ``file://`` URL, a ``data:image/...;base64,`` URL, or (with ``--allow-remote-images``)
-an ``http(s)://`` URL; each becomes ``Picture n: <img>imageN</img>\\n`` in its user turn (Qwen-VL's
-format) and goes to the model in memory. Concurrent requests are generated together in batches by
-:class:`lavis.serving.ChatEngine`. Errors come in OpenAI's shape, ``{"error": {"message", "type",
-"code", "param"}}``.
+local path or a ``file://`` URL within ``--image-root`` (default: the working directory; relative paths
+from it), a ``data:image/...;base64,`` URL, or (with ``--allow-remote-images``) an ``http(s)://`` URL;
+each becomes ``Picture n: <img>imageN</img>\\n`` in its user turn (Qwen-VL's format) and goes to the
+model in memory. Every message's text, whatever its role, is encoded as Qwen-VL's chat does:
+``<|im_start|>``, ``<|im_end|>`` and ``<|endoftext|>`` in it are plain text. Concurrent requests are
+generated together in batches by :class:`lavis.serving.ChatEngine`. Errors come in OpenAI's shape,
+``{"error": {"message", "type", "code", "param"}}``.
 """
 
 from __future__ import annotations
@@ -71,6 +74,9 @@ class ServerSettings:
     max_image_pixels: int = 4096 * 4096
     remote_image_timeout_s: float = 10.0
     default_max_tokens: int = 512
+    # Local paths and file:// URLs are read only within this directory (relative paths: from it); None:
+    # refused. The command's default is the working directory.
+    image_root: Path | None = None
 
 
 class APIError(Exception):
@@ -258,20 +264,53 @@ def local_image_path(url: str) -> Path | None:
     return Path(url) if scheme == "" else None
 
 
-def read_local_image(path: Path, max_bytes: int) -> bytes:
-    """A local picture's bytes; 400 when missing, 413 when over ``max_bytes``."""
+def unreadable_image(number: int, where: str = "") -> APIError:
+    """The one answer for a picture that cannot be used, whatever the reason: it says neither whether a
+    path exists nor why it could not be read (the server logs that)."""
+    return APIError(400, f"image {number}: cannot be read (not an image{where})", code="invalid_image")
+
+
+def image_too_large(number: int, why: str) -> APIError:
+    return APIError(413, f"image {number} is too large: {why}", code="image_too_large")
+
+
+def within_root(path: Path, root: Path | None) -> Path | None:
+    """``path`` (relative paths: from ``root``) with its symbolic links followed, when it lies in
+    ``root``; None outside it, and always without a root."""
+    if root is None:
+        return None
     try:
-        size = path.stat().st_size if path.is_file() else None
-        if size is None:
-            raise APIError(400, f"image not found: {path}", code="invalid_image_url")
-        if size > max_bytes:
-            raise APIError(413, f"image {path} is over the {max_bytes}-byte limit", code="image_too_large")
-        return path.read_bytes()
-    except OSError as err:
-        raise APIError(400, f"cannot read image {path}: {err}", code="invalid_image_url") from None
+        root = root.resolve()
+        resolved = (root / path).resolve()
+    except (OSError, RuntimeError, ValueError):  # a link loop, a NUL in the path
+        return None
+    return resolved if resolved.is_relative_to(root) else None
 
 
-def fetch_remote_image(url: str, max_bytes: int, timeout_s: float) -> bytes:
+def read_local_image(path: Path, number: int, root: Path | None, max_bytes: int) -> bytes:
+    """A local picture's bytes when it is a file in ``root`` (413 when over ``max_bytes``); anything
+    else (outside the root, missing, not a file, unreadable) is the same 400."""
+    refused = unreadable_image(number, " within the image root")
+    file = within_root(path, root)
+    if file is None:
+        log.info("image %d: %s is not within the image root %s", number, path, root)
+        raise refused
+    try:
+        if not file.is_file():
+            raise FileNotFoundError(f"no file {file}")
+        if file.stat().st_size > max_bytes:
+            raise image_too_large(number, f"over the {max_bytes}-byte limit")
+        with open(file, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except (OSError, ValueError) as err:
+        log.info("image %d: cannot read %s: %s", number, file, err)
+        raise refused from None
+    if len(data) > max_bytes:
+        raise image_too_large(number, f"over the {max_bytes}-byte limit")
+    return data
+
+
+def fetch_remote_image(url: str, number: int, max_bytes: int, timeout_s: float) -> bytes:
     """An ``http(s)://`` picture's bytes, reading at most ``max_bytes`` (413 beyond) within ``timeout_s``
     per network operation."""
     request = urllib.request.Request(url, headers={"User-Agent": "lavis-serve"})
@@ -279,21 +318,23 @@ def fetch_remote_image(url: str, max_bytes: int, timeout_s: float) -> bytes:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             data = response.read(max_bytes + 1)
     except (urllib.error.URLError, OSError, ValueError) as err:
-        raise APIError(400, f"cannot fetch image {url}: {err}", code="invalid_image_url") from None
+        log.info("image %d: cannot fetch %s: %s", number, short_url(url), err)
+        raise APIError(400, f"image {number}: cannot be fetched from {short_url(url)}", code="invalid_image_url") from None
     if len(data) > max_bytes:
-        raise APIError(413, f"image {url} is over the {max_bytes}-byte limit", code="image_too_large")
+        raise image_too_large(number, f"over the {max_bytes}-byte limit")
     return data
 
 
-def decode_image(data: bytes, source: str, max_pixels: int) -> Image.Image:
-    """Picture bytes -> RGB; the size is checked before the pixels are decoded (413 when over
-    ``max_pixels``), an unreadable picture is a 400."""
+def decode_image(data: bytes, number: int, max_pixels: int, where: str = "") -> Image.Image:
+    """Picture bytes -> RGB; the size is checked before the pixels are decoded: over ``max_pixels`` (or
+    PIL's decompression-bomb limit) is a 413; an unreadable picture the 400 of :func:`unreadable_image`."""
     try:
         return open_bounded_image(data, max_pixels)
     except ImageTooLarge as err:
-        raise APIError(413, f"image {source} is too large: {err}", code="image_too_large") from None
-    except ValueError as err:
-        raise APIError(400, f"cannot read image {source}: {err}", code="invalid_image") from None
+        raise image_too_large(number, str(err)) from None
+    except Exception as err:  # noqa: BLE001 -- PIL raises many kinds on a malformed file; the client gets one answer
+        log.info("image %d: not a picture PIL can read: %s: %s", number, type(err).__name__, err)
+        raise unreadable_image(number, where) from None
 
 
 def short_url(url: str) -> str:
@@ -301,9 +342,11 @@ def short_url(url: str) -> str:
     return url if len(url) <= 80 else url[:60] + "…"
 
 
-def load_image(url: str, settings: ServerSettings) -> Image.Image:
-    """An image part's picture, read (blocking) as its URL says, within the settings' limits."""
+def load_image(url: str, settings: ServerSettings, number: int = 1) -> Image.Image:
+    """The ``number``-th image part's picture, read (blocking) as its URL says, within the settings'
+    limits; local paths and ``file://`` URLs only within ``settings.image_root``."""
     scheme = urlsplit(url).scheme.lower()
+    where = ""
     if scheme == "data":
         data = decode_base64_image(url, settings.max_image_bytes)
     elif scheme in REMOTE_SCHEMES:
@@ -311,13 +354,14 @@ def load_image(url: str, settings: ServerSettings) -> Image.Image:
             raise APIError(400, f"remote image URLs are refused ({short_url(url)}): start the server with "
                            "--allow-remote-images to fetch them, or send the picture as a data: URL",
                            code="remote_images_disabled")
-        data = fetch_remote_image(url, settings.max_image_bytes, settings.remote_image_timeout_s)
+        data = fetch_remote_image(url, number, settings.max_image_bytes, settings.remote_image_timeout_s)
     elif (path := local_image_path(url)) is not None:
-        data = read_local_image(path, settings.max_image_bytes)
+        where = " within the image root"
+        data = read_local_image(path, number, settings.image_root, settings.max_image_bytes)
     else:
         raise APIError(400, f"unsupported image URL {short_url(url)}: expected a path, file://, data: or "
                        "http(s)://", code="invalid_image_url")
-    return decode_image(data, short_url(url), settings.max_image_pixels)
+    return decode_image(data, number, settings.max_image_pixels, where)
 
 
 # ---------------------------------------------------------------------------------- responses
@@ -451,7 +495,7 @@ def submit(engine: ChatEngine, prompt: ChatPrompt, images: dict[str, Image.Image
     except ValueError:
         if max_tokens_given or engine.max_length is None:
             raise
-        input_ids, _ = encode_chat(engine.model, prompt.messages, images=images)
+        input_ids, _ = encode_chat(engine.model, prompt.messages, images=images, read_files=False)
         room = engine.max_length - len(input_ids)
         if room < 1:
             raise
@@ -505,7 +549,8 @@ def create_app(engine: ChatEngine, model_name: str, settings: ServerSettings | N
         options = sampling_options(request, settings.default_max_tokens)
         stop = StopMatcher(stop_strings(request.stop))
         prompt = build_prompt(request.messages)
-        images = {name: await run_in_threadpool(load_image, url, settings) for name, url in prompt.image_urls.items()}
+        images = {name: await run_in_threadpool(load_image, url, settings, number)
+                  for number, (name, url) in enumerate(prompt.image_urls.items(), 1)}
         try:
             completion = await run_in_threadpool(submit, engine, prompt, images, options,
                                                  bool(request.max_tokens or request.max_completion_tokens))
@@ -597,6 +642,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-window-ms", type=float, default=10.0,
                         help="how long a request waits for others to join its batch (default: %(default)s)")
     parser.add_argument("--allow-remote-images", action="store_true", help="fetch http(s):// image URLs (refused otherwise)")
+    parser.add_argument("--image-root", default=".",
+                        help="local image paths and file:// URLs are read only within this directory, relative paths "
+                             "from it (default: the working directory; 'none': local pictures refused)")
     parser.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
                         help="larger request bodies get a 413 (default: %(default)s)")
     parser.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes,
@@ -608,6 +656,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
+    if args.image_root.lower() == "none":
+        args.image_root = None
+    elif not Path(args.image_root).is_dir():
+        parser.error(f"--image-root {args.image_root}: not a directory")
+    else:
+        args.image_root = Path(args.image_root).resolve()
     for option in ("max_batch_size", "max_request_bytes", "max_image_bytes", "max_image_pixels", "default_max_tokens"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be >= 1")
@@ -636,11 +690,14 @@ def main(argv: list[str] | None = None) -> int:
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
         default_max_tokens=args.default_max_tokens,
+        image_root=args.image_root,
     )
     if not settings.api_key and not is_loopback(args.host):
         log.warning("serving on %s without an API key: anyone who can reach it can use the model%s", args.host,
                     " and make this machine fetch URLs" if settings.allow_remote_images else "")
-    engine = ChatEngine(model, max_batch_size=args.max_batch_size, batch_window_s=args.batch_window_ms / 1000)
+    engine = ChatEngine(model, max_batch_size=args.max_batch_size, batch_window_s=args.batch_window_ms / 1000,
+                        read_image_files=False)  # pictures come with the request, as image_url parts
+    log.info("local pictures: %s", f"within {settings.image_root}" if settings.image_root else "refused")
     try:
         log.info("serving %s (batches of up to %d) on http://%s:%d/v1", model_name, args.max_batch_size, args.host, args.port)
         uvicorn.run(create_app(engine, model_name, settings), host=args.host, port=args.port, log_level=args.log_level)

@@ -177,10 +177,16 @@ class ChatEngine:
 
     ``model``: a model with processors attached (:func:`lavis.load_model`). ``max_batch_size``: the
     most requests generated together (1: batching off). ``batch_window_s``: how long the worker
-    waits, after a request arrives, for others to join its batch.
+    waits, after a request arrives, for others to join its batch. ``read_image_files``: whether an
+    ``<img>path</img>`` without its picture in :meth:`submit`'s ``images`` is read from disk (False for
+    a server, whose pictures all come with the request: then such a span is a ValueError).
+
+    Every message's text is encoded as Qwen-VL's chat does (:func:`lavis.inference.encode_chat`):
+    ``<|im_start|>``, ``<|im_end|>`` and ``<|endoftext|>`` written by a caller are plain text.
     """
 
-    def __init__(self, model, max_batch_size: int = 8, batch_window_s: float = 0.01) -> None:
+    def __init__(self, model, max_batch_size: int = 8, batch_window_s: float = 0.01,
+                 read_image_files: bool = True) -> None:
         if model.processors is None:
             raise ValueError("the model has no processors attached: load it with lavis.load_model")
         if max_batch_size < 1:
@@ -189,6 +195,7 @@ class ChatEngine:
         self.tokenizer = model.processors.tokenizer
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
+        self.read_image_files = read_image_files
         config = getattr(model.llm, "config", None)
         self.max_length: int | None = getattr(config, "max_position_embeddings", None)
         self._waiting: deque[Completion] = deque()
@@ -208,7 +215,7 @@ class ChatEngine:
         pictures in memory by the path their ``<img>`` names). Bad input fails here, before queueing:
         ValueError (text, length), FileNotFoundError (an image)."""
         options = options or SamplingOptions()
-        input_ids, pixels = encode_chat(self.model, messages, images=images)
+        input_ids, pixels = encode_chat(self.model, messages, images=images, read_files=self.read_image_files)
         if self.max_length is not None and len(input_ids) + options.max_new_tokens > self.max_length:
             raise ValueError(f"the conversation ({len(input_ids)} tokens) and max_new_tokens ({options.max_new_tokens}) "
                              f"exceed the model's {self.max_length} positions")

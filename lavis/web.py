@@ -124,11 +124,16 @@ def stream_answer(
     engine: ChatEngine, conversation: Conversation, text: str, options: SamplingOptions
 ) -> Iterator[tuple[str, str]]:
     """Ask ``text`` (with the waiting pictures) and yield ``(query, response so far)`` as the answer is
-    generated; once it ends, the turn is committed to ``conversation``. BadInput for an empty ``text`` or a
-    conversation the engine refuses (e.g. too long). A generation error propagates and commits nothing."""
+    generated; once it ends, the turn is committed to ``conversation``. BadInput for an empty ``text``, one
+    with an ``<img>…</img>`` span (pictures are uploaded, never named) or a conversation the engine refuses
+    (e.g. too long). ``<|im_start|>``, ``<|im_end|>`` and ``<|endoftext|>`` in ``text`` are plain text to
+    the model (the engine encodes every message as Qwen-VL's chat does). A generation error propagates
+    and commits nothing."""
     text = text.strip()
     if not text:
         raise BadInput("Type a message first.")
+    if IMAGE_SPAN.search(text):  # it would name a file on the server to read
+        raise BadInput("<img>…</img> in a message is not accepted: add pictures with “Upload pictures”.")
     query = conversation.query(text)
     try:
         completion = engine.submit(conversation.messages(query), options, images=conversation.loaded)
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     """Load the model, start the engine and serve the page until interrupted."""
     args = parse_args(argv)
     model, _ = lavis.load_model(args.ckpt, device=args.device)
-    engine = ChatEngine(model, max_batch_size=args.max_batch_size)
+    engine = ChatEngine(model, max_batch_size=args.max_batch_size, read_image_files=False)  # uploads only
     try:
         demo = build_demo(engine, args.max_new_tokens, args.max_image_pixels, title=str(args.ckpt))
         demo.queue().launch(server_name=args.host, server_port=args.port, share=False, css=CSS)

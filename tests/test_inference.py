@@ -164,11 +164,11 @@ def test_trainable_only_checkpoint_is_completed_from_its_load_from_chain(runs):
 
 def test_export_of_a_trainable_only_run(runs, tmp_path):
     """``--weights trainable`` writes what B's checkpoint holds and keeps its load_from; ``--weights full``
-    completes it from A (B's load_from) into one file that stands alone, here in bf16."""
+    (the default) completes it from A (B's load_from) into one file that stands alone, here in bf16."""
     from lavis.export import export
 
     a_state, b_state = load_file(str(weights_of(runs["A"]))), load_file(str(weights_of(runs["B"])))
-    part = export(runs["B"], tmp_path / "part")
+    part = export(runs["B"], tmp_path / "part", weights="trainable")
     assert load_file(str(part / "model.safetensors")).keys() == b_state.keys()
     assert OmegaConf.load(part / "config.yaml").model.load_from == str(runs["A"])
     whole = export(runs["B"], tmp_path / "whole", weights="full", dtype="bfloat16")

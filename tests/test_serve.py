@@ -76,12 +76,12 @@ def openai_client(base_url: str, api_key: str = KEY) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def server(chat_run):
-    """The tiny chat model behind the API (batches of up to 8)."""
+def server(chat_run, small_world):
+    """The tiny chat model behind the API (batches of up to 8), reading pictures within the world."""
     model, _ = lavis.load_model(chat_run, device="cpu")
     engine = ChatEngine(model, max_batch_size=8, batch_window_s=BATCH_WINDOW_S)
     settings = ServerSettings(api_key=KEY, max_request_bytes=MAX_REQUEST_BYTES, max_image_pixels=MAX_IMAGE_PIXELS,
-                              default_max_tokens=POSITIONS)  # more than any prompt leaves
+                              default_max_tokens=POSITIONS, image_root=small_world)  # more than any prompt leaves
     try:
         with serving(create_app(engine, "tiny-chat", settings)) as url:
             yield SimpleNamespace(url=url, engine=engine)
@@ -207,11 +207,11 @@ def test_remote_urls_are_refused_naming_the_flag(client):
 
 
 def test_unreadable_missing_and_too_large_pictures_are_refused(client, tmp_path):
-    with pytest.raises(openai.BadRequestError, match="cannot read image"):
+    with pytest.raises(openai.BadRequestError, match=r"image 1: cannot be read \(not an image\)"):
         greedy(client, ask(data_url(b"not a picture at all")))
     with pytest.raises(openai.BadRequestError, match="malformed"):
         greedy(client, ask("data:image/png;base64,%%%"))
-    with pytest.raises(openai.BadRequestError, match="image not found"):
+    with pytest.raises(openai.BadRequestError, match="not an image within the image root"):
         greedy(client, ask(str(tmp_path / "missing.png")))
     with pytest.raises(openai.APIStatusError, match="pixels") as raised:
         greedy(client, ask(data_url(png_bytes((600, 600)))))  # 360,000 pixels > 512 x 512
@@ -302,9 +302,9 @@ class ScriptedEngine:
 
 
 @pytest.fixture
-def scripted():
+def scripted(small_world):
     engine = ScriptedEngine()
-    with serving(create_app(engine, "scripted")) as url:
+    with serving(create_app(engine, "scripted", ServerSettings(image_root=small_world))) as url:
         yield SimpleNamespace(engine=engine, client=openai_client(url, api_key="unused"))
 
 
@@ -359,7 +359,7 @@ def free_port() -> int:
 def test_the_command_serves_a_run_under_its_directory_name(chat_run, image):
     port = free_port()
     command = [sys.executable, "-m", "lavis.serve", "--ckpt", str(chat_run), "--device", "cpu", "--port", str(port),
-               "--max-batch-size", "2"]
+               "--max-batch-size", "2", "--image-root", str(image.parent)]
     server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90

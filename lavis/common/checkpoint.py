@@ -106,15 +106,20 @@ def weights_path(checkpoint: Path) -> Path:
     return sharded if is_sharded(sharded) else Path(checkpoint) / WEIGHTS_NAME
 
 
-def weight_names(checkpoint: Path) -> set[str]:
-    """Names of the tensors a checkpoint's weights hold (no tensor is read)."""
+def weight_shapes(checkpoint: Path) -> dict[str, tuple[int, ...]]:
+    """The tensors a checkpoint's weights hold: name -> whole shape (no tensor is read)."""
     path = weights_path(checkpoint)
     if path.is_dir():
-        return set(sharded_keys(path))
+        return {name: tuple(size) for name, (size, _) in sharded_keys(path).items()}
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return set(f.keys())
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def weight_names(checkpoint: Path) -> set[str]:
+    """Names of the tensors a checkpoint's weights hold (no tensor is read)."""
+    return set(weight_shapes(checkpoint))
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:

@@ -38,9 +38,9 @@ class JsonlLog:
         kept = []
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-        self._fh = open(self.path, "w", encoding="utf-8")
-        for record in kept:
-            self.write(record)
+        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+        # Appending: other processes of the run may add lines too (see append_records).
+        self._fh = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record) + "\n")
@@ -96,6 +96,14 @@ class SkipLog(JsonlLog):
                 log.warning(
                     "skipped %s of dataset %s (%s): %s%s", record["id"], record["dataset"], reason, record["detail"], more
                 )
+
+
+def append_records(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """Append ``records`` to a JSON-lines log that another process may be writing too (one write per line)."""
+    with open(path, "a", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
 
 
 class NullMetricsWriter:

@@ -114,6 +114,27 @@ class SourceChooser:
         return self._choices[pos]
 
 
+class UnusableData(RuntimeError):
+    """Too many samples could not be used; ``skip_records`` are the skips that led to it.
+
+    Raised in a data worker, it reaches the trainer inside the stream (a batch holding
+    ``data_error``), so that the records survive the trip and end up in ``skipped.jsonl``.
+    """
+
+    def __init__(self, message: str, skip_records: list[dict[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.skip_records = list(skip_records or [])
+
+    def as_batch(self) -> dict[str, Any]:
+        return {"data_error": str(self), "skip_records": self.skip_records}
+
+    @classmethod
+    def raise_if_error(cls, batch: dict[str, Any]) -> None:
+        """Raise the error a worker sent in place of a batch (see :meth:`as_batch`)."""
+        if "data_error" in batch:
+            raise cls(batch["data_error"], batch["skip_records"])
+
+
 @dataclass
 class Drawn:
     """A processed sample, the skips met while drawing it (``{"dataset", "id", "reason", "detail"}``:
@@ -166,7 +187,13 @@ class BatchStream(IterableDataset):
         walker = _Walker(self, worker, num_workers, state)
         batch_of = walker.packed_batch if self.cfg.pack else walker.padded_batch
         while True:
-            batch = batch_of()
+            try:
+                batch = batch_of()
+            except UnusableData as err:
+                if get_worker_info() is None:
+                    raise
+                yield err.as_batch()  # from a worker process: the records would not survive a raise
+                return
             batch["data_state"] = {"worker": identity, "state": walker.resume_state()}
             yield batch
 
@@ -211,9 +238,10 @@ class _Walker:
                     {"dataset": cursor.source.name, "id": str(record.get("id", "?")), "reason": err.reason, "detail": str(err)}
                 )
                 if len(skipped) >= self.cfg.max_consecutive_skips:
-                    raise RuntimeError(
+                    raise UnusableData(
                         f"{len(skipped)} consecutive samples of dataset '{cursor.source.name}' were unusable "
-                        f"(reasons: {dict(Counter(s['reason'] for s in skipped))}); last: {record.get('id')}: {err}"
+                        f"(reasons: {dict(Counter(s['reason'] for s in skipped))}); last: {record.get('id')}: {err}",
+                        skipped,
                     ) from None
 
     def padded_batch(self) -> dict[str, Any]:

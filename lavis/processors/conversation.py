@@ -10,6 +10,10 @@ closing ``<|im_end|>``; ``qwen_vl_finetune`` is the rule of Qwen-VL's ``finetune
 which also supervises the ``<|im_start|>``, ``<|im_end|>`` and closing ``\n`` of every turn, system
 and user included. Under both, role names, the ``\n`` after them, system/user content and image spans
 are never supervised.
+
+Text is read as Qwen-VL's ``finetune.py`` reads it: every special-token string in it is that token.
+Conversations from users (chat, the web demo, the API) are encoded with ``allowed_special=IMAGE_SPECIALS``,
+as Qwen-VL's chat does: there ``<|im_start|>``, ``<|im_end|>`` and ``<|endoftext|>`` are plain text.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lavis.processors.errors import SkipSample
-from lavis.processors.tokenizer import IMG_END, IMG_START, TextTokenizer
+from lavis.processors.tokenizer import IMG_END, IMG_START, AllowedSpecial, TextTokenizer
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -65,7 +69,12 @@ class EncodedText:
 
 
 class ConversationEncoder:
-    """ChatML formatting, image-span expansion, label masks and span-safe truncation."""
+    """ChatML formatting, image-span expansion, label masks and span-safe truncation.
+
+    ``allowed_special``: the special tokens read in the turns' content ("all": training data, as
+    Qwen-VL's ``finetune.py``); the others' strings there are encoded as plain text. Conversations
+    from users take :data:`~lavis.processors.tokenizer.IMAGE_SPECIALS` (see the module notes).
+    """
 
     def __init__(
         self,
@@ -74,6 +83,7 @@ class ConversationEncoder:
         system_message: str,
         max_len: int,
         label_policy: LabelPolicy = "assistant",
+        allowed_special: AllowedSpecial = "all",
     ) -> None:
         if label_policy not in LABEL_POLICIES:
             raise ValueError(f"unknown label_policy {label_policy!r}; expected one of {', '.join(LABEL_POLICIES)}")
@@ -82,12 +92,13 @@ class ConversationEncoder:
         self.system_message = system_message
         self.max_len = max_len
         self.label_policy = label_policy
+        self.allowed_special = allowed_special
         self._newline = tokenizer.encode("\n")
         self._role_ids = {role: tokenizer.encode(role) for role in ROLES}
         self._image_token_ids = {tokenizer.img_start_id, tokenizer.img_end_id, tokenizer.img_pad_id}
 
     def _encode_plain(self, text: str) -> list[int]:
-        ids = self.tok.encode(text)
+        ids = self.tok.encode(text) if self.allowed_special == "all" else self.tok.encode(text, self.allowed_special)
         if any(i in self._image_token_ids for i in ids):
             # A stray <img>/<imgpad> would desynchronise images and pads in the model.
             raise SkipSample("stray_image_token", f"image token outside an <img>path</img> span in {text!r}")

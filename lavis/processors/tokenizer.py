@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import base64
+import copy
 import os
+import re
 import unicodedata
+from collections.abc import Set as AbstractSet
 from pathlib import Path
+from typing import Literal
 
 from lavis.common.registry import registry
 
@@ -19,6 +23,12 @@ SPECIAL_TOKENS = (
     ENDOFTEXT, IM_START, IM_END, REF_START, REF_END, BOX_START, BOX_END,
     QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD,
 )
+# Qwen-VL's ``tokenizer.IMAGE_ST``: the only special tokens its chat reads in user, system and history
+# text (``make_context`` encodes them with ``allowed_special=set(IMAGE_ST)``); ``<|im_start|>``,
+# ``<|im_end|>`` and ``<|endoftext|>`` written there are plain text, so a message cannot end its turn.
+IMAGE_SPECIALS = frozenset((REF_START, REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD))
+# What ``encode`` reads as special tokens: "all" (training data, as Qwen-VL's finetune.py) or a set.
+AllowedSpecial = Literal["all"] | AbstractSet[str]
 # Qwen's pre-tokenisation: cl100k's pattern with each digit its own piece.
 QWEN_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -43,8 +53,10 @@ class TextTokenizer:
         """``decode`` with special tokens left out, as transformers' ``skip_special_tokens=True``."""
         return self.decode([i for i in ids if i not in self.special_ids])
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special-token strings in it become their single ids."""
+    def encode(self, text: str, allowed_special: AllowedSpecial = "all") -> list[int]:
+        """Token ids of ``text``. The strings of the special tokens in ``allowed_special`` ("all": every
+        one) become their single ids; any other special token's string is encoded as the plain text it
+        is (tiktoken's ``allowed_special`` with ``disallowed_special=()``, as Qwen's tokenizer does)."""
         raise NotImplementedError
 
     def decode(self, ids: list[int]) -> str:
@@ -79,10 +91,30 @@ class HFTokenizer(TextTokenizer):
         missing = [t for t in SPECIAL_TOKENS if t not in vocab]
         if missing:
             self.hf.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        # The same tokenizer reading no special token: for text between the allowed ones (its own copy,
+        # as the switch is the tokenizer's state and encoding happens in several threads).
+        self._literal = copy.deepcopy(self.hf.backend_tokenizer)
+        self._literal.encode_special_tokens = True
+        self._allowed_patterns: dict[frozenset[str], re.Pattern] = {}
         super().__init__()
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False)
+    def encode(self, text: str, allowed_special: AllowedSpecial = "all") -> list[int]:
+        if allowed_special == "all":
+            return self.hf.encode(text, add_special_tokens=False)
+        allowed = frozenset(allowed_special)
+        pattern = self._allowed_patterns.get(allowed)
+        if pattern is None:  # longest first, so that a token is never cut by one it starts with
+            names = sorted(allowed, key=len, reverse=True)
+            pattern = self._allowed_patterns[allowed] = re.compile("|".join(map(re.escape, names)) or r"(?!)")
+        ids, pos = [], 0
+        for match in pattern.finditer(text):
+            ids += self._encode_literal(text[pos : match.start()])
+            ids.append(self.token_id(match.group()))
+            pos = match.end()
+        return ids + self._encode_literal(text[pos:])
+
+    def _encode_literal(self, text: str) -> list[int]:
+        return self._literal.encode(text, add_special_tokens=False).ids if text else []
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -121,9 +153,10 @@ class QwenTiktoken(TextTokenizer):
         self._specials = specials
         super().__init__()
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, allowed_special: AllowedSpecial = "all") -> list[int]:
         text = unicodedata.normalize("NFC", text)
-        return self.enc.encode(text, allowed_special="all", disallowed_special=())
+        allowed = allowed_special if allowed_special == "all" else set(allowed_special)
+        return self.enc.encode(text, allowed_special=allowed, disallowed_special=())
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(list(ids), errors="replace")

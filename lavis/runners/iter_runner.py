@@ -14,19 +14,19 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import Config
 from lavis.common.loggers import build_loggers
-from lavis.common.logging import MetricsWriter, NullMetricsWriter, SkipLog
+from lavis.common.logging import MetricsWriter, NullMetricsWriter, SkipLog, append_records
 from lavis.common.precision import autocast
 from lavis.common.optim import build_optimizer
 from lavis.common.registry import registry
-from lavis.datasets.stream import BatchStream, Source, StreamConfig
+from lavis.datasets.loader import worker_batches
+from lavis.datasets.stream import BatchStream, Source, StreamConfig, UnusableData
 from lavis.models import Processors, build_model
-from lavis.models.vlm import VisionLanguageModel
+from lavis.models.vlm import VisionLanguageModel, canonical_name
 from lavis.processors.conversation import IGNORE_INDEX
 from lavis.runners.strategies import Strategy, build_strategy, parameter_names
 from lavis.tasks.evaluation import Evaluator, flat_metrics, logged_samples, table_rows
@@ -254,30 +254,22 @@ class IterRunner:
                 worker_offset=self.batches_seen % self.num_data_workers,
             ),
         )
-        loader = DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=self.run.num_workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=self.run.num_workers > 0,
-            prefetch_factor=4 if self.run.num_workers > 0 else None,
-            # Its own generator: creating the iterator must not draw from the global RNG, whose state a
-            # resume has just restored (dropout after a resume would differ from an uninterrupted run).
-            generator=torch.Generator().manual_seed(self.run.seed),
-            worker_init_fn=_ignore_sigterm,
-            collate_fn=_as_is,  # the stream's batches are final
-        )
-        for batch in loader:
-            position = batch.pop("data_state")
-            self.data_states[position["worker"]] = position["state"]
-            self.batches_seen += 1
-            yield batch
+        batches = worker_batches(stream, self.run.num_workers, self.device.type == "cuda", self.run.seed)
+        try:
+            for batch in batches:
+                UnusableData.raise_if_error(batch)
+                position = batch.pop("data_state")
+                self.data_states[position["worker"]] = position["state"]
+                self.batches_seen += 1
+                yield batch
+        finally:
+            batches.close()  # the workers end with the loop, however it ends
 
     def _check_skips(self) -> None:
         total_skipped = sum(self.skipped.values())
         attempts = self.samples_seen // self.strategy.world_size + total_skipped
         if attempts >= MIN_SAMPLES_FOR_SKIP_CHECK and total_skipped > self.run.max_skip_ratio * attempts:
-            raise RuntimeError(
+            raise UnusableData(
                 f"{total_skipped} of {attempts} samples were skipped ({dict(self.skipped)}), more than "
                 f"run.max_skip_ratio={self.run.max_skip_ratio}: check the data"
             )
@@ -360,11 +352,16 @@ class IterRunner:
     def resume_path(self) -> Path | None:
         """The checkpoint to continue from: ``run.resume``'s, or with ``auto`` the newest one in
         ``output_dir`` whose files match their recorded checksums (a damaged one is skipped, with a
-        warning, for the one before it)."""
+        warning, for the one before it); ``None`` when there is none."""
         if self.run.resume is None:
             return None
         if self.run.resume != "auto":
             path = Path(self.run.resume)
+            if not (path / ckpt.META_NAME).is_file():
+                raise ckpt.CheckpointError(
+                    f"run.resume {path} is not a complete checkpoint (no {ckpt.META_NAME}); give a directory "
+                    f"<output_dir>/checkpoints/step_<n>, or run.resume=auto for the newest one in run.output_dir"
+                )
             problems = self.strategy.verify(path)
             if problems:
                 raise ckpt.CheckpointError(f"run.resume {path} is damaged: {'; '.join(problems[:5])}")
@@ -385,7 +382,8 @@ class IterRunner:
         """
         path = Path(path)
         meta = ckpt.read_meta(path)
-        names = ckpt.weight_names(path)
+        shapes = ckpt.weight_shapes(path)
+        names = set(shapes)
         expected = set(self.trainable_state())
         allowed = expected | (parameter_names(self.model) if meta["weights"] == "full" else set())
         missing, unexpected = expected - names, names - allowed
@@ -393,6 +391,15 @@ class IterRunner:
             raise ckpt.CheckpointError(
                 f"{path} does not match the trainable parameters: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]} (was the freeze policy changed?)"
+            )
+        own = {canonical_name(n): tuple(p.shape) for n, p in self.model.named_parameters()}
+        changed = [f"{n} {shapes[n]} in the checkpoint, {own[n]} here" for n in sorted(names & own.keys()) if shapes[n] != own[n]]
+        if changed:
+            raise ckpt.CheckpointError(
+                f"{path} cannot be continued by this config: {len(changed)} parameter shape(s) differ, e.g. "
+                f"{'; '.join(changed[:3])}. A model key was changed since the run began (compare with "
+                f"{path / ckpt.CONFIG_NAME}). Continue with the run's own config, or start a new run from these "
+                "weights: another run.output_dir with model.load_from=<the checkpoint>"
             )
         state = self.strategy.load(path, self.wrapped, self.optimizer)
         if self.scaler and state.get("scaler"):
@@ -444,6 +451,19 @@ class IterRunner:
             skip_log.add([record for _, records in gathered for record in records])
         return sum((Counter(counts) for counts, _ in gathered), Counter())
 
+    def _save_skips_on_failure(self, skip_log: SkipLog | None, records: list[dict[str, Any]]) -> None:
+        """This rank's skips not yet in ``skipped.jsonl``, written without waiting for the other ranks."""
+        records = [{"step": self.step + 1, "rank": self.strategy.rank, **r} if "step" not in r else r for r in records]
+        if not records:
+            return
+        try:
+            if skip_log is not None:
+                skip_log.add(records)
+            else:
+                append_records(self.output_dir / "skipped.jsonl", records)
+        except OSError as err:
+            log.warning("could not write %d skip record(s) to %s: %s", len(records), self.output_dir / "skipped.jsonl", err)
+
     def _request_stop(self, signum, frame) -> None:
         log.warning("signal %d: saving a checkpoint and stopping after this step", signum)
         self._stop_requested = True
@@ -456,21 +476,31 @@ class IterRunner:
             found.append(f"{len(checkpoints)} checkpoint(s) up to {checkpoints[-1].name}")
         return ", ".join(found) or None
 
-    def claim_output_dir(self) -> None:
+    def claim_output_dir(self) -> Path | None:
         """Make sure this run may write into ``run.output_dir``: a run never destroys another's files.
+        Returns the checkpoint to continue from, if any; nothing is written yet.
 
-        An earlier run there is continued (``run.resume``), moved aside (``run.overwrite``: to
-        ``<output_dir>.old-<time>``, never deleted) or the run is refused, naming the three ways out.
-        Rank 0 decides; every rank gets the same answer.
+        An earlier run there is continued (``run.resume`` and a checkpoint to continue from), moved
+        aside (``run.overwrite``: to ``<output_dir>.old-<time>``, never deleted) or the run is refused,
+        naming the ways out; ``run.resume=auto`` with no checkpoint starts afresh only where no earlier
+        run is. Rank 0 decides; every rank gets the same answer.
         """
+        resume = self.resume_path()
         refusal = None
-        if self.is_main and self.run.resume is None and (earlier := self.earlier_run()):
+        if self.is_main and resume is None and (earlier := self.earlier_run()):
             if self.run.overwrite:
                 aside = self.output_dir.with_name(f"{self.output_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
                 while aside.exists():
                     aside = aside.with_name(aside.name + "-1")
                 self.output_dir.rename(aside)
                 log.warning("run.overwrite: the earlier run in %s (%s) was moved to %s", self.output_dir, earlier, aside)
+            elif self.run.resume == "auto":
+                refusal = (
+                    f"run.resume=auto: run.output_dir {self.output_dir} holds an earlier run ({earlier}) but no complete "
+                    "checkpoint to continue from (it stopped before its first save, or every checkpoint is damaged); "
+                    "nothing in it was changed. Start afresh with run.overwrite=true (the earlier run is moved aside, "
+                    f"to {self.output_dir}.old-<time>), or write this run elsewhere with another run.output_dir"
+                )
             else:
                 refusal = (
                     f"run.output_dir {self.output_dir} holds an earlier run ({earlier}). Continue it with "
@@ -480,11 +510,14 @@ class IterRunner:
         refusal = self.strategy.all_gather_object(refusal)[0]
         if refusal:
             raise OutputDirInUse(refusal)
+        return resume
 
     def train(self) -> dict[str, Any]:
         """Run until ``run.max_steps``; returns the last logged metrics."""
         run = self.run
-        self.claim_output_dir()
+        resume = self.claim_output_dir()
+        if resume is not None:  # before anything is written: a checkpoint this config cannot continue changes nothing
+            self.load(resume)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.save(self.output_dir / "config.yaml")
@@ -494,9 +527,6 @@ class IterRunner:
                 self.global_batch, run.batch_size, run.grad_accum, self.strategy.world_size, run.strategy.type,
                 "; rows packed to run.max_len" if run.pack else "",
             )
-        resume = self.resume_path()
-        if resume is not None:
-            self.load(resume)
         metrics = self.metrics_writer(self.step if resume is not None else None)
         skip_log = SkipLog(self.output_dir / "skipped.jsonl", self.step if resume is not None else None) if self.is_main else None
         if skip_log is not None and resume is None:  # what the builders could not use, at step 0
@@ -556,7 +586,11 @@ class IterRunner:
                 if self.step % run.save_every == 0 or self.step == run.max_steps or stop:
                     self.save()
             self._log_skips(skip_log, new_skips)  # those since the last log step (a stop on a signal)
+        except BaseException as err:  # an error or an interrupt: keep the skips that may have led to it
+            self._save_skips_on_failure(skip_log, new_skips + getattr(err, "skip_records", []))
+            raise
         finally:
+            batches.close()  # stops the data workers now, not at interpreter exit
             bar.close()
             metrics.close()
             if skip_log is not None:
@@ -573,16 +607,6 @@ class IterRunner:
                 self.output_dir / "metrics.jsonl",
             )
         return last
-
-
-def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
-    return batch
-
-
-def _ignore_sigterm(worker_id: int) -> None:
-    # torchrun signals the whole process group: data workers must live on until the trainer has
-    # saved its checkpoint (the trainer ends them itself).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_runner(cfg: Config, strategy: Strategy | None = None) -> IterRunner:
