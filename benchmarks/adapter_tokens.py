@@ -1,6 +1,7 @@
 """Do the image tokens carry the picture? Spread of the adapter's output tokens within and across images.
 
     python benchmarks/adapter_tokens.py [--model outputs/multitask] [--images 32]
+    python benchmarks/adapter_tokens.py --quick     # no demo needed: a 1-step model, 4 pictures, seconds
 
 Encodes the first ``--images`` test pictures of the synthetic world with the trained model's vision
 encoder and adapter and prints, per hidden dimension averaged:
@@ -27,14 +28,22 @@ sys.path.insert(0, str(REPO))
 import lavis  # noqa: E402
 from lavis.processors.image import load_image  # noqa: E402
 
+from machine import quick_model, quick_workdir  # noqa: E402  (benchmarks/machine.py)
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="outputs/multitask", help="a run's output_dir or a checkpoint")
     parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="seconds, without make demo: a small world, the model "
+                        "after one SFT step as --model, 4 pictures (numbers mean nothing)")
     args = parser.parse_args()
+    world = REPO / "data" / "synthetic"
+    if args.quick:
+        work = quick_workdir("adapter_tokens")
+        world, args.model, args.images = work / "data" / "synthetic", str(quick_model(work)), 4
     model, processors = lavis.load_model(args.model, device="cpu")
-    paths = sorted((REPO / "data" / "synthetic" / "images" / "test").glob("*.png"))[: args.images]
+    paths = sorted((world / "images" / "test").glob("*.png"))[: args.images]
     pixels = torch.stack([processors.image(load_image(p)) for p in paths])
     with torch.no_grad():
         patches, grid = model.vision(pixels)

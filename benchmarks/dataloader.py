@@ -2,6 +2,7 @@
 
     python benchmarks/dataloader.py [--project sft|multitask|both] [--loader-batches 40]
                                     [--steps 40] [--warmup 5] [--options key=value ...]
+    python benchmarks/dataloader.py --quick     # both projects, a few batches, one worker, small world: seconds
 
 For each project (projects/sft.yaml: padded conversations; projects/multitask.yaml: the packed
 multi-task mixture), with the project's own ``run.num_workers`` and batch size:
@@ -42,14 +43,14 @@ sys.path.insert(0, str(REPO))
 from lavis.common.config import load_config  # noqa: E402
 from lavis.runners import build_runner  # noqa: E402
 
-from machine import warn_if_busy  # noqa: E402  (benchmarks/machine.py)
+from machine import quick_workdir, warn_if_busy  # noqa: E402  (benchmarks/machine.py)
 
 PROJECTS = {"sft": "projects/sft.yaml", "multitask": "projects/multitask.yaml"}
 
 
 def build(project: str, work: Path, max_steps: int, options: list[str]):
     cfg = load_config(
-        PROJECTS[project],
+        REPO / PROJECTS[project],
         [
             f"run.output_dir={work / project}",
             f"run.max_steps={max_steps}",
@@ -137,10 +138,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="steps of the real loop timed after the warm-up")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (loop and pre-fetched)")
     parser.add_argument("--options", nargs="*", default=[])
+    parser.add_argument("--quick", action="store_true", help="2 loader batches, 2 steps after 1, batch 2, max_len 256, "
+                        "1 worker, on a small world: seconds (numbers mean nothing)")
     args = parser.parse_args()
 
-    os.chdir(REPO)  # the projects' data paths are relative to the repository root
-    warn_if_busy()
+    if args.quick:
+        args.loader_batches, args.steps, args.warmup = 2, 2, 1
+        args.options = ["run.batch_size=2", "run.max_len=256", "run.num_workers=1", "run.warmup_steps=0", *args.options]
+        os.chdir(quick_workdir("dataloader"))  # a small world at data/synthetic, the projects' relative paths
+    else:
+        os.chdir(REPO)  # the projects' data paths are relative to the repository root
+        warn_if_busy()
     work = Path(tempfile.mkdtemp(prefix="dataloader_"))
     for project in PROJECTS if args.project == "both" else [args.project]:
         # A fresh runner per measurement: each starts from the same weights and the same data position.

@@ -2,6 +2,7 @@
 
     python benchmarks/distributed.py [--hidden 384 --layers 6 --intermediate 1024] [--rounds 3]
                                      [--steps 6 --warmup 2 --batch-size 4] [--options key=value ...]
+    python benchmarks/distributed.py --quick     # a 1-layer LLM, 1 step per run, 1 round: the code path only
 
 Prints, side by side in one run (rows = measurement; columns = one process | 2 ranks | ratio | goal):
 
@@ -45,9 +46,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from machine import other_cpu_use, warn_if_busy  # noqa: E402  (benchmarks/machine.py)
+from machine import QUICK_WORLD_SIZES, other_cpu_use, warn_if_busy  # noqa: E402  (benchmarks/machine.py)
 
 MEMORY_GOAL = 0.6
+# --quick: the smallest model and runs that still take every path (FSDP, DDP, memory, timing).
+QUICK = {"hidden": 64, "layers": 1, "intermediate": 128, "heads": 2, "kv_heads": 1, "max_len": 128, "steps": 1,
+         "warmup": 1, "rounds": 1, "num_batches": 1, "mem_steps": 1, "mem_batch_size": 1, "batch_size": 1}
 TIME_GOAL = 1.2
 MIB = 2**20
 
@@ -284,6 +288,8 @@ def main() -> None:
     parser.add_argument("--mem-batch-size", type=int, default=2, help="per-rank batch of the memory runs (a)")
     parser.add_argument("--world", default=None, help="synthetic world to use (default: made in a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--quick", action="store_true", help="seconds per launch: " + ", ".join(f"--{k.replace('_', '-')} {v}"
+                        for k, v in QUICK.items()) + ", a small world (numbers mean nothing)")
     # worker mode (internal)
     parser.add_argument("--worker", choices=["memory", "time"], help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="single", help=argparse.SUPPRESS)
@@ -294,8 +300,10 @@ def main() -> None:
         os.chdir(REPO)
         run_worker(args)
         return
-
-    warn_if_busy()
+    if args.quick:
+        vars(args).update(QUICK)
+    else:
+        warn_if_busy()
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench_distributed_"))
     try:
@@ -303,7 +311,8 @@ def main() -> None:
 
         os.chdir(REPO)
         if args.world is None:
-            args.world = str(ensure_world(work / "world", sizes={"train": 200, "val": 8, "test": 8}))
+            sizes = QUICK_WORLD_SIZES if args.quick else {"train": 200, "val": 8, "test": 8}
+            args.world = str(ensure_world(work / "world", sizes=sizes))
         batches_path, batches, num_params = make_batches(args, work)
         tokens = [int(b["attention_mask"].sum()) for b in batches]
         print(

@@ -2,6 +2,7 @@
 
     make demo                                  # trains outputs/sft (and evaluates it)
     python benchmarks/eval_gap.py [--model outputs/sft] [--options key=value ...]
+    python benchmarks/eval_gap.py --quick      # no demo needed: a 1-step model, 4 samples per task, seconds
 
 Rows, for each metric of projects/eval/demo.yaml (captioning, VQA, grounding):
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -35,7 +37,9 @@ from lavis.runners.iter_runner import seed_everything  # noqa: E402
 from lavis.tasks.evaluation import Evaluator  # noqa: E402
 from lavis.tasks.metrics import caption_scores, grounding_accuracy, vqa_score  # noqa: E402
 
-WORLD = REPO / "data" / "synthetic"
+from machine import quick_model, quick_workdir  # noqa: E402  (benchmarks/machine.py)
+
+WORLD = Path("data") / "synthetic"  # relative, as in projects/eval/demo.yaml: to the repository root (or --quick's world)
 
 
 def scores(cfg, model_path: str | None) -> dict[str, float]:
@@ -84,7 +88,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="outputs/sft", help="the trained model: a run's output_dir or a checkpoint")
     parser.add_argument("--options", nargs="+", default=[], help="overrides for projects/eval/demo.yaml")
+    parser.add_argument("--quick", action="store_true", help="seconds, without make demo: a small world, the model "
+                        "after one SFT step as --model, 4 samples per task (numbers mean nothing)")
     args = parser.parse_args()
+    if args.quick:
+        work = quick_workdir("eval_gap")
+        os.chdir(work)  # a small world at data/synthetic, the projects' relative paths
+        args.model = str(quick_model(work))
+        args.options = [*(f"evaluation.{name}.max_samples=4" for name in ("caption", "vqa", "grounding")), *args.options]
+    else:
+        os.chdir(REPO)  # the projects' data paths are relative to the repository root
     torch.set_grad_enabled(False)
     cfg = load_config(REPO / "projects" / "eval" / "demo.yaml", [f"model.load_from={args.model}", *args.options])
     rows = {"untrained": scores(cfg, None), "blind prior": blind_prior(), "trained": scores(cfg, args.model)}

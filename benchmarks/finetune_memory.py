@@ -4,6 +4,7 @@
         [--seq-len 512] [--grad-accum 1] [--gradient-checkpointing] [--options key=value ...]
     python benchmarks/finetune_memory.py --dry-run       # the same path on the tiny model (LoRA r 8), seconds on a CPU
     python benchmarks/finetune_memory.py --full-size     # Qwen-VL at 9.6B on one GPU: LoRA and Q-LoRA
+    python benchmarks/finetune_memory.py --quick         # the dry run with 1 timed step (every benchmark's quick mode)
 
 The model (``--options`` over projects/sft.yaml and its synthetic conversations, random init, nothing
 downloaded): a ViT-B/16 at 224 px without class token (86M), Qwen-VL's resampler with 256 queries, and a
@@ -155,6 +156,7 @@ def parse_args() -> argparse.Namespace:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--dry-run", action="store_true", help="the tiny model of projects/sft.yaml, a couple of steps")
     size.add_argument("--full-size", action="store_true", help="Qwen-VL 9.6B on one GPU, LoRA and Q-LoRA (CUDA only)")
+    size.add_argument("--quick", action="store_true", help="the dry run with 1 timed step: seconds, with or without CUDA")
     parser.add_argument("--modes", help=f"comma-separated, of {', '.join(MODES)} (default: those the size and device allow)")
     parser.add_argument("--steps", type=int, help="timed optimiser steps after one warm-up step (3; dry run 2)")
     parser.add_argument("--batch-size", type=int, default=1, help="samples per micro-batch")
@@ -167,6 +169,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)  # internal: measure one mode
     parser.add_argument("--out", help=argparse.SUPPRESS)  # internal: the worker's JSON result
     args = parser.parse_args()
+    if args.quick:
+        args.dry_run = True
+        args.steps = 1 if args.steps is None else args.steps
     args.size = "dry-run" if args.dry_run else "full-size" if args.full_size else "default"
     defaults = SIZES[args.size]
     for name in ("steps", "seq_len", "grad_accum", "gradient_checkpointing"):

@@ -5,6 +5,7 @@
         [--attn auto|sdpa|flash_attention_2] [--peak-tflops T] [--world DIR] [--options key=value ...]
     python benchmarks/gpu_throughput.py ...             # one GPU
     python benchmarks/gpu_throughput.py --dry-run      # the same code path on the CPU, tiny model
+    python benchmarks/gpu_throughput.py --quick        # the dry run with 1 timed step (every benchmark's quick mode)
 
 The model is projects/sft.yaml with a ViT-L/14 CLIP tower (304M) at 224 px without class token, Qwen-VL's
 resampler with 256 queries and a Qwen2 LLM (hidden 2048, MLP 5504, 16 layers, 16 heads and 16 KV heads,
@@ -115,6 +116,7 @@ DEFAULTS = {"batch_size": (4, 2), "max_len": (2048, 256), "warmup": (3, 1), "ste
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="one CPU process, tiny model, fp32")
+    parser.add_argument("--quick", action="store_true", help="the dry run with 1 timed step: seconds, with or without CUDA")
     parser.add_argument("--batch-size", type=int, help="packed rows per micro-batch per rank (4; dry run 2)")
     parser.add_argument("--max-len", type=int, help="tokens per packed row (2048; dry run 256)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (3; dry run 1)")
@@ -130,6 +132,9 @@ def parse_args() -> argparse.Namespace:
                         "used whatever its size; dry run: a small one in a temporary directory)")
     parser.add_argument("--options", nargs="*", default=[], help="config overrides, applied last")
     args = parser.parse_args()
+    if args.quick:
+        args.dry_run = True
+        args.steps = 1 if args.steps is None else args.steps
     for name, (gpu, dry) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, dry if args.dry_run else gpu)

@@ -28,3 +28,40 @@ def warn_if_busy(threshold: float = 0.2) -> None:
     busy = other_cpu_use()
     if busy > threshold:
         print(f"warning: other processes use {busy:.1f} of the {os.cpu_count()} cores; timings will be noisy")
+
+
+# --------------------------------------------------------------------------------- quick mode
+#
+# Every benchmark takes ``--quick``: tiny sizes and a few iterations on the same code path, done in
+# seconds, so that tests/test_benchmarks_quick.py runs each one and none rots unnoticed. Its numbers
+# mean nothing. The projects' data paths are relative (``data/synthetic/...``): a quick run works in a
+# temporary directory holding a small synthetic world there.
+
+QUICK_WORLD_SIZES = {"train": 24, "val": 4, "test": 8}
+
+
+def quick_workdir(prefix: str) -> Path:
+    """A new temporary directory with a small synthetic world at ``data/synthetic``, to ``chdir`` into."""
+    import tempfile
+
+    from lavis.datasets.synthetic.world import ensure_world
+
+    work = Path(tempfile.mkdtemp(prefix=f"{prefix}_quick_"))
+    ensure_world(work / "data" / "synthetic", sizes=QUICK_WORLD_SIZES)
+    return work
+
+
+def quick_model(work: Path) -> Path:
+    """A run directory (``work/outputs/sft``) of one SFT step of the tiny model on ``work``'s world, run by
+    the runner as train.py runs it: what ``--model`` / ``--ckpt`` take in place of ``make demo``'s."""
+    from lavis.common.config import load_config
+    from lavis.runners import build_runner
+
+    out = work / "outputs" / "sft"
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "projects" / "sft.yaml",
+        [f"run.output_dir={out}", "run.device=cpu", "run.num_workers=0", "run.max_steps=1", "run.warmup_steps=0",
+         "run.batch_size=2", "run.save_weights=full", "run.log_every=1"],
+    )
+    build_runner(cfg).train()
+    return out

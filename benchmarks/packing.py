@@ -2,6 +2,7 @@
 
     python benchmarks/packing.py [--samples 512] [--batch-size 8] [--max-len 512] [--rounds 4]
                                  [--epochs 1] [--sft-ratio 1.0] [--group-mult 8] [--options key=value ...]
+    python benchmarks/packing.py --quick     # tiny sizes on a small world, seconds: the code path only
 
 One tiny model (projects/multitask.yaml, everything trainable) and one fixed list of processed
 samples drawn once from the seeded mixture of the multi-task sources plus the SFT conversations of
@@ -52,11 +53,11 @@ sys.path.insert(0, str(REPO))
 
 from lavis.common.config import load_config  # noqa: E402
 from lavis.datasets.collate import PackCollator, PadCollator  # noqa: E402
-from lavis.datasets.stream import BatchStream, StreamConfig  # noqa: E402
+from lavis.datasets.stream import BatchStream, StreamConfig, with_skips  # noqa: E402
 from lavis.processors.conversation import IGNORE_INDEX  # noqa: E402
 from lavis.runners import build_runner  # noqa: E402
 
-from machine import warn_if_busy  # noqa: E402  (benchmarks/machine.py)
+from machine import quick_workdir, warn_if_busy  # noqa: E402  (benchmarks/machine.py)
 
 SFT_DATASET = [
     "datasets.synthetic_sft.builder=qwen_vl_conversation",
@@ -126,8 +127,11 @@ def length_grouped(samples: list[dict[str, Any]], batch_size: int, mult: int, rn
 
 
 def finish(batch: dict[str, Any]) -> dict[str, Any]:
-    batch["skipped"] = Counter()
-    return batch
+    """A collated batch as the stream hands it to the runner (no skips met: the samples are drawn)."""
+    return with_skips(batch, [])
+
+
+QUICK = {"samples": 16, "batch_size": 2, "max_len": 256, "rounds": 1, "epochs": 1, "warmup": 1, "group_mult": 2}
 
 
 def main() -> None:
@@ -142,13 +146,18 @@ def main() -> None:
     parser.add_argument("--group-mult", type=int, default=8, help="(b): length-grouping pool = this x batch size (LLaVA: world size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--options", nargs="*", default=[])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"seconds, on a small world: {', '.join(f'{k}={v}' for k, v in QUICK.items())} (numbers mean nothing)")
     args = parser.parse_args()
-
-    os.chdir(REPO)  # the projects' data paths are relative to the repository root
-    warn_if_busy()
+    if args.quick:
+        vars(args).update(QUICK)
+        os.chdir(quick_workdir("packing"))  # a small world at data/synthetic, the projects' relative paths
+    else:
+        os.chdir(REPO)  # the projects' data paths are relative to the repository root
+        warn_if_busy()
     work = Path(tempfile.mkdtemp(prefix="packing_"))
     cfg = load_config(
-        "projects/multitask.yaml",
+        REPO / "projects" / "multitask.yaml",
         [
             f"run.output_dir={work}",
             "run.num_workers=0",

@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py [--ckpt outputs/sft] [--clients 8] [--requests 64] [--max-tokens 32]
                                [--rounds 4] [--tasks grounding,caption] [--server-threads 1] [--device cpu]
+    python benchmarks/serve.py --quick     # no demo needed: a 1-step model, 2 clients x 4 requests, seconds
 
 Starts two servers on the same checkpoint (``python -m lavis.serve``, each its own process): one
 batching (``--max-batch-size 8``), one not (``--max-batch-size 1``). ``--clients`` threads of the
@@ -43,22 +44,22 @@ sys.path.insert(0, str(REPO))
 
 from lavis.processors.conversation import IMAGE_SPAN  # noqa: E402
 
-from machine import warn_if_busy  # noqa: E402  (benchmarks/machine.py)
+from machine import quick_model, quick_workdir, warn_if_busy  # noqa: E402  (benchmarks/machine.py)
 
 WORLD = REPO / "data" / "synthetic"
 SETTINGS = {"batching on": 8, "batching off": 1}
 
 
-def test_requests(count: int, tasks: list[str]) -> list[list[dict]]:
+def test_requests(count: int, tasks: list[str], world: Path = WORLD) -> list[list[dict]]:
     """``count`` OpenAI ``messages`` (cycling if needed): the first user turn of each SFT test
     conversation of ``tasks`` with one picture, the picture as a data URL."""
     found = []
-    for conversation in json.loads((WORLD / "sft_test.json").read_text()):
+    for conversation in json.loads((world / "sft_test.json").read_text()):
         turn = conversation["conversations"][0]["value"]
         images = IMAGE_SPAN.findall(turn)
         if len(images) != 1 or conversation["meta"]["task"] not in tasks:
             continue
-        picture = base64.b64encode((WORLD / images[0].strip()).read_bytes()).decode()
+        picture = base64.b64encode((world / images[0].strip()).read_bytes()).decode()
         question = IMAGE_SPAN.sub("", turn).removeprefix("Picture 1: ").strip()
         found.append([{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{picture}"}},
@@ -150,10 +151,18 @@ def main() -> int:
     parser.add_argument("--server-threads", type=int, default=1, help="each server's intra-op threads")
     parser.add_argument("--batch-window-ms", type=float, help="the servers' --batch-window-ms (default: theirs)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="seconds, without make demo: a small world, the model "
+                        "after one SFT step as --ckpt, 2 clients, 4 requests in 1 round, 4 tokens (numbers mean nothing)")
     args = parser.parse_args()
-    warn_if_busy()
+    world = WORLD
+    if args.quick:
+        work = quick_workdir("serve")
+        world, args.ckpt = work / "data" / "synthetic", str(quick_model(work))
+        args.clients, args.requests, args.rounds, args.max_tokens = 2, 4, 1, 4
+    else:
+        warn_if_busy()
     per_round = args.requests // args.rounds
-    requests = test_requests(per_round * args.rounds, args.tasks.split(","))
+    requests = test_requests(per_round * args.rounds, args.tasks.split(","), world)
     extra = [] if args.batch_window_ms is None else ["--batch-window-ms", str(args.batch_window_ms)]
     servers = [start_server(name, size, args.ckpt, args.device, args.server_threads, extra) for name, size in SETTINGS.items()]
     try:

@@ -1,6 +1,7 @@
 """Runner overhead: our training step vs a bare PyTorch loop on the tiny model and one batch.
 
-    python benchmarks/step_overhead.py [--steps 40] [--options key=value ...]
+    python benchmarks/step_overhead.py [--steps 40] [--rounds 5] [--warmup 5] [--options key=value ...]
+    python benchmarks/step_overhead.py --quick     # 2 steps each on a small world, seconds: the code path only
 
 Both loops run the same model computation (the VLM's loss over supervised tokens) on the same
 batch, in one process, interleaved in rounds so that machine noise hits both alike. The bare loop
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import tempfile
@@ -21,24 +23,36 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from lavis.common.config import load_config  # noqa: E402
 from lavis.runners import build_runner  # noqa: E402
+
+from machine import quick_workdir  # noqa: E402  (benchmarks/machine.py)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="timed steps per loop")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each loop first")
     parser.add_argument("--options", nargs="*", default=[])
+    parser.add_argument("--quick", action="store_true", help="2 steps each, 1 round, 1 warm-up step, batch 2, on a "
+                        "small world: seconds (numbers mean nothing)")
     args = parser.parse_args()
+    quick = ["run.batch_size=2"] if args.quick else []
+    if args.quick:
+        args.steps, args.rounds, args.warmup = 2, 1, 1
+    # The project's data paths are relative: to the repository root, or to a small world for --quick.
+    os.chdir(quick_workdir("step_overhead") if args.quick else REPO)
 
     work = Path(tempfile.mkdtemp(prefix="step_overhead_"))
     world = Path("data/synthetic")
     cfg = load_config(
-        "projects/sft.yaml",
-        [f"run.output_dir={work}", "run.num_workers=0", f"datasets.synthetic_sft.synthetic_root={world}", *args.options],
+        REPO / "projects" / "sft.yaml",
+        [f"run.output_dir={work}", "run.num_workers=0", f"datasets.synthetic_sft.synthetic_root={world}", *quick,
+         *args.options],
     )
     runner = build_runner(cfg)
     batch = next(runner.data_iterator())
@@ -63,7 +77,7 @@ def main() -> None:
 
     model.train()
     bare_model.train()
-    for _ in range(5):  # warm-up: allocator, optimiser state
+    for _ in range(args.warmup):  # warm-up: allocator, optimiser state
         bare_step()
         runner_step()
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, SFT_PROJECT, popen_train, run_train, sft_options
 
 from lavis.common import checkpoint as ckpt
@@ -239,3 +240,56 @@ def test_a_resume_this_config_cannot_continue_changes_nothing(small_world, tmp_p
     proc = run_train(sft_options(small_world, tmp_path / "other", "run.max_steps=4", f"run.resume={missing}"))
     assert proc.returncode == 2 and "is not a complete checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     assert json.loads((ckpt.list_checkpoints(out)[-1] / ckpt.META_NAME).read_text())["step"] == 2
+
+
+# --------------------------------------------------------------------------- the data workers themselves
+
+
+class FailingStream(torch.utils.data.IterableDataset):
+    """Batches from each worker: ``fail_after`` good ones, then an error (or, with ``hang``, a worker that
+    never answers again)."""
+
+    def __init__(self, fail_after: int, hang: bool = False) -> None:
+        self.fail_after, self.hang = fail_after, hang
+
+    def __iter__(self):
+        for i in range(self.fail_after):
+            yield {"i": i}
+        if self.hang:
+            time.sleep(3600)
+        raise KeyError("a bug in a processor")
+
+
+def worker_pids_of(batches) -> list[int]:
+    return [w.pid for w in batches.gi_frame.f_locals["iterator"]._workers]
+
+
+def alive(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_any_worker_error_reaches_the_trainer_and_closing_ends_every_worker():
+    from lavis.datasets.loader import worker_batches
+
+    batches = worker_batches(FailingStream(fail_after=1), num_workers=2, pin_memory=False, seed=0)
+    assert next(batches) == {"i": 0}
+    pids = worker_pids_of(batches)
+    with pytest.raises(KeyError, match="a bug in a processor"):
+        for _ in batches:
+            pass
+    batches.close()
+    assert not [pid for pid in pids if alive(pid)]
+
+
+def test_a_hung_worker_is_killed_when_the_loop_ends():
+    """A worker that ignores the DataLoader's shutdown (and SIGTERM, as every worker does) is killed."""
+    from lavis.datasets.loader import worker_batches
+
+    batches = worker_batches(FailingStream(fail_after=1, hang=True), num_workers=2, pin_memory=False, seed=0)
+    next(batches), next(batches)
+    pids = worker_pids_of(batches)
+    started = time.monotonic()
+    batches.close()
+    assert time.monotonic() - started < ENDS_WITHIN_S
+    assert not [pid for pid in pids if alive(pid)]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import json
 import logging
+import lzma
 import pickle
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +26,8 @@ class AnnotationError(ValueError):
 
 
 def read_annotations(path: str | Path) -> list[Any]:
-    """Records of a JSON list file or a JSONL file; syntax errors and files without a record name the
-    file (and the position)."""
+    """Records of a JSON list file or a JSONL file (either may be gzip/bzip2/xz-compressed, see
+    :func:`read_bytes`); syntax errors and files without a record name the file (and the position)."""
     records = _read_records(Path(path))
     if not records:
         raise AnnotationError(f"{path}: the file holds no records")
@@ -31,15 +35,13 @@ def read_annotations(path: str | Path) -> list[Any]:
 
 
 def _read_records(path: Path) -> list[Any]:
-    if path.suffix != ".jsonl":
+    if not is_jsonl(path):
         data = read_json(path)
         if not isinstance(data, list):
             raise AnnotationError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
         return data
-    if not path.is_file():
-        raise AnnotationError(f"annotation file not found: {path}")
     records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
@@ -51,12 +53,67 @@ def _read_records(path: Path) -> list[Any]:
 def read_json(path: str | Path) -> Any:
     """The parsed content of a JSON file of any shape; a syntax error names the file and position."""
     path = Path(path)
-    if not path.is_file():
-        raise AnnotationError(f"annotation file not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise AnnotationError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+
+
+# Compressed annotation files, recognised by their first bytes (whatever their name): how to read them.
+COMPRESSIONS = {b"\x1f\x8b": ("gzip", gzip.decompress), b"BZh": ("bzip2", bz2.decompress),
+                b"\xfd7zXZ\x00": ("xz", lzma.decompress)}
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz")
+# Containers that are not read: named, with the way out.
+UNREAD_CONTAINERS = {b"\x28\xb5\x2f\xfd": "zstd-compressed (decompress it, or recompress it with gzip)",
+                     b"PK\x03\x04": "a zip archive (unzip it and point the key at the file inside)"}
+
+
+def plain_name(path: str | Path) -> str:
+    """The file name without a compression suffix: ``train.jsonl.gz`` -> ``train.jsonl``."""
+    name = Path(path).name
+    for suffix in COMPRESSED_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_jsonl(path: str | Path) -> bool:
+    """Whether ``path`` names a JSONL file (``.jsonl``, compressed or not)."""
+    return plain_name(path).endswith(".jsonl")
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The content of an annotation file, decompressed when it is gzip, bzip2 or xz (recognised by its
+    first bytes, whatever its name). Every builder reads its files through here: a missing file, a
+    broken compressed stream or an archive it cannot read is an AnnotationError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"annotation file not found: {path}")
+    data = path.read_bytes()
+    for magic, (kind, decompress) in COMPRESSIONS.items():
+        if data.startswith(magic):
+            try:
+                return decompress(data)
+            except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as err:
+                raise AnnotationError(f"{path}: a {kind} file that cannot be decompressed ({err}); "
+                                      "is it complete? (re-download or re-compress it)") from None
+    for magic, what in UNREAD_CONTAINERS.items():
+        if data.startswith(magic):
+            raise AnnotationError(f"{path}: {what}; annotation files are read as they are or gzip/bzip2/xz-compressed")
+    return data
+
+
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of an annotation file (JSON, JSONL, TSV), compressed or not (see :func:`read_bytes`);
+    text that is not UTF-8 is an AnnotationError naming the file and the byte."""
+    data = read_bytes(path)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise AnnotationError(
+            f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); annotation files are UTF-8 JSON, JSONL or "
+            "TSV, as they are or gzip/bzip2/xz-compressed (re-encode it as UTF-8)"
+        ) from None
 
 
 PICKLE_SUFFIXES = (".p", ".pkl", ".pickle")
@@ -75,9 +132,7 @@ def read_pickle(path: str | Path) -> Any:
     Python 2: its byte strings are read as UTF-8, or Latin-1 where they are not UTF-8). No code runs:
     a pickle that asks for a class or function is an :class:`AnnotationError` naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise AnnotationError(f"annotation file not found: {path}")
-    data = path.read_bytes()
+    data = read_bytes(path)
     for encoding in ("utf-8", "latin-1"):
         try:
             return _PlainUnpickler(io.BytesIO(data), encoding=encoding).load()
@@ -94,8 +149,9 @@ def read_pickle(path: str | Path) -> Any:
 
 
 def load_file(path: str | Path) -> Any:
-    """A ``.jsonl`` file as a list of records, any other file as parsed JSON (a list or an object)."""
-    return read_annotations(path) if str(path).endswith(".jsonl") else read_json(path)
+    """A ``.jsonl`` file (or ``.jsonl.gz``, ...) as a list of records, any other file as parsed JSON (a list
+    or an object)."""
+    return read_annotations(path) if is_jsonl(path) else read_json(path)
 
 
 class ReleasedBenchmark:

@@ -48,6 +48,7 @@ from lavis.datasets.builders.base import (
     image_path,
     image_tag,
     load_file,
+    plain_name,
     read_json,
     read_pickle,
     require_dict,
@@ -204,7 +205,7 @@ class RefGroundingBuilder:
         return splits.kept
 
     def _refcoco(self, records: list[dict[str, Any]], skips: SkipCounter) -> int:
-        refs = read_pickle(self.refs_path) if str(self.refs_path).endswith(PICKLE_SUFFIXES) else read_json(self.refs_path)
+        refs = read_pickle(self.refs_path) if plain_name(self.refs_path).endswith(PICKLE_SUFFIXES) else read_json(self.refs_path)
         if not isinstance(refs, list):
             raise AnnotationError(
                 f"{self.refs_path}: expected RefCOCO's refs as a JSON list of {{'ref_id', 'ann_id', 'sentences', ...}}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import io
 import os
 import sys
 from collections.abc import Iterator
@@ -26,7 +27,9 @@ from lavis.datasets.builders.base import (
     describe_record,
     image_path,
     keyed_entries,
+    plain_name,
     read_json,
+    read_text,
     require_dict,
     require_str,
 )
@@ -110,7 +113,7 @@ class MMBenchBuilder(ReleasedMCBuilder):
 
     def __init__(self, ann_path: str, image_dir: str | None = None, circular: bool = True) -> None:
         super().__init__(ann_path)
-        self.image_dir = Path(image_dir) if image_dir else Path(ann_path).with_name(Path(ann_path).stem + "_images")
+        self.image_dir = Path(image_dir) if image_dir else Path(ann_path).with_name(Path(plain_name(ann_path)).stem + "_images")
         self.circular = circular
 
     def build(self) -> RecordDataset:
@@ -163,12 +166,11 @@ class MMBenchBuilder(ReleasedMCBuilder):
 def read_tsv(path: str, required: tuple[str, ...]) -> list[dict[str, str]]:
     """The rows of a tab-separated file with a header (cells as strings; base64 images allowed)."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file, delimiter="\t")
-        missing = [key for key in required if key not in (reader.fieldnames or [])]
-        if missing:
-            raise AnnotationError(f"{path}: not an MMBench TSV: no column {', '.join(missing)} (columns: {reader.fieldnames})")
-        rows = list(reader)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter="\t")  # gzip allowed, as every file
+    missing = [key for key in required if key not in (reader.fieldnames or [])]
+    if missing:
+        raise AnnotationError(f"{path}: not an MMBench TSV: no column {', '.join(missing)} (columns: {reader.fieldnames})")
+    rows = list(reader)
     for line, row in enumerate(rows, 2):
         if not row["index"].strip().isdigit():
             raise AnnotationError(f"{path}: line {line}: index {row['index']!r} is not a number")

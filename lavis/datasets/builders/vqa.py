@@ -13,7 +13,11 @@ unanswered records (no ``target``, no ``answers``), for evaluation only.
 
 from __future__ import annotations
 
+import itertools
+import re
+import string
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from lavis.common.config import ConfigError
@@ -161,7 +165,9 @@ class VQABuilder:
         return records
 
     def _vqav2(self, qpath: str, apath: str | None) -> list[dict[str, Any]]:
-        questions = vqav2_section(qpath, "questions")
+        data = read_json(qpath)
+        questions = vqav2_section(qpath, "questions", data)
+        self._check_split(qpath, questions, data.get("data_subtype"))
         by_qid = None if apath is None else _annotations_by_qid(apath)
         records, seen = [], set()
         for index, q in enumerate(questions):
@@ -190,6 +196,56 @@ class VQABuilder:
                                       ann.get("answer_type")))
         return records
 
+    def _check_split(self, qpath: str, questions: list[Any], data_subtype: Any) -> None:
+        """Fail at start when ``split`` makes image names that are not there but another split's are.
+
+        The first :data:`SPLIT_PROBE` questions' images are looked up under ``image_root`` with ``split``;
+        when none is there, the split names that the files under ``image_root`` show (and the file's
+        ``data_subtype``, e.g. ``val2014``) are tried, and a split under which they are found is named as
+        the way out. A split that repeats the year the pattern adds (``val2014`` in
+        ``COCO_{split}2014_...``) fails even when the images are not (yet) there. When the images are
+        under no split, nothing is decided here: each missing image is a counted skip."""
+        fields = [field for _, field, _, _ in string.Formatter().parse(self.image_pattern) if field]
+        ids = [q["image_id"] for q in questions[:SPLIT_PROBE] if isinstance(q, dict) and "image_id" in q]
+        if "split" not in fields or not ids:
+            return
+        root = Path(self.image_root or ".")
+        found = self._images_found(root, self.split, ids)
+        if found:
+            return
+        candidates = split_candidates(self.image_pattern, root, data_subtype)
+        fitting = next(((c, n) for c in candidates if c != self.split and (n := self._images_found(root, c, ids))), None)
+        doubled = _repeats_year(self.image_pattern, self.split)
+        if fitting is None and not doubled:
+            return
+        example = self._format(self.split, ids[0])
+        subtype = f" (its data_subtype: {data_subtype!r})" if data_subtype else ""
+        message = (f"vqa: split {self.split!r} with image_pattern {self.image_pattern!r} makes image names such as "
+                   f"{example!r}, and none of the first {len(ids)} questions' images of {qpath}{subtype} is under "
+                   f"image_root {str(root)!r}")
+        if fitting is not None:
+            split, names = fitting
+            message += f"; with split {split!r} they are ({names[0]!r}): set split: {split}"
+        else:
+            message += (f"; the pattern adds the year after {{split}} itself: set split to the name without it "
+                        f"(split: {re.sub(r'[0-9]+$', '', self.split)})")
+        raise ConfigError(message + " (the dataset's 'split' key: datasets.<name>.split or evaluation.<name>.split)")
+
+    def _format(self, split: str, image_id: Any) -> str:
+        return self.image_pattern.format(split=split, image_id=image_id)
+
+    def _images_found(self, root: Path, split: str, ids: list[Any]) -> list[str]:
+        """The image names of ``ids`` under ``split`` that exist under ``root``."""
+        names = []
+        for image_id in ids:
+            try:
+                name = self._format(split, image_id)
+            except (ValueError, TypeError, KeyError, IndexError):
+                continue
+            if (root / name).is_file():
+                names.append(name)
+        return names
+
     def _image(self, where: str, question: dict[str, Any]) -> str:
         try:
             image = self.image_pattern.format(split=self.split, image_id=question["image_id"])
@@ -212,9 +268,55 @@ def _annotations_by_qid(apath: str) -> dict[Any, tuple[int, dict]]:
     return by_qid
 
 
-def vqav2_section(path: str, key: str) -> list[Any]:
-    """The ``key`` list (``questions`` or ``annotations``) of a VQAv2 JSON file; an error names the file."""
-    data = read_json(path)
+SPLIT_PROBE = 16  # questions whose images are looked up to check the split
+SPLIT_SCAN = 256  # files under image_root read to find the split names there
+
+
+def split_candidates(pattern: str, root: Path, data_subtype: Any = None) -> list[str]:
+    """Split names to try with ``pattern``: those of the files under ``root`` that fit the pattern (most
+    frequent first), then the annotation file's ``data_subtype`` (``val2014``), without its year (``val``)
+    and without ``-dev`` (``test-dev2015``'s images are test2015's)."""
+    glob, regex = "", ""
+    for literal, field, spec, _ in string.Formatter().parse(pattern):
+        glob += literal.replace("[", "[[]")
+        regex += re.escape(literal)
+        if field is not None:
+            glob += "*"
+            if field == "split":
+                regex += "(?P=split)" if "(?P<split>" in regex else "(?P<split>[^/]+?)"
+            else:
+                regex += "[^/]*?"
+    found: Counter = Counter()
+    if root.is_dir():
+        try:
+            for path in itertools.islice(root.glob(glob), SPLIT_SCAN):
+                match = re.fullmatch(regex, path.relative_to(root).as_posix())
+                if match and match.group("split"):
+                    found[match.group("split")] += 1
+        except (OSError, ValueError, re.error):
+            pass
+    candidates = [name for name, _ in found.most_common()]
+    if isinstance(data_subtype, str) and data_subtype:
+        bare = re.sub(r"[0-9]+$", "", data_subtype)
+        candidates += [data_subtype, bare, data_subtype.replace("-dev", ""), bare.replace("-dev", "")]
+    return list(dict.fromkeys(c for c in candidates if c))
+
+
+def _repeats_year(pattern: str, split: str) -> bool:
+    """Whether ``split`` ends in a number that ``pattern`` follows with digits of its own (``val2014`` in
+    ``COCO_{split}2014_...`` makes ``COCO_val20142014_...``)."""
+    parts = list(string.Formatter().parse(pattern))
+    for (_, field, _, _), (literal, _, _, _) in zip(parts, parts[1:]):
+        if field == "split" and re.search(r"[0-9]$", split) and re.match(r"[0-9]", literal):
+            return True
+    return False
+
+
+def vqav2_section(path: str, key: str, data: Any = None) -> list[Any]:
+    """The ``key`` list (``questions`` or ``annotations``) of a VQAv2 JSON file (read now unless its parsed
+    ``data`` is given); an error names the file."""
+    if data is None:
+        data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise AnnotationError(f"{path}: expected VQAv2 {key} JSON, an object with a {key!r} list")
     return data[key]

@@ -1,0 +1,52 @@
+"""Every benchmark's ``--quick`` mode runs (tiny sizes, a few iterations, the same code path) and prints
+its table: a benchmark that breaks (as benchmarks/packing.py did with ``KeyError: 'skip_records'``) fails
+here, not on the day someone wants its numbers. The numbers themselves are not checked (timings live in
+benchmarks/, never in timed tests); only that each ran to its last line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+HELPERS = {"machine.py"}  # shared code, not a benchmark
+
+# Each benchmark: lines (substrings) its quick run must print, and the marks of its test.
+EXPECTED = {
+    "packing.py": (["samples drawn", "pad to max_len", "pad to longest, grouped", "packed",
+                    "ratio packed / pad to max_len", "ratio packed / pad to longest, grouped"], ()),
+    "step_overhead.py": (["bare PyTorch step", "runner train_step", "ratio runner/bare"], ()),
+    "dataloader.py": (["sft (projects/sft.yaml)", "multitask (projects/multitask.yaml)", "loader alone",
+                       "train_step alone", "real training loop", "waiting for data"], ()),
+    "eval_gap.py": (["caption/CIDEr", "vqa/accuracy", "grounding/accuracy", "untrained", "blind prior", "trained"], ()),
+    "adapter_tokens.py": (["vision patches", "adapter tokens", "within/across"], ()),
+    "serve.py": (["batching on (8)", "batching off (1)", "batching on / off"], ()),
+    "gpu_throughput.py": (["tokens/s (global)", "step time (mean)", "model TFLOP per step"], ()),
+    "finetune_memory.py": (["full ", "full-frozen-vit", "lora", "LoRA optimiser state / full optimiser state"], ()),
+    # four launches of 1-2 processes each (FSDP and DDP under torchrun): about a minute
+    "distributed.py": (["(a) per-rank memory", "(b) step time", "median step", "wall time"], (pytest.mark.distributed,)),
+}
+
+
+def test_every_benchmark_has_a_quick_test():
+    found = {p.name for p in BENCHMARKS.glob("*.py")} - HELPERS
+    assert found == set(EXPECTED), f"benchmarks without a quick-mode test: {sorted(found - set(EXPECTED))}"
+
+
+@pytest.mark.parametrize(
+    "script", [pytest.param(name, marks=marks, id=name.removesuffix(".py")) for name, (_, marks) in EXPECTED.items()]
+)
+def test_quick_mode_runs(script, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "TMPDIR": str(tmp_path)}  # the benchmarks' scratch directories (small worlds, runs) go here
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{script} --quick exited {proc.returncode}:\n{output[-4000:]}"
+    missing = [line for line in EXPECTED[script][0] if line not in proc.stdout]
+    assert not missing, f"{script} --quick printed none of {missing}:\n{proc.stdout[-4000:]}"
