@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from lavis.runners import build_runner
     from lavis.runners.iter_runner import NonFiniteLoss, OutputDirInUse
     from lavis.runners.strategies import build_strategy
+    from lavis.tasks.evaluation import EvaluationFailed
 
     strategy = build_strategy(cfg.run.strategy)
     try:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OutputDirInUse, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (NonFiniteLoss, UnusableData) as err:
+    except (NonFiniteLoss, UnusableData, EvaluationFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         if isinstance(err, UnusableData):
             print(f"the skipped samples are listed in {cfg.run.output_dir}/skipped.jsonl", file=sys.stderr)

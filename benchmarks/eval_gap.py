@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lavis.common.config import load_config  # noqa: E402
-from lavis.models import build_model, load_trained  # noqa: E402
+from lavis.models import build_model  # noqa: E402
+from lavis.models.loading import build_trained, evaluation_config, explicit_keys  # noqa: E402
 from lavis.processors.boxes import box_text  # noqa: E402
 from lavis.runners.iter_runner import seed_everything  # noqa: E402
 from lavis.tasks.evaluation import Evaluator  # noqa: E402
@@ -43,10 +44,12 @@ WORLD = Path("data") / "synthetic"  # relative, as in projects/eval/demo.yaml: t
 
 
 def scores(cfg, model_path: str | None) -> dict[str, float]:
+    """The evaluations of ``cfg`` on its model: trained (the weights of ``model_path``) or as initialised."""
     seed_everything(cfg.run.seed)
-    model, processors = build_model(dataclasses.replace(cfg.model, load_from=None))
     if model_path:
-        load_trained(model, model_path)
+        model, processors = build_trained(cfg.model, model_path)
+    else:
+        model, processors = build_model(dataclasses.replace(cfg.model, load_from=None))
     evaluator = Evaluator(cfg, model, processors)
     results = evaluator.evaluate()
     return {f"{name}/{m}": r.metrics[m] for name, r in results.items() for m in evaluator.tasks[name].metric_names}
@@ -99,7 +102,9 @@ def main() -> int:
     else:
         os.chdir(REPO)  # the projects' data paths are relative to the repository root
     torch.set_grad_enabled(False)
-    cfg = load_config(REPO / "projects" / "eval" / "demo.yaml", [f"model.load_from={args.model}", *args.options])
+    project, options = REPO / "projects" / "eval" / "demo.yaml", [f"model.load_from={args.model}", *args.options]
+    # The model as trained (its run's config.yaml), untrained and trained alike: the same architecture.
+    cfg, _ = evaluation_config(load_config(project, options), explicit_keys(project, options))
     rows = {"untrained": scores(cfg, None), "blind prior": blind_prior(), "trained": scores(cfg, args.model)}
     metrics = list(rows["trained"])
     print(f"{'':12}" + "".join(f"{m:>22}" for m in metrics))

@@ -36,7 +36,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +47,7 @@ from safetensors.torch import save_file
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import load_config
 from lavis.common.logging import setup_logging
+from lavis.common.output_dir import move_aside
 
 log = logging.getLogger("lavis.export")
 
@@ -102,15 +102,6 @@ def check_output(out: str | Path, inputs: Iterable[tuple[Path, bool]], overwrite
         raise error(f"{out} is not empty: write the output elsewhere, or pass --overwrite (overwrite=True) to move "
                     f"what it holds aside to {out.name}.old-<time> first")
     return out
-
-
-def move_aside(path: Path) -> Path:
-    """Rename ``path`` to ``<path>.old-<time>`` (a free name beside it); nothing is deleted."""
-    aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    while aside.exists():
-        aside = aside.with_name(aside.name + "-1")
-    path.rename(aside)
-    return aside
 
 
 @contextmanager

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,18 +18,19 @@ import torch
 from PIL import Image
 
 from lavis.common.config import load_config
-from lavis.models import (
-    Processors,
-    build_model,
-    config_of,
-    load_trained,
-    resolve_weights_path,
-)
+from lavis.models import Processors
 from lavis.models.generation import left_pad, until_stop
+from lavis.models.loading import build_trained, trained_config
 from lavis.models.vlm import VisionLanguageModel
-from lavis.processors.conversation import IMAGE_SPAN, ConversationEncoder, pictures
+from lavis.processors.conversation import (
+    IMAGE_SPAN,
+    ConversationEncoder,
+    image_reference,
+    pictures,
+)
 from lavis.processors.errors import SkipSample
 from lavis.processors.image import load_image
+from lavis.processors.tokenizer import IMAGE_SPECIALS
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,11 @@ def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None
     ``model.load_from`` chain. ``device``: ``auto`` = CUDA when available. ``dtype``: cast the
     weights (e.g. ``torch.bfloat16``); default keeps fp32.
     """
-    weights = resolve_weights_path(str(path))
-    config = config_of(weights)
+    weights, config = trained_config(path)
     if config is None:
         raise FileNotFoundError(f"{path}: no config.yaml in the checkpoint or its run (expected <output_dir>/config.yaml)")
     cfg = load_config(config)
-    model, processors = build_model(dataclasses.replace(cfg.model, load_from=None))
-    load_trained(model, str(weights))
+    model, processors = build_trained(cfg.model, weights)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device=device, dtype=dtype).eval()
@@ -85,24 +83,32 @@ def encode_chat(
     messages: list[dict[str, str]],
     system_message: str | None = None,
     images: Mapping[str, Image.Image] | None = None,
+    read_files: bool = True,
 ) -> tuple[list[int], torch.Tensor]:
     """A conversation ready for generation: its ChatML token ids, ending with the assistant's turn
     opened, and its pictures' pixels ``[n, 3, H, W]`` in order.
 
     ``messages``: ``{"role": "system" | "user" | "assistant", "content"}`` with ``<img>path</img>`` where
     images go (a first system turn replaces ``system_message``, which defaults to the model's).
+    Every text is encoded as Qwen-VL's chat encodes it: only the image and box tokens (``<img>``,
+    ``<ref>``, ``<box>``, ...: ``IMAGE_SPECIALS``) are special, so ``<|im_start|>``, ``<|im_end|>`` and
+    ``<|endoftext|>`` written in a message are plain text and cannot end or open a turn.
     ``images``: pictures already in memory, by the path their ``<img>`` names; others are read from
-    disk. A stray image token in the text is a ValueError, a missing or unreadable image a
-    FileNotFoundError, each naming it.
+    disk, unless ``read_files`` is False (then they are a ValueError). A stray image token in the text
+    is a ValueError, a missing or unreadable image a FileNotFoundError, each naming it.
     """
     if model.processors is None:
         raise ValueError("this model has no processors attached: use lavis.load_model, or model.attach_processors(...)")
     tokenizer, image_processor = model.processors.tokenizer, model.processors.image
-    encoder = ConversationEncoder(tokenizer, model.num_image_tokens, system_message or model.system_message, 1 << 30)
+    encoder = ConversationEncoder(tokenizer, model.num_image_tokens, system_message or model.system_message, 1 << 30,
+                                  allowed_special=IMAGE_SPECIALS)
     try:
         encoded = encoder.encode_messages(messages, add_generation_prompt=True)
     except SkipSample as err:  # e.g. a stray <img> token in the text
         raise ValueError(str(err)) from None
+    if not read_files and (unknown := [path for path in encoded.images if not images or path not in images]):
+        raise ValueError(f"{image_reference(unknown[0])} names no picture of the request: pictures are sent, "
+                         "not read from disk")
     try:
         pixels = [image_processor(images[path] if images and path in images else load_image(path)) for path in encoded.images]
     except SkipSample as err:
@@ -123,7 +129,9 @@ def chat(
 
     ``query``: text (with ``<img>path</img>`` where images go) or Qwen-VL's list format; in the list
     format pictures are numbered on from those already in ``history``. Image paths are read from
-    disk as given (relative paths: from the working directory). ``generation``: options of
+    disk as given (relative paths: from the working directory). The query, the history and
+    ``system_message`` are encoded as Qwen-VL's chat encodes them: ``<|im_start|>``, ``<|im_end|>`` and
+    ``<|endoftext|>`` in them are plain text (see :func:`encode_chat`). ``generation``: options of
     :meth:`VisionLanguageModel.generate` (``num_beams``, ``do_sample``, ``temperature``, ``top_p``).
     """
     history = list(history or [])

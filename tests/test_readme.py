@@ -135,7 +135,7 @@ README_COMMANDS = [
                 row("grounding", "accuracy", skipped="0")),
         writes=tuple(f"outputs/{stage}/{name}" for stage in ("pretrain", "multitask", "sft")
                      for name in ("config.yaml", "metrics.jsonl", "checkpoints/step_00000002/meta.json"))
-        + ("outputs/sft/eval/vqa.json",),
+        + ("outputs/sft/eval/step_00000002/demo/vqa.json",),
     ),
     ReadmeCommand("make test", here="make -n test", why="it is the suite running this test: its recipe is checked",
                   prints=(r"-m pytest -q tests",)),
@@ -165,8 +165,8 @@ README_COMMANDS = [
     ReadmeCommand(
         ".venv/bin/python evaluate.py --cfg-path projects/eval/vqa.yaml --options model.load_from=outputs/multitask "
         "evaluation.vqa.chat=false evaluation.vqa.prompt='{question} Answer:'",
-        prints=(TABLE, row("vqa", "accuracy"), r"predictions and metrics: outputs/multitask/eval/"),
-        writes=("outputs/multitask/eval/vqa.json",),
+        prints=(TABLE, row("vqa", "accuracy"), r"predictions and metrics: outputs/multitask/eval/step_00000002/vqa/"),
+        writes=("outputs/multitask/eval/step_00000002/vqa/vqa.json",),
     ),
     ReadmeCommand(".venv/bin/python -m lavis.chat --ckpt outputs/sft",
                   stdin=":image data/synthetic/images/test/000003.png\nWhat colour is the shape?\n:draw chat_boxes.png\n:quit\n",
@@ -236,19 +236,24 @@ README_COMMANDS = [
     ReadmeCommand(".venv/bin/python evaluate.py --cfg-path projects/eval/demo.yaml --options model.load_from=outputs/sft_lora",
                   prints=(r"loaded outputs/sft_lora/checkpoints/step_00000002/model\.safetensors <- outputs/sft/checkpoints/",
                           TABLE, row("vqa", "accuracy")),
-                  writes=("outputs/sft_lora/eval/vqa.json",)),
+                  writes=("outputs/sft_lora/eval/step_00000002/demo/vqa.json",)),
     ReadmeCommand(".venv/bin/python -m lavis.export outputs/sft_lora exported/sft_lora --format hf",
                   writes=("exported/sft_lora/model.safetensors", "exported/sft_lora/llm/config.json",
                           "exported/sft_lora/llm/model.safetensors")),
-    ReadmeCommand(".venv/bin/python evaluate.py --cfg-path projects/eval/demo.yaml",
-                  prints=(TABLE, row("caption", "CIDEr"), row("grounding", "accuracy")), writes=("outputs/sft/eval/grounding.json",)),
+    ReadmeCommand(".venv/bin/python evaluate.py --cfg-path projects/eval/demo.yaml --options run.overwrite=true",
+                  prints=(TABLE, row("caption", "CIDEr"), row("grounding", "accuracy"),
+                          (r"run\.overwrite: the earlier evaluation in outputs/sft/eval/step_00000002/demo \(.*\) was moved to "
+                           r"outputs/sft/eval/step_00000002/demo\.old-")),
+                  writes=("outputs/sft/eval/step_00000002/demo/grounding.json",)),
     ReadmeCommand(
         ".venv/bin/python evaluate.py --cfg-path projects/eval/vqa.yaml --options model.load_from=outputs/sft_fsdp "
         "evaluation.vqa.max_samples=50",
         prints=(r"loaded outputs/sft_fsdp/checkpoints/step_00000002/model", TABLE, row("vqa", "accuracy")),
-        writes=("outputs/sft_fsdp/eval/vqa.json",),
+        writes=("outputs/sft_fsdp/eval/step_00000002/vqa/vqa.json",),
     ),
-    ReadmeCommand(".venv/bin/torchrun --standalone --nproc_per_node 2 evaluate.py --cfg-path projects/eval/demo.yaml",
+    ReadmeCommand(".venv/bin/torchrun --standalone --nproc_per_node 2 evaluate.py --cfg-path projects/eval/demo.yaml "
+                  "--options run.output_dir=outputs/eval/demo_2proc",
+                  writes=("outputs/eval/demo_2proc/eval/results.md",),
                   prints=(TABLE, row("vqa", "accuracy"), r"(?s)\A(?!.*benchmark\s+split\s+metric.*benchmark\s+split\s+metric)")),  # one table
 ]
 
@@ -389,11 +394,11 @@ def check_outputs(checkout: Path) -> None:
     ablation = yaml.safe_load((checkout / "outputs/sft_q16/config.yaml").read_text())
     assert ablation["model"]["adapter"]["num_queries"] == 16
     assert (ablation["run"]["lr"], ablation["run"]["min_lr"], ablation["run"]["betas"]) == (2e-4, 2e-5, [0.9, 0.95])
-    raw = json.loads((checkout / "outputs/multitask/eval/vqa.json").read_text())
+    raw = json.loads((checkout / "outputs/multitask/eval/step_00000002/vqa/vqa.json").read_text())
     assert raw["model"] == "outputs/multitask" and raw["metrics"]["count"] == len(raw["predictions"]) == 16
     first = raw["predictions"][0]  # the stage-2 model asked as it was trained: Qwen-VL's raw prompt, no chat turn
     assert first["prompt"] == f"<img>{first['image']}</img>{first['question']} Answer:"
-    chat = json.loads((checkout / "outputs/sft/eval/vqa.json").read_text())["predictions"][0]  # the demo's chat model
+    chat = json.loads((checkout / "outputs/sft/eval/step_00000002/demo/vqa.json").read_text())["predictions"][0]  # the demo's chat model
     assert chat["prompt"] == f"Picture 1: <img>{chat['image']}</img>\n{chat['question']}"
     exported = load_file(str(checkout / "exported/fsdp/model.safetensors"))
     assert len(exported) > 50 and {t.dtype for t in exported.values() if t.is_floating_point()} == {torch.bfloat16}

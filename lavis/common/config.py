@@ -105,6 +105,9 @@ class ModelConfig:
     freeze: FreezeConfig
     system_message: str
     load_from: str | None
+    # evaluate.py: keys of this section (e.g. vision.image_size) that deliberately differ from the trained
+    # run's config.yaml; the model is otherwise the run's (lavis/models/loading.py). Not used in training.
+    override: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -233,7 +236,7 @@ class Config:
         tokenizer, annotation files, image roots (a dataset generated from ``synthetic_root`` excepted)
         and an evaluation task's files (its keys ending in ``_path``).
         Run before anything is built, so that a placeholder path fails in a second, not after loading
-        a 7B model."""
+        a 7B model. Then :meth:`check_output_dir`."""
         found = [(f"model.{name}.{key}", value) for name in ("vision", "llm", "tokenizer")
                  for key, value in getattr(self.model, name).params.items() if key in ("pretrained", "path")]
         entries = [(f"datasets.{n}", d.builder, d.params, d.synthetic_root) for n, d in self.datasets.items()]
@@ -255,6 +258,28 @@ class Config:
                     "from-qwen-vl SRC OUT)") if llm and not Path(llm).exists() else ""
             raise FileNotFoundError("local files not found (point these keys at your copies with --options key=path):\n"
                                     + "\n".join(missing) + hint)
+        self.check_output_dir()
+
+    def check_output_dir(self) -> None:
+        """Fail, naming ``run.output_dir``, when the run could not write there: a file, or a directory (or
+        the nearest existing parent of one to create) that cannot be written. Nothing is created."""
+        import tempfile
+
+        out = Path(self.run.output_dir)
+        way_out = "point run.output_dir at a directory this user can write (--options run.output_dir=PATH)"
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"run.output_dir {out} is a file, not a directory: {way_out}")
+        existing = out
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"run.output_dir {out} cannot be created: {existing} is a file, not a directory: {way_out}")
+        try:
+            with tempfile.TemporaryFile(dir=existing):  # a real write: permissions, read-only file systems, ACLs
+                pass
+        except OSError as err:
+            what = "is not writable" if existing == out else f"cannot be created: {existing} is not writable"
+            raise ConfigError(f"run.output_dir {out} {what} ({err.strerror or err}): {way_out}") from None
 
 
 # --------------------------------------------------------------------------- type checking

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import Config
 from lavis.common.loggers import build_loggers
+from lavis.common.output_dir import move_aside
 from lavis.common.logging import MetricsWriter, NullMetricsWriter, SkipLog, append_records
 from lavis.common.precision import autocast
 from lavis.common.optim import build_optimizer
@@ -489,10 +490,7 @@ class IterRunner:
         refusal = None
         if self.is_main and resume is None and (earlier := self.earlier_run()):
             if self.run.overwrite:
-                aside = self.output_dir.with_name(f"{self.output_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-                while aside.exists():
-                    aside = aside.with_name(aside.name + "-1")
-                self.output_dir.rename(aside)
+                aside = move_aside(self.output_dir)
                 log.warning("run.overwrite: the earlier run in %s (%s) was moved to %s", self.output_dir, earlier, aside)
             elif self.run.resume == "auto":
                 refusal = (

@@ -8,7 +8,12 @@ metrics. With ``torchrun`` the samples are split into contiguous shards, one per
 results gathered so every process gets the same metrics; the main process writes
 ``<output_dir>/eval/<name>.json`` with the metrics and every prediction, and, for a task that gives
 one (:meth:`EvalTask.submission`, e.g. VQAv2 test-dev), the evaluation server's results file
-``<output_dir>/eval/<name>_submission.json``.
+``<output_dir>/eval/<name>_submission.json``. An evaluation whose every sample was skipped has no score:
+its metrics hold only ``count`` 0 and ``skipped``, and :meth:`Evaluator.evaluate` raises
+:class:`EvaluationFailed` (after every evaluation ran and was written) naming it and the skip reasons.
+
+``evaluate.py`` writes into :func:`results_dir`, which no checkpoint pruning or later training touches,
+and refuses one that holds an earlier evaluation's results unless ``run.overwrite`` moves them aside.
 """
 
 from __future__ import annotations
@@ -139,9 +144,11 @@ class EvalResult:
     results: list[dict[str, Any]]
     skipped: dict[str, int]
     seconds: float
+    error: str | None = None  # why there is no score (every sample skipped)
 
     def to_json(self, step: int | None, model: str | None) -> dict[str, Any]:
         return {
+            **({"error": self.error} if self.error else {}),
             "name": self.name,
             "task": self.task,
             "step": step,
@@ -151,6 +158,14 @@ class EvalResult:
             "seconds": round(self.seconds, 2),
             "predictions": self.results,
         }
+
+
+class EvaluationFailed(ValueError):
+    """Some evaluations have no score (every sample skipped); ``results`` holds every evaluation's."""
+
+    def __init__(self, message: str, results: dict[str, EvalResult]) -> None:
+        super().__init__(message)
+        self.results = results
 
 
 class Evaluator:
@@ -194,18 +209,22 @@ class Evaluator:
 
     # ------------------------------------------------------------------ the loop
 
-    def evaluate(self, output_dir: str | Path | None = None, step: int | None = None, model_name: str | None = None) -> dict[str, EvalResult]:
+    def evaluate(self, output_dir: str | Path | None = None, step: int | None = None, model_name: str | None = None,
+                 results_dir: str | Path | None = None) -> dict[str, EvalResult]:
         """Every evaluation; writes ``<output_dir>/eval/<name>.json`` (and ``<name>_submission.json`` for
-        a task that gives one) on the main process when given."""
+        a task that gives one), or ``<results_dir>/<name>.json`` when given, on the main process. Raises :class:`EvaluationFailed` after
+        the last one when an evaluation skipped every sample (it has no score)."""
         was_training = self.model.training
         self.model.eval()
         out: dict[str, EvalResult] = {}
+        if results_dir is None and output_dir is not None:
+            results_dir = Path(output_dir) / "eval"
         try:
             for name in self.tasks:
                 out[name] = self.evaluate_one(name)
                 log.info("evaluation %s: %s (%.0f s)", name, _format_metrics(out[name].metrics), out[name].seconds)
-                if output_dir is not None and dist.is_main():
-                    path = Path(output_dir) / "eval" / f"{name}.json"
+                if results_dir is not None and dist.is_main():
+                    path = Path(results_dir) / f"{name}.json"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(out[name].to_json(step, model_name), indent=1))
                     submission = self.tasks[name].submission(out[name].results)
@@ -215,6 +234,9 @@ class Evaluator:
                         log.info("evaluation %s: %d answers for the evaluation server: %s", name, len(submission), path)
         finally:
             self.model.train(was_training)
+        failed = [result.error for result in out.values() if result.error]
+        if failed:
+            raise EvaluationFailed("\n".join(failed), out)
         return out
 
     def evaluate_one(self, name: str) -> EvalResult:
@@ -225,9 +247,17 @@ class Evaluator:
         gathered = dist.all_gather_objects((results, skipped))
         results = [r for part, _ in gathered for r in part]
         skipped = sum((Counter(s) for _, s in gathered), Counter())
-        metrics = task.metrics(results) if results else {**{m: 0.0 for m in task.metric_names}, "count": 0}
+        error = None
+        if results:
+            metrics = task.metrics(results)
+        else:  # no score: 0.0 over nothing would read as one
+            metrics = {"count": 0}
+            reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items())) or "none"
+            error = (f"evaluation {name}: every one of its {sum(skipped.values())} samples was skipped "
+                     f"(by reason: {reasons}); it has no score. The log names each skipped sample")
+            log.error("%s", error)
         metrics["skipped"] = sum(skipped.values())
-        return EvalResult(name, task.registry_name, metrics, results, dict(skipped), time.perf_counter() - started)
+        return EvalResult(name, task.registry_name, metrics, results, dict(skipped), time.perf_counter() - started, error)
 
     def _run(self, task: EvalTask, samples: list[EvalSample], filler: EvalSample) -> tuple[list[dict[str, Any]], Counter]:
         """Results of this process's samples, in sample order, and the samples skipped by reason.
@@ -359,11 +389,13 @@ LOGGED_SAMPLES = 4  # predictions per evaluation that go to the experiment logge
 
 def table_rows(cfg: Config, results: dict[str, EvalResult], tasks: dict[str, EvalTask]) -> list[dict[str, Any]]:
     """One row per evaluation and reported metric (its task's ``metric_names`` and their ``name/part``
-    breakdowns): benchmark, split, metric, value, samples, skipped (plus the evaluation and task)."""
+    breakdowns): benchmark, split, metric, value, samples, skipped (plus the evaluation and task). An
+    evaluation without a score (every sample skipped) has a row per metric with value None (``n/a``)."""
     rows = []
     for name, result in results.items():
         entry = cfg.evaluation[name]
-        for metric, value in result.metrics.items():
+        metrics = ({m: None for m in tasks[name].metric_names} | result.metrics) if result.error else result.metrics
+        for metric, value in metrics.items():
             if metric.split("/", 1)[0] in tasks[name].metric_names:
                 rows.append({"benchmark": entry.benchmark or name, "split": entry.benchmark_split or "-", "metric": metric,
                              "value": value, "samples": result.metrics.get("count", 0),
@@ -372,7 +404,9 @@ def table_rows(cfg: Config, results: dict[str, EvalResult], tasks: dict[str, Eva
 
 
 def _cells(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
-    return [f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+    # A table value of None: no score (every sample skipped).
+    return [f"{row[c]:.4f}" if isinstance(row[c], float) else "n/a" if row[c] is None and c == "value" else str(row[c])
+            for c in columns]
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
@@ -413,3 +447,62 @@ def logged_samples(
                          "image": image})
         logged[name] = rows
     return logged
+
+
+# --------------------------------------------------------------------------- where evaluate.py writes
+
+RESULT_FILES = ("results.md", "*.json")  # what of an earlier evaluation a results directory may hold
+
+
+def _training_run(path: Path) -> bool:
+    """Whether ``path`` is a training run's output directory."""
+    from lavis.common.checkpoint import CONFIG_NAME
+
+    return (path / CONFIG_NAME).is_file() and (path / "checkpoints").is_dir()
+
+
+def results_dir(cfg: Config, project: str | Path, output_dir_set: bool) -> Path:
+    """Where ``evaluate.py`` writes its results (``<name>.json``, ``results.md``, ``results.json``):
+
+    - ``<run.output_dir>/eval`` when the project or ``--options`` set ``run.output_dir``
+      (``output_dir_set``) or nothing is loaded (``model.load_from`` null);
+    - else, for a checkpoint of a training run, ``<run>/eval/<checkpoint>/<project>`` (e.g.
+      ``outputs/sft/eval/step_00000600/demo``: in the run, outside its checkpoints, which are pruned);
+    - else (an exported model, a weights file) ``<its directory>/eval/<project>``.
+
+    A directory inside a run's checkpoint (pruned with it), a training run's own ``eval/`` (its
+    evaluations during training write there), or a path through a file is a ConfigError naming it.
+    """
+    from lavis.models import resolve_weights_path
+
+    if output_dir_set or not cfg.model.load_from:
+        out = Path(cfg.run.output_dir) / "eval"
+    else:
+        checkpoint = resolve_weights_path(cfg.model.load_from).parent  # model.safetensors or the sharded model/
+        run = next((p for p in [checkpoint, *list(checkpoint.parents)[:2]] if _training_run(p)), None)
+        if run is not None and checkpoint != run:
+            out = run / "eval" / checkpoint.name / Path(project).stem
+        else:
+            out = checkpoint / "eval" / Path(project).stem
+    for path in [out, *out.parents]:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"the results directory {out} cannot be created: {path} is a file; set run.output_dir "
+                              "to a directory (results go to <run.output_dir>/eval)")
+        if path.parent.name == "checkpoints" and _training_run(path.parent.parent):
+            raise ConfigError(f"the results directory {out} lies inside the checkpoint {path}, which its run deletes "
+                              "when it prunes old checkpoints (run.keep_last); leave run.output_dir unset (results "
+                              f"then go to {path.parent.parent}/eval/{path.name}/<project>) or set it elsewhere")
+    if out.name == "eval" and _training_run(out.parent):
+        raise ConfigError(f"the results directory {out} is the training run's own (its evaluations during training "
+                          f"write there): leave run.output_dir unset (results then go to {out}/<checkpoint>/<project>) "
+                          "or set it to another directory")
+    return out
+
+
+def earlier_results(out: str | Path) -> str | None:
+    """What of an earlier evaluation ``out`` holds (None: nothing)."""
+    out = Path(out)
+    found = sorted({p.name for pattern in RESULT_FILES for p in out.glob(pattern) if p.is_file()}) if out.is_dir() else []
+    if not found:
+        return None
+    return ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
