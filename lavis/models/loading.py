@@ -37,8 +37,9 @@ from lavis.models.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 
-# model keys that say which weights to read, or how to read them: never part of the comparison.
-NOT_COMPARED = ("load_from", "override")
+# model keys that say which weights to read, or how to read them, or how the model trains (the
+# freeze policies: a LoRA model evaluates as its merged weights do): never part of the comparison.
+NOT_COMPARED = ("load_from", "override", "freeze")
 OPTIONS = "--options"
 
 
