@@ -190,7 +190,7 @@ def test_every_skip_is_named_in_skipped_jsonl_and_the_first_of_each_reason_in_th
     """A skip was only a count: now skipped.jsonl names each (step, rank, dataset, record, reason, detail),
     and the log shows the first three of each reason."""
     from lavis.common.config import load_config
-    from lavis.common.logging import read_metrics
+    from lavis.tracking.logging import read_metrics
     from lavis.runners import build_runner
 
     for i in range(0, 40, 2):
@@ -215,7 +215,7 @@ def test_every_skip_is_named_in_skipped_jsonl_and_the_first_of_each_reason_in_th
 
 def test_records_dropped_at_build_are_named_in_skipped_jsonl_at_step_0(tmp_path):
     from lavis.common.config import load_config
-    from lavis.common.logging import read_metrics
+    from lavis.tracking.logging import read_metrics
     from lavis.runners import build_runner
 
     png(tmp_path / "img.png")

@@ -22,7 +22,7 @@ import torch
 from conftest import REFERENCE, REPO
 from safetensors.torch import load_file, save_file
 
-from lavis.convert import (
+from lavis.interop.convert import (
     ADAPTER_FILE,
     TOKENIZER_FILE,
     VISION_FILE,
@@ -308,7 +308,7 @@ def test_the_preset_builds_the_release_s_tensors(tmp_path):
 
 def test_a_model_without_qwen_vl_s_shape_is_refused(project):
     from lavis.common.config import load_config
-    from lavis.convert import qwen_vl_config
+    from lavis.interop.convert import qwen_vl_config
     from lavis.models import build_model
 
     path, options = project
@@ -331,7 +331,7 @@ def test_a_lora_fine_tune_exports_merged_in_qwen_vl_s_layout(tmp_path, project, 
     """LoRA on the converted model's LLM (adapters given values) -> ``lavis.export --format qwen-vl``
     (merged) -> back through ``from-qwen-vl`` -> a plain model with the LoRA model's logits."""
     from lavis.common.config import load_config
-    from lavis.export import export
+    from lavis.interop.export import export
     from lavis.models import build_model
     from lavis.models.vlm import canonical_name
     from lavis.processors.image import CLIPImageProcessor, load_image

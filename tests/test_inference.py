@@ -18,11 +18,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import lavis
-from lavis.inference import from_list_format
+from lavis.models.chat import from_list_format
 from lavis.models import build_model, weights_chain
 from lavis.models.generation import left_pad
 from lavis.processors.image import load_image
-from lavis.visualize import draw_boxes, find_boxes
+from lavis.serving.boxes import draw_boxes, find_boxes
 
 STEP_DIR = Path("checkpoints") / "step_00000002"
 MAX_NEW = 12
@@ -165,7 +165,7 @@ def test_trainable_only_checkpoint_is_completed_from_its_load_from_chain(runs):
 def test_export_of_a_trainable_only_run(runs, tmp_path):
     """``--weights trainable`` writes what B's checkpoint holds and keeps its load_from; ``--weights full``
     (the default) completes it from A (B's load_from) into one file that stands alone, here in bf16."""
-    from lavis.export import export
+    from lavis.interop.export import export
 
     a_state, b_state = load_file(str(weights_of(runs["A"]))), load_file(str(weights_of(runs["B"])))
     part = export(runs["B"], tmp_path / "part", weights="trainable")
@@ -298,7 +298,7 @@ def test_chat_rejects_a_stray_image_token_with_value_error(varied):
 
 
 def test_interactive_chat_survives_a_missing_image(varied, monkeypatch, capsys):
-    from lavis.chat import ChatSession, interactive
+    from lavis.serving.terminal import ChatSession, interactive
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi <img>/no/such.png</img>\nHello\n:quit\n"))
     interactive(ChatSession(varied[1][0], 2, 1), [])

@@ -25,10 +25,10 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 import lavis
-from lavis.convert import TOKENIZER_FILE, ConversionError, from_qwen_vl, to_qwen_vl
-from lavis.convert import main as convert_main
-from lavis.export import export
-from lavis.export import main as export_main
+from lavis.interop.convert import TOKENIZER_FILE, ConversionError, from_qwen_vl, to_qwen_vl
+from lavis.interop.convert import main as convert_main
+from lavis.interop.export import export
+from lavis.interop.export import main as export_main
 
 STEP = Path("checkpoints") / "step_00000002"
 FIXTURE = REPO / "tests" / "fixtures" / "qwen_vl_tiny"

@@ -22,7 +22,7 @@ import torch
 from conftest import REPO, SFT_PROJECT, popen_train, run_train, sft_options
 
 from lavis.common import checkpoint as ckpt
-from lavis.common.logging import read_metrics
+from lavis.tracking.logging import read_metrics
 from lavis.runners import build_runner
 from lavis.runners.iter_runner import OutputDirInUse
 

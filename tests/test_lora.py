@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import ConfigError, load_config
-from lavis.common.logging import read_metrics
+from lavis.tracking.logging import read_metrics
 from lavis.datasets.collate import PadCollator
 from lavis.models import build_model, load_trained
 from lavis.models.freeze import LORA_TARGETS, merge_lora, merge_lora_state
@@ -196,7 +196,7 @@ def test_a_killed_lora_run_resumes_bitwise_and_chains_into_evaluation_and_export
     # The run as LoRA over its base (lavis.load_model builds the run's own config) vs a plain model with
     # the adapters merged on load vs the merged export: the same logits.
     import lavis
-    from lavis.export import export
+    from lavis.interop.export import export
 
     cfg = load_lora(*options)
     lora_model, processors = lavis.load_model(str(out), device="cpu")

@@ -377,7 +377,7 @@ def test_readme_release_commands_run_on_the_tiny_qwen_vl(checkout):
     back in Qwen-VL's layout, as the README's commands do, on the tiny Qwen-VL of the parity fixture."""
     from test_convert import FIXTURE, regenerate, tokenizer_file, write_release
 
-    from lavis.convert import CODE_FILES
+    from lavis.interop.convert import CODE_FILES
 
     config = json.loads((FIXTURE / "config.json").read_text())
     state = regenerate()["random_original_state"](config, json.loads((FIXTURE / "fixture.json").read_text())["seed"])

@@ -27,7 +27,7 @@ from conftest import REPO
 from PIL import Image
 
 import lavis
-from lavis.serve import (
+from lavis.serving.api import (
     APIError,
     ChatCompletionRequest,
     ChatMessage,
@@ -41,7 +41,7 @@ from lavis.serve import (
     main,
     sampling_options,
 )
-from lavis.serving import ChatEngine, SamplingOptions
+from lavis.serving.engine import ChatEngine, SamplingOptions
 
 KEY = "test-key"
 MAX_REQUEST_BYTES = 64 * 1024

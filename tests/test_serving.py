@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import lavis
-from lavis.serving import ChatEngine, SamplingOptions
+from lavis.serving.engine import ChatEngine, SamplingOptions
 
 QUESTIONS = ["What colour is the shape?", "Give the bounding box of the shape.", "Describe the image.",
              "How many shapes are there?", "Is there a circle?"]

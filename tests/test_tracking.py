@@ -21,8 +21,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lavis.common.config import CONFIG_ROOT, RunConfig, TensorBoardConfig, WandbConfig
-from lavis.common.loggers import TensorBoardLogger
-from lavis.common.logging import MetricsWriter, NullMetricsWriter, read_metrics
+from lavis.tracking.loggers import TensorBoardLogger
+from lavis.tracking.logging import MetricsWriter, NullMetricsWriter, read_metrics
 from lavis.common.registry import registry
 from lavis.runners.strategies import SingleProcess
 from lavis.tasks.evaluation import SAMPLE_COLUMNS, TABLE_COLUMNS

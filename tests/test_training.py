@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import load_config
-from lavis.common.logging import read_metrics
+from lavis.tracking.logging import read_metrics
 from lavis.common.optim import linear_warmup_cosine
 from lavis.runners import build_runner
 from lavis.runners.iter_runner import OutputDirInUse

@@ -24,7 +24,7 @@ from conftest import REFERENCE
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lavis.inference import chat, encode_chat
+from lavis.models.chat import chat, encode_chat
 from lavis.processors.conversation import ConversationEncoder
 from lavis.processors.image import CLIPImageProcessor, ImageTooLarge, open_bounded_image
 from lavis.processors.tokenizer import (
@@ -35,8 +35,8 @@ from lavis.processors.tokenizer import (
     HFTokenizer,
     QwenTiktoken,
 )
-from lavis.serve import ServerSettings, create_app, parse_args
-from lavis.serving import ChatEngine, SamplingOptions
+from lavis.serving.api import ServerSettings, create_app, parse_args
+from lavis.serving.engine import ChatEngine, SamplingOptions
 
 SYSTEM = "You are a helpful assistant."
 QWEN_TIKTOKEN = REFERENCE / "qwen-vl-chat" / "qwen.tiktoken"
@@ -199,7 +199,7 @@ def test_a_server_engine_reads_no_picture_the_request_did_not_send(model, tmp_pa
 
 
 def test_the_web_demo_sends_typed_text_as_plain_text_and_refuses_img_spans(model, engine, tmp_path):
-    from lavis.web import BadInput, Conversation, stream_answer
+    from lavis.serving.web import BadInput, Conversation, stream_answer
 
     conversation = Conversation()
     options = SamplingOptions(max_new_tokens=4)
@@ -214,7 +214,7 @@ def test_the_web_demo_sends_typed_text_as_plain_text_and_refuses_img_spans(model
 
 
 def test_the_terminal_chat_sends_typed_text_as_plain_text(model):
-    from lavis.chat import ChatSession
+    from lavis.serving.terminal import ChatSession
 
     session = ChatSession(model, max_new_tokens=4, num_beams=1)
     assert session.ask(FORGED, []) == ""

@@ -30,9 +30,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 import lavis
-from lavis.serving import SamplingOptions
-from lavis.visualize import PALETTE, draw_boxes
-from lavis.web import BadInput, Conversation, stream_answer
+from lavis.serving.engine import SamplingOptions
+from lavis.serving.boxes import PALETTE, draw_boxes
+from lavis.serving.web import BadInput, Conversation, stream_answer
 
 CHROMIUM = os.environ.get("LAVIS_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("LAVIS_CHROMEDRIVER", "/usr/bin/chromedriver")

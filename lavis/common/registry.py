@@ -38,7 +38,7 @@ _BUILTIN_MODULES = (
     "lavis.tasks",
     "lavis.runners",
     "lavis.common.optim",
-    "lavis.common.loggers",
+    "lavis.tracking.loggers",
 )
 
 

@@ -17,6 +17,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lavis.common.config import (
     CONFIG_ROOT,
     Config,
@@ -169,3 +171,27 @@ def evaluation_config(cfg: Config, explicit: dict[str, str]) -> tuple[Config, Pa
              f"; this config's inherited values of {', '.join(inherited)} are not used" if inherited else "")
     raw = {**cfg.raw, "model": model}
     return dataclasses.replace(cfg, model=build_config(raw).model, raw=raw), config
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None) -> tuple[VisionLanguageModel, Processors]:
+    """A trained model and its processors, ready for ``generate`` and ``chat``.
+
+    ``path``: a run's ``output_dir`` (its newest checkpoint), a checkpoint directory (e.g.
+    ``<output_dir>/checkpoints/best``) or its ``model.safetensors``. The model is built from the
+    run's ``config.yaml``; weights saved trainable-only are completed from the run's own
+    ``model.load_from`` chain. ``device``: ``auto`` = CUDA when available. ``dtype``: cast the
+    weights (e.g. ``torch.bfloat16``); default keeps fp32.
+    """
+    weights, config = trained_config(path)
+    if config is None:
+        raise FileNotFoundError(f"{path}: no config.yaml in the checkpoint or its run (expected <output_dir>/config.yaml)")
+    cfg = load_config(config)
+    model, processors = build_trained(cfg.model, weights)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device=device, dtype=dtype).eval()
+    model.attach_processors(processors, cfg.model.system_message)
+    return model, processors

@@ -288,7 +288,7 @@ class VisionLanguageModel(nn.Module):
         self.system_message = system_message
 
     def chat(self, query, history=None, **options):
-        """One chat turn: ``(response, history)``; see :func:`lavis.inference.chat` for the arguments."""
-        from lavis.inference import chat
+        """One chat turn: ``(response, history)``; see :func:`lavis.models.chat.chat` for the arguments."""
+        from lavis.models.chat import chat
 
         return chat(self, query, history, **options)

@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import Config
-from lavis.common.loggers import build_loggers
+from lavis.tracking.loggers import build_loggers
 from lavis.common.output_dir import move_aside
-from lavis.common.logging import MetricsWriter, NullMetricsWriter, SkipLog, append_records
+from lavis.tracking.logging import MetricsWriter, NullMetricsWriter, SkipLog, append_records
 from lavis.common.precision import autocast
 from lavis.common.optim import build_optimizer
 from lavis.common.registry import registry

@@ -3,7 +3,7 @@
 Each registered logger has a block ``run.<name>`` (its typed settings in :mod:`lavis.common.config`,
 its defaults in ``configs/loggers/<name>.yaml``) that turns it on: ``run.wandb.project``,
 ``run.tensorboard.log_dir``. The runner builds the enabled ones on the main process only; its
-:class:`~lavis.common.logging.MetricsWriter` sends them the numbers of every ``metrics.jsonl`` record
+:class:`~lavis.tracking.logging.MetricsWriter` sends them the numbers of every ``metrics.jsonl`` record
 and each evaluation's results table and sample predictions. ``evaluate.py`` logs its evaluation the same way.
 """
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lavis.common.loggers import Logger
+    from lavis.tracking.loggers import Logger
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class JsonlLog:
 
 
 class MetricsWriter(JsonlLog):
-    """``metrics.jsonl``; the experiment ``loggers`` (:mod:`lavis.common.loggers`) also get the numeric
+    """``metrics.jsonl``; the experiment ``loggers`` (:mod:`lavis.tracking.loggers`) also get the numeric
     values of every record, and each evaluation's table and samples through :meth:`log_evaluation`."""
 
     def __init__(self, path: str | Path, resume_step: int | None = None, loggers: Sequence[Logger] = ()) -> None:

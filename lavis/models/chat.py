@@ -1,4 +1,4 @@
-"""Inference on a trained model: :func:`load_model`, Qwen-VL's chat format and multi-turn chat.
+"""Chat with a trained model: Qwen-VL's query format, its chat encoding and multi-turn chat.
 
     import lavis
     model, processors = lavis.load_model("outputs/sft")
@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from lavis.common.config import load_config
-from lavis.models import Processors
 from lavis.models.generation import left_pad, until_stop
-from lavis.models.loading import build_trained, trained_config
 from lavis.models.vlm import VisionLanguageModel
 from lavis.processors.conversation import (
     IMAGE_SPAN,
@@ -35,27 +31,6 @@ from lavis.processors.tokenizer import IMAGE_SPECIALS
 log = logging.getLogger(__name__)
 
 History = list[tuple[str, str]]
-
-
-def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None) -> tuple[VisionLanguageModel, Processors]:
-    """A trained model and its processors, ready for ``generate`` and ``chat``.
-
-    ``path``: a run's ``output_dir`` (its newest checkpoint), a checkpoint directory (e.g.
-    ``<output_dir>/checkpoints/best``) or its ``model.safetensors``. The model is built from the
-    run's ``config.yaml``; weights saved trainable-only are completed from the run's own
-    ``model.load_from`` chain. ``device``: ``auto`` = CUDA when available. ``dtype``: cast the
-    weights (e.g. ``torch.bfloat16``); default keeps fp32.
-    """
-    weights, config = trained_config(path)
-    if config is None:
-        raise FileNotFoundError(f"{path}: no config.yaml in the checkpoint or its run (expected <output_dir>/config.yaml)")
-    cfg = load_config(config)
-    model, processors = build_trained(cfg.model, weights)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device=device, dtype=dtype).eval()
-    model.attach_processors(processors, cfg.model.system_message)
-    return model, processors
 
 
 def from_list_format(items: list[dict[str, Any]], first_picture: int = 1) -> str:

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from lavis.inference import encode_chat
+from lavis.models.chat import encode_chat
 from lavis.models.generation import left_pad
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ class ChatEngine:
     ``<img>path</img>`` without its picture in :meth:`submit`'s ``images`` is read from disk (False for
     a server, whose pictures all come with the request: then such a span is a ValueError).
 
-    Every message's text is encoded as Qwen-VL's chat does (:func:`lavis.inference.encode_chat`):
+    Every message's text is encoded as Qwen-VL's chat does (:func:`lavis.models.chat.encode_chat`):
     ``<|im_start|>``, ``<|im_end|>`` and ``<|endoftext|>`` written by a caller are plain text.
     """
 

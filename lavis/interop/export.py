@@ -1,0 +1,316 @@
+"""Consolidate a checkpoint into one ``model.safetensors``: ``python -m lavis.export RUN_OR_CHECKPOINT OUT``.
+
+Reads either layout (a sharded FSDP checkpoint is gathered into whole tensors in this one process,
+whatever number of ranks wrote it) and writes ``OUT/`` as a self-describing checkpoint directory:
+``model.safetensors``, ``config.yaml`` and ``meta.json``. ``lavis.load_model(OUT)``, ``evaluate.py``
+and ``model.load_from=OUT`` read it.
+
+An export is self-contained: ``--weights full`` (default) writes every weight of the model, a
+trainable-only checkpoint completed from its run's ``model.load_from`` chain, so OUT stands alone
+(``weights: full`` in its meta, its config's ``model.load_from`` cleared). ``--weights trainable``
+writes what the checkpoint holds and says so: ``weights: trainable``, ``self_contained: false``, its
+config keeps ``model.load_from`` (the earlier stage must be there to load it); a checkpoint that holds
+every weight (``run.save_weights: full``) is complete either way and labelled so. ``--merge-lora``
+folds LoRA adapters into the weights they adapt: OUT is a plain model (its config's LoRA policies
+become ``trainable``). ``--dtype`` casts floating tensors (e.g. ``bfloat16`` to halve the file for inference).
+
+OUT is new or empty: a directory holding anything is refused unless ``--overwrite``, which moves it
+aside to ``OUT.old-<time>`` (never deletes it). A training run's directory (or a directory inside
+one), the source and what it is made of (its checkpoint, its run, the earlier stages of its
+``load_from`` chain) and a directory above them are refused whatever the flags. OUT appears only
+once complete: a refused or failed export leaves nothing behind.
+
+``--format hf`` writes, besides, ``OUT/llm/``: the language model alone as a transformers directory
+(``save_pretrained``, safetensors) that ``AutoModelForCausalLM.from_pretrained`` loads.
+``--format qwen-vl`` writes ``OUT/qwen_vl/``: the whole model in Qwen-VL's original layout and config
+(``python -m lavis.convert to-qwen-vl``), for Qwen-VL's own code, web demo and evaluation scripts.
+Both merge LoRA adapters first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from lavis.common import checkpoint as ckpt
+from lavis.common.config import load_config
+from lavis.tracking.logging import setup_logging
+from lavis.common.output_dir import move_aside
+
+log = logging.getLogger("lavis.export")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMATS = ("lavis", "hf", "qwen-vl")
+
+
+class OutputRefused(ValueError):
+    """An output directory this command may not write into (it would replace what is not its own)."""
+
+
+def is_run_dir(path: Path) -> bool:
+    """A training run's ``output_dir``: its ``config.yaml`` beside ``checkpoints/``."""
+    return (path / ckpt.CONFIG_NAME).is_file() and (path / "checkpoints").is_dir()
+
+
+def _within(path: Path, other: Path) -> bool:
+    return path == other or other in path.parents
+
+
+def check_output(out: str | Path, inputs: Iterable[tuple[Path, bool]], overwrite: bool,
+                 error: type[ValueError] = OutputRefused) -> Path:
+    """``out`` made absolute, once it is certain that writing there replaces nothing of anyone else's.
+
+    ``inputs``: ``(path, whole)`` for what the command reads: OUT may be neither one of them nor a
+    directory above one, nor, where ``whole`` (a model or run directory), a directory inside one.
+    A training run's directory, or one inside a run, is refused too; a file is not a directory; a
+    directory that holds anything is refused unless ``overwrite`` (it is then moved aside by
+    :func:`staged_output`). Raises ``error`` naming OUT and the way out.
+    """
+    out = Path(os.path.abspath(out))
+    refuse = f"refusing to write into {out}"
+    for path, whole in inputs:
+        path = Path(os.path.abspath(path))
+        for there in {path, path.resolve()}:
+            target = {out, out.resolve() if out.exists() else out}
+            if any(_within(there, o) for o in target):
+                what = "is" if there in target else "holds"
+                raise error(f"{refuse}: it {what} the input {path}; write the output elsewhere")
+            if whole and any(_within(o, there) for o in target):
+                raise error(f"{refuse}: it is inside the input {path}; write the output elsewhere")
+    if _within(Path.cwd(), out):
+        raise error(f"{refuse}: it holds the current directory; write the output elsewhere")
+    for candidate in (out, *out.parents):
+        if is_run_dir(candidate):
+            where = "is" if candidate == out else f"is inside {candidate},"
+            raise error(f"{refuse}: it {where} a training run's output directory (config.yaml and checkpoints/), "
+                        "whatever --overwrite says; write the output elsewhere")
+    if out.exists() and not out.is_dir():
+        raise error(f"{refuse}: it is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise error(f"{out} is not empty: write the output elsewhere, or pass --overwrite (overwrite=True) to move "
+                    f"what it holds aside to {out.name}.old-<time> first")
+    return out
+
+
+@contextmanager
+def staged_output(out: str | Path, inputs: Iterable[tuple[Path, bool]], overwrite: bool,
+                  error: type[ValueError] = OutputRefused) -> Iterator[Path]:
+    """Write into a staging directory beside ``out`` (yielded) that becomes ``out`` once complete.
+
+    ``out`` is checked first (:func:`check_output`) and again before the rename; an earlier
+    non-empty ``out`` is then moved aside (``overwrite``), never deleted. On an error the staging
+    directory is removed and ``out`` is left as it was.
+    """
+    inputs = list(inputs)
+    out = check_output(out, inputs, overwrite, error)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)  # this process's own leftover, if any
+    staging.mkdir()
+    try:
+        yield staging
+        check_output(out, inputs, overwrite, error)
+        if out.is_dir() and any(out.iterdir()):
+            log.warning("--overwrite: what %s held was moved to %s", out, move_aside(out))
+        elif out.is_dir():
+            out.rmdir()
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def model_inputs(source: str | Path, chain: list[Path] | None = None) -> list[tuple[Path, bool]]:
+    """What a trained model at ``source`` is made of, for :func:`check_output`: the path given, the
+    weights of its ``load_from`` chain (as far as it can be followed), their checkpoint directories
+    and runs (``whole``: a directory inside them is refused too, as is the source directory itself).
+    ``chain``: the source's :func:`~lavis.models.weights_chain`, if known."""
+    from lavis.models import resolve_weights_path, run_dir_of, weights_chain
+
+    source = Path(source)
+    found: list[tuple[Path, bool]] = [(source, source.is_dir())]
+    files = chain
+    if files is None:
+        try:
+            files = weights_chain(str(source))
+        except (FileNotFoundError, ValueError):
+            files = [resolve_weights_path(str(source))]
+    for file in files:
+        found.append((file, file.is_dir()))
+        own_config = (file.parent / ckpt.CONFIG_NAME).is_file() or (file.parent / ckpt.META_NAME).is_file()
+        found.append((file.parent, own_config))  # a checkpoint or export directory; else a folder of files
+        run = run_dir_of(file)
+        if run is not None:
+            found.append((run, True))
+    return found
+
+
+def holds_every_weight(meta: dict) -> bool:
+    """A checkpoint that needs nothing else: saved with ``run.save_weights: full``, or trainable-only
+    from a run in which every component trained."""
+    if meta.get("weights") == "full":
+        return True
+    freeze = meta.get("freeze") or {}
+    return meta.get("weights") == "trainable" and bool(freeze) and all(
+        (p.get("type") if isinstance(p, dict) else p) == "trainable" for p in freeze.values())
+
+
+def export(
+    source: str | Path,
+    out: str | Path,
+    weights: str = "full",
+    dtype: str | None = None,
+    merge_lora: bool = False,
+    format: str = "lavis",
+    overwrite: bool = False,
+) -> Path:
+    """Write ``out/model.safetensors`` (+ ``config.yaml``, ``meta.json``; ``llm/`` with ``format="hf"``)
+    from a run or checkpoint; see the module docstring for ``weights`` and ``overwrite``."""
+    from lavis.models import config_of, resolve_weights_path, weights_chain
+
+    if format not in FORMATS:
+        raise ValueError(f"unknown format '{format}'; expected one of {', '.join(FORMATS)}")
+    if weights not in ("full", "trainable"):
+        raise ValueError(f"unknown weights '{weights}'; expected full or trainable")
+    if merge_lora or format != "lavis":
+        weights = "full"
+        merge_lora = True
+    file = resolve_weights_path(str(source))
+    try:
+        whole_chain, chain_error = weights_chain(str(source)), None
+    except (FileNotFoundError, ValueError) as err:  # an earlier stage absent: only a trainable export can do without
+        whole_chain, chain_error = None, err
+    inputs = model_inputs(source, whole_chain or [file])
+    check_output(out, inputs, overwrite)  # before the (long) gathering of the weights
+    config = config_of(file)
+    if config is None:
+        raise FileNotFoundError(f"{source}: no config.yaml in the checkpoint or its run")
+    raw = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+    source_meta = ckpt.read_meta(file.parent) if (file.parent / ckpt.META_NAME).is_file() else {}
+    complete = holds_every_weight(source_meta)
+    if weights == "full" and isinstance(chain_error, FileNotFoundError):
+        raise FileNotFoundError(f"{chain_error}. A self-contained export needs every stage; --weights trainable "
+                                "writes what the checkpoint holds (its load_from kept)") from None
+    if weights == "full" and chain_error is not None:
+        raise chain_error
+    chain = whole_chain if weights == "full" else [file]
+    merged: list[str] = []
+    if weights == "full" and not merge_lora and chain == [file] and complete:
+        state = ckpt.load_weights_file(file)  # the checkpoint is the whole model already
+    elif weights == "full":
+        state, merged = whole_model_state(source, config, merge_lora)
+        raw["model"]["freeze"].update({name: {"type": "trainable"} for name in merged})
+    else:
+        state = ckpt.load_weights_file(file)
+        if complete:
+            log.info("%s holds every weight of the model: the export is complete (weights: full)", file)
+            weights = "full"
+    if weights == "full":
+        raw["model"]["load_from"] = None
+    if dtype is not None:
+        state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+    meta = {
+        "step": source_meta.get("step"),
+        "weights": weights,
+        "self_contained": weights == "full",
+        "load_from": raw["model"].get("load_from"),
+        "freeze": source_meta.get("freeze"),
+        "exported_from": [str(p) for p in chain],
+        "dtype": dtype,
+        "merged_lora": merged,
+    }
+    with staged_output(out, inputs, overwrite) as staging:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(staging / ckpt.WEIGHTS_NAME))
+        (staging / ckpt.CONFIG_NAME).write_text(OmegaConf.to_yaml(OmegaConf.create(raw)))
+        (staging / ckpt.META_NAME).write_text(json.dumps(meta, indent=2))
+        if format == "hf":
+            write_hf_llm(staging)
+        elif format == "qwen-vl":
+            from lavis.interop.convert import write_qwen_vl
+
+            write_qwen_vl(staging, staging / "qwen_vl")
+    out = Path(os.path.abspath(out))
+    if weights == "trainable":
+        log.warning("exported the trainable weights only: %s loads with its model.load_from (%s) present",
+                    out, raw["model"].get("load_from"))
+    log.info("exported %d tensors (%s weights) from %s to %s", len(state), weights, " <- ".join(map(str, chain[::-1])), out)
+    return out
+
+
+def whole_model_state(source: str | Path, config: Path, merge_lora: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every weight of the model ``source`` holds: built from its run's config (pretrained files
+    included), its checkpoints loaded along the ``load_from`` chain, LoRA folded in if ``merge_lora``.
+    Returns the state (canonical names) and the components whose adapters were merged; parameters
+    that come neither from a checkpoint nor from a pretrained file (random initialisation) are an error."""
+    from lavis.models import build_model, load_trained
+    from lavis.models.freeze import LoRA, merge_lora as fold
+    from lavis.models.vlm import canonical_name
+
+    cfg = load_config(config)
+    model, _ = build_model(dataclasses.replace(cfg.model, load_from=None))
+    as_built = load_trained(model, str(source))
+    from_files = {name for name in model.COMPONENTS if getattr(cfg.model, name).params.get("pretrained")}
+    missing = sorted(n for n in as_built if n.split(".", 1)[0] not in from_files)
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} parameters are in no checkpoint of the load_from chain and in no "
+                         f"pretrained file, e.g. {missing[:5]}; export --weights trainable instead")
+    merged = [name for name, policy in model.freeze_policies.items() if merge_lora and isinstance(policy, LoRA)]
+    for name in merged:
+        fold(getattr(model, name))
+    # The state dict less the second name of tied parameters (safetensors stores a tensor once).
+    parameters = dict(model.named_parameters())
+    tied = {k for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.nn.Parameter) and k not in parameters}
+    return {canonical_name(k): v.detach() for k, v in model.state_dict().items() if k not in tied}, merged
+
+
+def write_hf_llm(export_dir: Path) -> Path:
+    """``export_dir/llm/``: the exported model's language model as a transformers directory."""
+    from lavis.models import build_model, load_trained
+
+    cfg = load_config(export_dir / ckpt.CONFIG_NAME)
+    model, _ = build_model(dataclasses.replace(cfg.model, load_from=None))
+    load_trained(model, str(export_dir))
+    target = export_dir / "llm"
+    model.llm.save_pretrained(target, safe_serialization=True)
+    log.info("wrote the language model as a transformers directory to %s", target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="a run's output_dir (its newest checkpoint), a checkpoint directory or weights")
+    parser.add_argument("out", help="directory to write model.safetensors, config.yaml and meta.json into")
+    parser.add_argument("--weights", choices=("full", "trainable"), default="full",
+                        help="full (default): every weight, completed from the load_from chain, so OUT stands "
+                             "alone; trainable: what the checkpoint holds (OUT keeps its model.load_from)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors")
+    parser.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the weights (implies --weights full)")
+    parser.add_argument("--format", choices=FORMATS, default="lavis",
+                        help="hf: also OUT/llm/, the language model as a transformers directory; qwen-vl: also "
+                             "OUT/qwen_vl/, Qwen-VL's original layout (both merge LoRA)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty OUT, its content moved aside to OUT.old-<time> first (never "
+                             "deleted); a run's directory and the source are refused whatever this says")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        export(args.source, args.out, args.weights, args.dtype, args.merge_lora, args.format, args.overwrite)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
