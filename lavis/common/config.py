@@ -29,12 +29,11 @@ from typing import Any, Literal, Union
 from omegaconf import DictConfig, OmegaConf
 
 from lavis.common.registry import did_you_mean, registry
+from lavis.common.resources import CONFIG_ROOT
 from lavis.processors.conversation import LabelPolicy
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_ROOT = REPO_ROOT / "configs"
 
 # Where each kind's default YAMLs live, under configs/.
 DEFAULTS_DIR = {
