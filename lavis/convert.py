@@ -2,7 +2,7 @@
 
 import sys
 
-from lavis.interop.convert import main
+from lavis.interop.convert.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

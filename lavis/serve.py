@@ -2,7 +2,7 @@
 
 import sys
 
-from lavis.serving.api import main
+from lavis.serving.api.app import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,16 +22,18 @@ import torch
 from conftest import REFERENCE, REPO
 from safetensors.torch import load_file, save_file
 
-from lavis.interop.convert import (
-    ADAPTER_FILE,
-    TOKENIZER_FILE,
-    VISION_FILE,
+from lavis.interop.convert.cli import main
+from lavis.interop.convert.layout import (
     ConversionError,
-    from_qwen_vl,
-    main,
     original_shapes,
     to_original,
     to_ours,
+)
+from lavis.interop.convert.release import (
+    ADAPTER_FILE,
+    TOKENIZER_FILE,
+    VISION_FILE,
+    from_qwen_vl,
     to_qwen_vl,
 )
 
@@ -308,7 +310,7 @@ def test_the_preset_builds_the_release_s_tensors(tmp_path):
 
 def test_a_model_without_qwen_vl_s_shape_is_refused(project):
     from lavis.common.config import load_config
-    from lavis.interop.convert import qwen_vl_config
+    from lavis.interop.convert.layout import qwen_vl_config
     from lavis.models import build_model
 
     path, options = project

@@ -25,8 +25,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 import lavis
-from lavis.interop.convert import TOKENIZER_FILE, ConversionError, from_qwen_vl, to_qwen_vl
-from lavis.interop.convert import main as convert_main
+from lavis.interop.convert.cli import main as convert_main
+from lavis.interop.convert.layout import ConversionError
+from lavis.interop.convert.release import TOKENIZER_FILE, from_qwen_vl, to_qwen_vl
 from lavis.interop.export import export
 from lavis.interop.export import main as export_main
 

@@ -254,7 +254,8 @@ README_COMMANDS = [
     ReadmeCommand(".venv/bin/torchrun --standalone --nproc_per_node 2 evaluate.py --cfg-path projects/eval/demo.yaml "
                   "--options run.output_dir=outputs/eval/demo_2proc",
                   writes=("outputs/eval/demo_2proc/eval/results.md",),
-                  prints=(TABLE, row("vqa", "accuracy"), r"(?s)\A(?!.*benchmark\s+split\s+metric.*benchmark\s+split\s+metric)")),  # one table
+                  prints=(TABLE, row("vqa", "accuracy"),
+                          r"(?s)\A(?!.*benchmark\s+split\s+metric.*benchmark\s+split\s+metric)")),  # one table
 ]
 
 
@@ -286,12 +287,14 @@ RELEASE_COMMANDS = [
         "--options model.llm.pretrained=/models/qwen_vl_chat_lavis datasets.conversations.ann_path=/data/my_conversations.json "
         "datasets.conversations.image_root=/data/my_images",
         here=finetune("lora"), why="8 GPUs: the tiny release on one CPU process, on the demo's conversations", release=True,
-        prints=(r"^llm\s+lora r=64\s", r"^adapter\s+frozen\s"), writes=("outputs/qwen_vl/finetune_lora/checkpoints/step_00000002/meta.json",),
+        prints=(r"^llm\s+lora r=64\s", r"^adapter\s+frozen\s"),
+        writes=("outputs/qwen_vl/finetune_lora/checkpoints/step_00000002/meta.json",),
     ),
     ReadmeCommand(".venv/bin/python -m lavis.export outputs/qwen_vl/finetune_lora /models/my_lora --format qwen-vl",
                   here=".venv/bin/python -m lavis.export outputs/qwen_vl/finetune_lora models/my_lora --format qwen-vl",
                   why="models/ for /models/", release=True,
-                  writes=("models/my_lora/model.safetensors", "models/my_lora/qwen_vl/config.json", "models/my_lora/qwen_vl/qwen.tiktoken")),
+                  writes=("models/my_lora/model.safetensors", "models/my_lora/qwen_vl/config.json",
+                          "models/my_lora/qwen_vl/qwen.tiktoken")),
     ReadmeCommand(
         ".venv/bin/torchrun --standalone --nproc_per_node 8 evaluate.py --cfg-path projects/eval/qwen_vl_suite.yaml "
         "--options model.llm.pretrained=/models/qwen_vl_chat_lavis",
@@ -305,7 +308,8 @@ RELEASE_COMMANDS = [
                 r"^  evaluation\.refcocog_test\.refs_path: /data/refcocog/refs\(umd\)\.p"),
     ),
     ReadmeCommand(
-        ".venv/bin/python -m lavis.convert to-qwen-vl outputs/qwen_vl/finetune_full /models/my_full_qwen_vl --code-from /models/Qwen-VL-Chat",
+        ".venv/bin/python -m lavis.convert to-qwen-vl outputs/qwen_vl/finetune_full /models/my_full_qwen_vl "
+        "--code-from /models/Qwen-VL-Chat",
         here=f"{finetune('full')} && .venv/bin/python -m lavis.convert to-qwen-vl outputs/qwen_vl/finetune_full "
              "models/my_full_qwen_vl --code-from models/Qwen-VL-Chat",
         why="after a two-step finetune_full run of the tiny release (models/ for /models/)", release=True,
@@ -375,9 +379,9 @@ def run_in_readme_order(checkout: Path, commands: list[ReadmeCommand]) -> None:
 def test_readme_release_commands_run_on_the_tiny_qwen_vl(checkout):
     """Convert a Qwen-VL release, fine-tune it with LoRA and fully (finetune.py's modes), and write both
     back in Qwen-VL's layout, as the README's commands do, on the tiny Qwen-VL of the parity fixture."""
-    from test_convert import FIXTURE, regenerate, tokenizer_file, write_release
+    from helpers import FIXTURE, regenerate, tokenizer_file, write_release
 
-    from lavis.interop.convert import CODE_FILES
+    from lavis.interop.convert.release import CODE_FILES
 
     config = json.loads((FIXTURE / "config.json").read_text())
     state = regenerate()["random_original_state"](config, json.loads((FIXTURE / "fixture.json").read_text())["seed"])

@@ -27,20 +27,12 @@ from conftest import REPO
 from PIL import Image
 
 import lavis
-from lavis.serving.api import (
-    APIError,
-    ChatCompletionRequest,
-    ChatMessage,
-    ServerSettings,
-    StopMatcher,
-    build_prompt,
-    create_app,
-    decode_base64_image,
-    default_model_name,
-    local_image_path,
-    main,
-    sampling_options,
-)
+from lavis.serving.api.app import create_app, default_model_name, main
+from lavis.serving.api.images import decode_base64_image, local_image_path
+from lavis.serving.api.limits import ServerSettings
+from lavis.serving.api.prompts import build_prompt, sampling_options
+from lavis.serving.api.schema import APIError, ChatCompletionRequest, ChatMessage
+from lavis.serving.api.streaming import StopMatcher
 from lavis.serving.engine import ChatEngine, SamplingOptions
 
 KEY = "test-key"

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import load_config
-from lavis.tracking.logging import read_metrics
 from lavis.common.optim import linear_warmup_cosine
 from lavis.runners import build_runner
-from lavis.runners.iter_runner import OutputDirInUse
+from lavis.runners.checkpointer import OutputDirInUse
+from lavis.tracking.logging import read_metrics
 
 QUICK = ("run.save_every=1000",)
 
@@ -243,7 +243,7 @@ def test_resume_auto_ignores_temporary_and_incomplete_directories(load_sft, tmp_
         (root / "step_00000008" / ckpt.META_NAME).unlink()
 
         runner = build_runner(load_sft("run.max_steps=6", "run.resume=auto", *opts, output_dir=out))
-        assert runner.resume_path() == root / "step_00000004"
+        assert runner.checkpointer.resume_path() == root / "step_00000004"
         runner.train()
         assert runner.step == 6
         assert not leftover.exists()  # pruned: its writer is dead
@@ -279,7 +279,8 @@ def test_checkpoint_holds_only_trainable_weights(load_sft, tmp_path):
     assert sorted(files) == ["config.yaml", "model.safetensors", "optimizer.pt", "state.pt"]
     assert files["model.safetensors"]["bytes"] == os.path.getsize(d / "model.safetensors")
     assert meta == {
-        "step": 1, "weights": "trainable", "freeze": {"vision": {"type": "frozen"}, "adapter": {"type": "trainable"}, "llm": {"type": "trainable"}},
+        "step": 1, "weights": "trainable",
+        "freeze": {"vision": {"type": "frozen"}, "adapter": {"type": "trainable"}, "llm": {"type": "trainable"}},
         "strategy": "single", "world_size": 1, "sharded": False,
     }
 
@@ -351,7 +352,8 @@ def test_a_run_killed_while_saving_and_a_damaged_checkpoint_resume_bitwise_from_
     build_runner(load_sft(*options, output_dir=tmp_path / "a")).train()
     final_a, final_b = (d / "checkpoints" / "step_00000008" for d in (tmp_path / "a", out))
     for name in (ckpt.WEIGHTS_NAME, ckpt.OPTIMIZER_NAME):
-        a, b = (load_file(str(d / name)) if name.endswith(".safetensors") else torch.load(d / name, weights_only=True) for d in (final_a, final_b))
+        a, b = (load_file(str(d / name)) if name.endswith(".safetensors") else torch.load(d / name, weights_only=True)
+                for d in (final_a, final_b))
         assert_bitwise_equal(a, b, name)
     losses = [[(r["step"], r["loss"]) for r in read_metrics(d / "metrics.jsonl")] for d in (tmp_path / "a", out)]
     assert losses[0] == losses[1] and [s for s, _ in losses[0]] == list(range(1, 9))

@@ -35,7 +35,8 @@ from lavis.processors.tokenizer import (
     HFTokenizer,
     QwenTiktoken,
 )
-from lavis.serving.api import ServerSettings, create_app, parse_args
+from lavis.serving.api.app import create_app, parse_args
+from lavis.serving.api.limits import ServerSettings
 from lavis.serving.engine import ChatEngine, SamplingOptions
 
 SYSTEM = "You are a helpful assistant."

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
 
-from lavis.runners import strategies
+from lavis.runners import checkpointer
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = os.environ["KILL_DURING_SAVE"]
@@ -45,7 +45,7 @@ def _dcp_save(state, *args, checkpoint_id=None, **kwargs):
     return result
 
 
-_real_save_file, strategies.save_file = strategies.save_file, _save_file
+_real_save_file, checkpointer.save_file = checkpointer.save_file, _save_file
 _real_dcp_save, dcp.save = dcp.save, _dcp_save
 
 sys.argv = [str(REPO / "train.py"), *sys.argv[1:]]

@@ -9,15 +9,24 @@ import sys
 from lavis.common.config import ConfigError, load_config
 from lavis.tracking.logging import setup_logging
 from lavis.common.registry import RegistryError
+from lavis.common.resources import describe, find_project
 from lavis.datasets.builders.base import AnnotationError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cfg-path", required=True, help="project YAML")
+    parser.add_argument("--cfg-path", help="project YAML: a file, else a shipped project by name "
+                        "(projects/pretrain.yaml, eval/demo); see --list-projects")
     parser.add_argument("--options", nargs="+", default=[], help="overrides: dotted.key=value ...")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return parser.parse_args(argv)
+    parser.add_argument("--list-projects", action="store_true",
+                        help="print where the shipped configs and projects are, and the projects, then exit")
+    args = parser.parse_args(argv)
+    if args.cfg_path is None and not args.list_projects:
+        parser.error("the following arguments are required: --cfg-path")
+    if args.cfg_path is not None:
+        args.cfg_path = str(find_project(args.cfg_path))
+    return args
 
 
 # What the process-group backends say when a peer died or stopped answering (gloo raises plain RuntimeErrors).
@@ -56,6 +65,9 @@ def print_plan(cfg) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.list_projects:
+        print(describe(), end="")
+        return 0
     setup_logging()
     try:
         cfg = load_config(args.cfg_path, args.options)
@@ -69,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     from lavis.common.checkpoint import CheckpointError
     from lavis.datasets.stream import UnusableData
     from lavis.runners import build_runner
-    from lavis.runners.iter_runner import NonFiniteLoss, OutputDirInUse
+    from lavis.runners.checkpointer import OutputDirInUse
+    from lavis.runners.iter_runner import NonFiniteLoss
     from lavis.runners.strategies import build_strategy
     from lavis.tasks.evaluation import EvaluationFailed
 

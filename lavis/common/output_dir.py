@@ -1,7 +1,7 @@
 """Output directories that never destroy what a user made: an earlier run's (or evaluation's) files are
 continued, refused, or moved aside to ``<dir>.old-<time>`` — never deleted or silently replaced.
 
-Training (``IterRunner.claim_output_dir``) and ``evaluate.py`` (:func:`claim`) follow the same rule.
+Training (``Checkpointer.claim``) and ``evaluate.py`` (:func:`claim`) follow the same rule.
 """
 
 from __future__ import annotations

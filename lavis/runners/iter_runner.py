@@ -19,7 +19,6 @@ from tqdm import tqdm
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import Config
 from lavis.tracking.loggers import build_loggers
-from lavis.common.output_dir import move_aside
 from lavis.tracking.logging import MetricsWriter, NullMetricsWriter, SkipLog, append_records
 from lavis.common.precision import autocast
 from lavis.common.optim import build_optimizer
@@ -29,6 +28,7 @@ from lavis.datasets.stream import BatchStream, Source, StreamConfig, UnusableDat
 from lavis.models import Processors, build_model
 from lavis.models.vlm import VisionLanguageModel, canonical_name
 from lavis.processors.conversation import IGNORE_INDEX
+from lavis.runners.checkpointer import Checkpointer
 from lavis.runners.strategies import Strategy, build_strategy, parameter_names
 from lavis.tasks.evaluation import Evaluator, flat_metrics, logged_samples, table_rows
 
@@ -82,10 +82,6 @@ class StepStats:
     stop: bool  # a rank was asked to stop (SIGTERM): every rank stops after this step
 
 
-class OutputDirInUse(ValueError):
-    """``run.output_dir`` holds an earlier run and the config says neither to continue nor to replace it."""
-
-
 class NonFiniteLoss(FloatingPointError):
     """The loss of a step was NaN or infinite on some rank; every rank stops at that step."""
 
@@ -121,6 +117,7 @@ class IterRunner:
         self.task = task
         self.sources = sources
         self.output_dir = Path(self.run.output_dir)
+        self.checkpointer = Checkpointer(self.output_dir, self.run, self.strategy)
         self.device = self.strategy.device
         self.wrapped = self.strategy.prepare(model, self.run.precision)
         self.optimizer = build_optimizer(self.model.components, self.run)
@@ -294,7 +291,7 @@ class IterRunner:
         }
 
     def save(self) -> Path:
-        """Write a resumable checkpoint (every rank takes part) and prune old ones."""
+        """Write a resumable checkpoint of this step (every rank takes part); old ones are pruned."""
         state = {
             "step": self.step,
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -307,21 +304,16 @@ class IterRunner:
             "best": self.best,
         }
         rank_state = {"rng": rng_state(), "data_states": self.data_states, "skipped": dict(self.skipped)}
-        path = self.strategy.save(
-            ckpt.checkpoint_dir(self.output_dir, self.step), self.wrapped, self.optimizer, self.weight_names(),
-            state, rank_state, self._meta(), self.cfg.to_yaml(),
-        )
+        path = self.checkpointer.save(self.step, self.wrapped, self.optimizer, self.weight_names(), state, rank_state,
+                                      self._meta(), self.cfg.to_yaml())
         if self.is_main:
-            ckpt.prune_checkpoints(self.output_dir, self.run.keep_last)
             log.info("saved checkpoint %s", path)
         return path
 
     def save_best(self) -> Path:
         """The weights of the best evaluation so far, in ``checkpoints/best`` (never pruned)."""
-        path = self.strategy.save(
-            self.output_dir / "checkpoints" / "best", self.wrapped, None, self.weight_names(),
-            {"step": self.step}, None, {**self._meta(), "best": self.best}, self.cfg.to_yaml(),
-        )
+        path = self.checkpointer.save(self.step, self.wrapped, None, self.weight_names(), {"step": self.step}, None,
+                                      {**self._meta(), "best": self.best}, self.cfg.to_yaml(), best=True)
         if self.is_main:
             log.info("new best %s = %.4f at step %d: saved %s", self.best["metric"], self.best["value"], self.step, path)
         return path
@@ -350,31 +342,6 @@ class IterRunner:
                 self.save_best()
         return record
 
-    def resume_path(self) -> Path | None:
-        """The checkpoint to continue from: ``run.resume``'s, or with ``auto`` the newest one in
-        ``output_dir`` whose files match their recorded checksums (a damaged one is skipped, with a
-        warning, for the one before it); ``None`` when there is none."""
-        if self.run.resume is None:
-            return None
-        if self.run.resume != "auto":
-            path = Path(self.run.resume)
-            if not (path / ckpt.META_NAME).is_file():
-                raise ckpt.CheckpointError(
-                    f"run.resume {path} is not a complete checkpoint (no {ckpt.META_NAME}); give a directory "
-                    f"<output_dir>/checkpoints/step_<n>, or run.resume=auto for the newest one in run.output_dir"
-                )
-            problems = self.strategy.verify(path)
-            if problems:
-                raise ckpt.CheckpointError(f"run.resume {path} is damaged: {'; '.join(problems[:5])}")
-            return path
-        for path in reversed(ckpt.list_checkpoints(self.output_dir)):
-            problems = self.strategy.verify(path)
-            if not problems:
-                return path
-            if self.is_main:
-                log.warning("checkpoint %s is damaged (%s): trying the one before it", path, "; ".join(problems[:5]))
-        return None
-
     def load(self, path: Path) -> None:
         """Restore weights, optimiser, RNG and data position from a checkpoint.
 
@@ -382,27 +349,9 @@ class IterRunner:
         state; the data order then restarts from the checkpoint's step in a new deterministic order.
         """
         path = Path(path)
-        meta = ckpt.read_meta(path)
-        shapes = ckpt.weight_shapes(path)
-        names = set(shapes)
-        expected = set(self.trainable_state())
-        allowed = expected | (parameter_names(self.model) if meta["weights"] == "full" else set())
-        missing, unexpected = expected - names, names - allowed
-        if missing or unexpected:
-            raise ckpt.CheckpointError(
-                f"{path} does not match the trainable parameters: missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]} (was the freeze policy changed?)"
-            )
-        own = {canonical_name(n): tuple(p.shape) for n, p in self.model.named_parameters()}
-        changed = [f"{n} {shapes[n]} in the checkpoint, {own[n]} here" for n in sorted(names & own.keys()) if shapes[n] != own[n]]
-        if changed:
-            raise ckpt.CheckpointError(
-                f"{path} cannot be continued by this config: {len(changed)} parameter shape(s) differ, e.g. "
-                f"{'; '.join(changed[:3])}. A model key was changed since the run began (compare with "
-                f"{path / ckpt.CONFIG_NAME}). Continue with the run's own config, or start a new run from these "
-                "weights: another run.output_dir with model.load_from=<the checkpoint>"
-            )
-        state = self.strategy.load(path, self.wrapped, self.optimizer)
+        shapes = {canonical_name(n): tuple(p.shape) for n, p in self.model.named_parameters()}
+        self.checkpointer.check_fits(path, set(self.trainable_state()), shapes, parameter_names(self.model))
+        state = self.checkpointer.load(path, self.wrapped, self.optimizer)
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
@@ -469,52 +418,11 @@ class IterRunner:
         log.warning("signal %d: saving a checkpoint and stopping after this step", signum)
         self._stop_requested = True
 
-    def earlier_run(self) -> str | None:
-        """What of an earlier run ``output_dir`` holds (``None``: nothing)."""
-        found = [name for name in ("config.yaml", "metrics.jsonl") if (self.output_dir / name).exists()]
-        checkpoints = ckpt.list_checkpoints(self.output_dir)
-        if checkpoints:
-            found.append(f"{len(checkpoints)} checkpoint(s) up to {checkpoints[-1].name}")
-        return ", ".join(found) or None
-
-    def claim_output_dir(self) -> Path | None:
-        """Make sure this run may write into ``run.output_dir``: a run never destroys another's files.
-        Returns the checkpoint to continue from, if any; nothing is written yet.
-
-        An earlier run there is continued (``run.resume`` and a checkpoint to continue from), moved
-        aside (``run.overwrite``: to ``<output_dir>.old-<time>``, never deleted) or the run is refused,
-        naming the ways out; ``run.resume=auto`` with no checkpoint starts afresh only where no earlier
-        run is. Rank 0 decides; every rank gets the same answer.
-        """
-        resume = self.resume_path()
-        refusal = None
-        if self.is_main and resume is None and (earlier := self.earlier_run()):
-            if self.run.overwrite:
-                aside = move_aside(self.output_dir)
-                log.warning("run.overwrite: the earlier run in %s (%s) was moved to %s", self.output_dir, earlier, aside)
-            elif self.run.resume == "auto":
-                refusal = (
-                    f"run.resume=auto: run.output_dir {self.output_dir} holds an earlier run ({earlier}) but no complete "
-                    "checkpoint to continue from (it stopped before its first save, or every checkpoint is damaged); "
-                    "nothing in it was changed. Start afresh with run.overwrite=true (the earlier run is moved aside, "
-                    f"to {self.output_dir}.old-<time>), or write this run elsewhere with another run.output_dir"
-                )
-            else:
-                refusal = (
-                    f"run.output_dir {self.output_dir} holds an earlier run ({earlier}). Continue it with "
-                    f"run.resume=auto, write this run elsewhere with another run.output_dir, or set run.overwrite=true "
-                    f"to move the earlier run aside (to {self.output_dir}.old-<time>) and start afresh"
-                )
-        refusal = self.strategy.all_gather_object(refusal)[0]
-        if refusal:
-            raise OutputDirInUse(refusal)
-        return resume
-
     def train(self) -> dict[str, Any]:
         """Run until ``run.max_steps``; returns the last logged metrics."""
         run = self.run
-        resume = self.claim_output_dir()
-        if resume is not None:  # before anything is written: a checkpoint this config cannot continue changes nothing
+        resume = self.checkpointer.claim()  # nothing is written before a resume is checked and loaded
+        if resume is not None:
             self.load(resume)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -2,26 +2,24 @@
 
 A strategy is one object that owns everything the processes must agree on: joining the process
 group, wrapping the model before the optimiser exists, skipping gradient synchronisation on
-accumulation steps, clipping, reductions across ranks, evaluation in lock-step, and reading and
-writing checkpoints (whole files, or one shard per rank under FSDP). The runner only calls it; a new
-strategy is one registered class here plus one YAML in ``configs/strategies/``.
+accumulation steps, clipping, reductions across ranks, evaluation in lock-step, and how the training
+state is gathered from the ranks or scattered to them (whole tensors, or one shard per rank under
+FSDP); the :class:`~lavis.runners.checkpointer.Checkpointer` writes and reads the files. The runner
+only calls it; a new strategy is one registered class here plus one YAML in ``configs/strategies/``.
 
-Checkpoints go through ``torch.distributed.checkpoint.state_dict``: weights and optimiser state are
-keyed by parameter name whatever the wrapping, so a checkpoint written under one strategy and world
-size loads under another.
+State goes through ``torch.distributed.checkpoint.state_dict``: weights and optimiser state are keyed
+by parameter name whatever the wrapping, so a checkpoint written under one strategy and world size
+loads under another.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import torch
 import torch.distributed as tdist
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -31,7 +29,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lavis.common import checkpoint as ckpt
 from lavis.common import dist
 from lavis.common.registry import registry
 from lavis.models.vlm import VisionLanguageModel, canonical_name
@@ -154,95 +151,28 @@ class Strategy:
         return estimate
 
 
-    # ------------------------------------------------------------------ checkpoints
-
-    def _state_options(self) -> StateDictOptions:
-        return StateDictOptions(full_state_dict=not self.sharded, cpu_offload=not self.sharded)
+    # ------------------------------------------------------------------ state (the Checkpointer writes and reads it)
 
     def model_state(self, model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
-        """The parameters named in ``names`` (canonical names): whole tensors, or this rank's shards."""
-        state = get_model_state_dict(model, options=self._state_options())
+        """The parameters named in ``names`` (canonical names): whole tensors on the CPU, or this rank's
+        shards when the strategy shards them."""
+        whole = not self.sharded
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=whole, cpu_offload=whole))
         return {k: v for k, v in state.items() if k in names}
 
-    def save(
-        self,
-        target: Path,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer | None,
-        weight_names: set[str],
-        state: dict[str, Any],
-        rank_state: dict[str, Any] | None,
-        meta: dict[str, Any],
-        config_yaml: str,
-    ) -> Path:
-        """Write a checkpoint atomically; every rank calls it.
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, whole: bool | None = None) -> dict[str, Any]:
+        """The optimiser's state keyed by parameter name: whole tensors on the CPU (``whole``; by default
+        unless the strategy shards), or this rank's shards."""
+        whole = not self.sharded if whole is None else whole
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=whole, cpu_offload=whole))
 
-        All ranks write into one staging directory (named by rank 0), and rank 0 renames it into
-        place once every rank has finished: a run killed during a save keeps its previous checkpoint.
-        """
-        owner = self.all_gather_object(os.getpid())[0]
-        if self.is_main:
-            ckpt.prepare_staging(target, owner)
-        self.barrier()
-        tmp = ckpt.staging_dir(target, owner)
-        weights = self.model_state(model, weight_names)
-        optim = get_optimizer_state_dict(model, optimizer, options=self._state_options()) if optimizer else None
-        if self.sharded:
-            import torch.distributed.checkpoint as dcp
+    def set_model_state(self, model: nn.Module, state: dict[str, torch.Tensor], whole: bool) -> None:
+        """Load the weights ``state`` holds (whole tensors, sharded on load; or this rank's shards)."""
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=whole, strict=False))
 
-            dcp.save(weights, checkpoint_id=str(tmp / ckpt.SHARDED_WEIGHTS_NAME))
-            if optim is not None:
-                dcp.save(optim, checkpoint_id=str(tmp / ckpt.SHARDED_OPTIMIZER_NAME))
-        elif self.is_main:
-            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / ckpt.WEIGHTS_NAME))
-            if optim is not None:
-                torch.save(optim, tmp / ckpt.OPTIMIZER_NAME)
-        ranks = self.all_gather_object(rank_state)
-        if self.is_main:
-            torch.save({**state, "ranks": ranks, "world_size": self.world_size}, tmp / ckpt.STATE_NAME)
-            (tmp / ckpt.CONFIG_NAME).write_text(config_yaml)
-        self.barrier()  # every file is written: the ranks checksum a share of them each
-        files = {k: v for part in self.all_gather_object(ckpt.file_checksums(tmp, self.rank, self.world_size)) for k, v in part.items()}
-        if self.is_main:
-            ckpt.commit(tmp, target, {**meta, "world_size": self.world_size, "sharded": self.sharded, "files": files})
-        self.barrier()
-        return target
-
-    def verify(self, checkpoint: Path) -> list[str]:
-        """Problems of ``checkpoint`` against its recorded checksums (every rank checks a share)."""
-        return [p for part in self.all_gather_object(ckpt.verify(checkpoint, self.rank, self.world_size)) for p in part]
-
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-        """Restore weights (those the checkpoint holds) and optimiser state; returns ``state.pt``.
-
-        Either layout loads under any strategy and world size: whole tensors are sharded on load,
-        shards are re-partitioned by ``torch.distributed.checkpoint``.
-        """
-        path = Path(path)
-        weights = ckpt.weights_path(path)
-        names = ckpt.weight_names(path)
-        if weights.is_dir():
-            target = self.model_state(model, names)
-            ckpt.load_sharded(target, weights)
-            set_model_state_dict(model, target, options=StateDictOptions(strict=False))
-        else:
-            whole = load_file(str(weights))
-            set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, strict=False))
-        if optimizer is not None:
-            self._load_optimizer(path, model, optimizer)
-        return torch.load(path / ckpt.STATE_NAME, map_location="cpu", weights_only=True)
-
-    def _load_optimizer(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        sharded_dir = path / ckpt.SHARDED_OPTIMIZER_NAME
-        if ckpt.is_sharded(sharded_dir):
-            target = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=False))
-            ckpt.load_sharded(target, sharded_dir)
-            set_optimizer_state_dict(model, optimizer, target, options=StateDictOptions(full_state_dict=False))
-        elif (path / ckpt.OPTIMIZER_NAME).is_file():
-            whole = torch.load(path / ckpt.OPTIMIZER_NAME, map_location="cpu", weights_only=True)
-            set_optimizer_state_dict(model, optimizer, whole, options=StateDictOptions(full_state_dict=True))
-        else:
-            raise FileNotFoundError(f"{path} holds no optimiser state (written by an older version?)")
+    def set_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], whole: bool) -> None:
+        """Load optimiser state keyed by parameter name (whole tensors, or this rank's shards)."""
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=whole))
 
 
 @registry.register("strategy", "single")

@@ -1,0 +1,3 @@
+"""The OpenAI-compatible API (``python -m lavis.serve``): schema, prompts, images, limits, streaming, app.
+Imports lavis.serving.engine and below; inside, app imports the other modules and nothing imports app.
+"""
