@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-distributed bench clean
+.PHONY: install demo test test-fast test-distributed lint bench clean
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,18 @@ demo: install
 	$(PY) train.py --cfg-path projects/sft.yaml --options model.load_from=outputs/multitask run.overwrite=true $(DEMO_OPTIONS)
 	$(PY) evaluate.py --cfg-path projects/eval/demo.yaml
 
+# Everything (CI runs it); the 25 slowest tests are listed at the end so that slow ones are seen.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=25
+
+# The unit tests only (a few minutes on 2 CPU cores): no `integration` tests (subprocesses, torchrun,
+# trainings of more than a few steps, a browser) and no `distributed` ones. `make test` runs them all.
+test-fast: install
+	$(PY) -m pytest -q tests -m "not integration and not distributed" --durations=10
+
+# ruff (ruff.toml): reports, rewrites nothing. CI runs it before the tests.
+lint: install
+	$(VENV)/bin/ruff check .
 
 # Only the multi-process tests (torchrun, 2-3 processes on the CPU); `make test` runs them too.
 test-distributed: install
@@ -39,6 +49,11 @@ test-distributed: install
 bench: install
 	$(PY) benchmarks/step_overhead.py
 	$(PY) benchmarks/eval_gap.py
+
+# The layer contract in .importlinter (issue 19): imports point down only (import-linter, a dev extra).
+.PHONY: lint-imports
+lint-imports: install
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) outputs data/synthetic

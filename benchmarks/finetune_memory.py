@@ -71,6 +71,7 @@ from lavis.datasets.synthetic.world import ensure_world  # noqa: E402
 from lavis.processors.conversation import IGNORE_INDEX  # noqa: E402
 from lavis.runners import build_runner  # noqa: E402
 from lavis.runners.iter_runner import IterRunner  # noqa: E402
+
 from gpu_throughput import DRY_WORLD_SIZES, synchronize  # noqa: E402  (benchmarks/gpu_throughput.py)
 from machine import warn_if_busy  # noqa: E402  (benchmarks/machine.py)
 

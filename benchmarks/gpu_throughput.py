@@ -76,6 +76,7 @@ from lavis.datasets.synthetic.world import ensure_world  # noqa: E402
 from lavis.models.vlm import VisionLanguageModel  # noqa: E402
 from lavis.runners import build_runner  # noqa: E402
 from lavis.runners.strategies import Strategy, build_strategy  # noqa: E402
+
 from machine import warn_if_busy  # noqa: E402  (benchmarks/machine.py)
 
 # Peak dense (no sparsity) bf16 tensor-core FLOP/s by torch.cuda.get_device_name() substring, first match wins.

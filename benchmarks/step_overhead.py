@@ -91,7 +91,8 @@ def main() -> None:
 
     bare, ours = statistics.median(times["bare"]), statistics.median(times["runner"])
     tokens = int(batch["attention_mask"].sum())
-    print(f"batch: {len(batch['input_ids'])} samples, {tokens} tokens, {len(batch['pixel_values'])} images; torch threads {torch.get_num_threads()}")
+    print(f"batch: {len(batch['input_ids'])} samples, {tokens} tokens, {len(batch['pixel_values'])} images; "
+          f"torch threads {torch.get_num_threads()}")
     print(f"bare PyTorch step : {bare * 1e3:8.2f} ms (median of {len(times['bare'])})")
     print(f"runner train_step : {ours * 1e3:8.2f} ms (median of {len(times['runner'])})")
     print(f"ratio runner/bare : {ours / bare:.3f}   (target <= 1.10)")

@@ -38,6 +38,11 @@ SMALL_WORLD_SIZES = {"train": 64, "val": 8, "test": 8}
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "distributed: starts several processes with torchrun (run alone: pytest -m distributed)")
+    config.addinivalue_line(
+        "markers",
+        "integration: end to end (train.py/evaluate.py subprocesses, a browser, long trainings); "
+        "`make test-fast` leaves them out, `make test` runs them",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -190,8 +190,8 @@ def test_every_skip_is_named_in_skipped_jsonl_and_the_first_of_each_reason_in_th
     """A skip was only a count: now skipped.jsonl names each (step, rank, dataset, record, reason, detail),
     and the log shows the first three of each reason."""
     from lavis.common.config import load_config
-    from lavis.tracking.logging import read_metrics
     from lavis.runners import build_runner
+    from lavis.tracking.logging import read_metrics
 
     for i in range(0, 40, 2):
         png(tmp_path / f"img{i}.png")
@@ -215,8 +215,8 @@ def test_every_skip_is_named_in_skipped_jsonl_and_the_first_of_each_reason_in_th
 
 def test_records_dropped_at_build_are_named_in_skipped_jsonl_at_step_0(tmp_path):
     from lavis.common.config import load_config
-    from lavis.tracking.logging import read_metrics
     from lavis.runners import build_runner
+    from lavis.tracking.logging import read_metrics
 
     png(tmp_path / "img.png")
     records = [image_record(f"r{i}", "img.png") for i in range(8)]
@@ -280,7 +280,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, processor, kind):
     assert all(b["pixel_values"].shape[0] == 2 for b in seen)
 
 
-def gray_ramp() -> "np.ndarray":
+def gray_ramp() -> np.ndarray:
     return np.arange(256, dtype=np.uint8).reshape(16, 16)
 
 
@@ -540,6 +540,7 @@ def test_an_empty_annotation_file_is_named(tmp_path, name, content):
         QwenVLConversationBuilder(str(path)).build()
 
 
+@pytest.mark.integration
 def test_a_dataset_without_records_fails_at_start_naming_its_files(tmp_path):
     """VQAv2 files with empty lists: train.py fails before any data worker starts, naming the files."""
     questions, answers = tmp_path / "questions.json", tmp_path / "annotations.json"
@@ -561,6 +562,7 @@ def test_a_dataset_without_records_fails_at_start_naming_its_files(tmp_path):
 # --------------------------------------------------------------------------- unknown config keys
 
 
+@pytest.mark.integration
 def test_unknown_run_key_exits_2_with_did_you_mean():
     # The real script in a subprocess: exit code 2, the message on stderr.
     proc = subprocess.run(

@@ -37,6 +37,8 @@ from lavis.interop.convert.release import (
     to_qwen_vl,
 )
 
+pytestmark = pytest.mark.integration
+
 FIXTURE = REPO / "tests" / "fixtures" / "qwen_vl_tiny"
 PRESET = REPO / "configs" / "models" / "presets" / "qwen_vl_chat.yaml"
 QWEN_TIKTOKEN = REFERENCE / "qwen-vl-chat" / "qwen.tiktoken"

@@ -21,9 +21,9 @@ from conftest import KILLED_DURING_SAVE, REPO, SFT_PROJECT, eval_options, sft_op
 
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import load_config
-from lavis.tracking.logging import read_metrics
 from lavis.datasets.stream import Source, SourceCursor
 from lavis.runners import build_runner
+from lavis.tracking.logging import read_metrics
 
 pytestmark = pytest.mark.distributed
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_PRESET, run_train, sft_options
 
+pytestmark = pytest.mark.integration
+
 ROPE = 12345.0  # the run's rope_theta; the tiny preset (the evaluation project's base) says 10000.0
 
 
@@ -86,7 +88,8 @@ def test_an_explicit_contradiction_is_an_error_naming_both_values(rope_run, smal
                      "model.llm.config.rope_theta=20000.0", f"run.output_dir={tmp_path / 'out'}"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "model.llm.config.rope_theta: 20000.0 here (--options), 12345.0 in" in err and f"{rope_run}/checkpoints/step_00000001/config.yaml" in err
+    assert "model.llm.config.rope_theta: 20000.0 here (--options), 12345.0 in" in err
+    assert f"{rope_run}/checkpoints/step_00000001/config.yaml" in err
     assert "model.override" in err
     assert not (tmp_path / "out").exists()
 

@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, TINY_PRESET, eval_options
 
 from lavis.common.config import ConfigError
 from lavis.datasets.builders.base import AnnotationError
 from lavis.models import build_model
 from lavis.processors.boxes import box_text
 from lavis.tasks.evaluation import Evaluator
-
-from conftest import REPO, TINY_PRESET, eval_options
 
 
 @pytest.fixture
@@ -302,6 +301,7 @@ def run_evaluate(args: list[str], timeout: float = 180) -> subprocess.CompletedP
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.integration
 def test_evaluate_py_prints_a_table_and_writes_results(small_world, tmp_path):
     project = write_eval_project(tmp_path / "eval.yaml", small_world)
     proc = run_evaluate(["evaluate.py", "--cfg-path", str(project)])
@@ -335,6 +335,7 @@ def test_evaluate_py_errors_exit_2_with_a_message(small_world, tmp_path, options
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_two_process_torchrun_evaluation_equals_one_process(small_world, tmp_path):
     """Shards by rank and gathers: the same predictions and metrics as a single process."""
     project = write_eval_project(tmp_path / "eval.yaml", small_world)

@@ -26,6 +26,7 @@ from lavis.processors.image import CLIPImageProcessor
 from lavis.processors.sample import SampleProcessor
 from lavis.processors.tokenizer import HFTokenizer
 
+
 def cases(n: int) -> settings:
     """``n`` examples, the same on every run."""
     return settings(

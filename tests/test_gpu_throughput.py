@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^(\S.*?)\s{2,}(\S.*)$")
 
@@ -23,7 +27,7 @@ def number(value: str) -> float:
 def test_dry_run_prints_positive_throughput(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), "--quick"]  # the dry run, one timed step,
+        [sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), "--quick"],  # the dry run, one timed step
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     output = proc.stdout + proc.stderr

@@ -101,6 +101,7 @@ def test_unwritable_output_dir_fails_at_start(load_sft, tmp_path, monkeypatch):
         load_sft(output_dir=tmp_path).check_local_paths()
 
 
+@pytest.mark.integration
 def test_train_py_names_a_file_output_dir_before_building(small_world, tmp_path):
     from conftest import run_train, sft_options
 

@@ -31,6 +31,8 @@ from lavis.interop.convert.release import TOKENIZER_FILE, from_qwen_vl, to_qwen_
 from lavis.interop.export import export
 from lavis.interop.export import main as export_main
 
+pytestmark = pytest.mark.integration
+
 STEP = Path("checkpoints") / "step_00000002"
 FIXTURE = REPO / "tests" / "fixtures" / "qwen_vl_tiny"
 PRESET = REPO / "configs" / "models" / "presets" / "qwen_vl_chat.yaml"

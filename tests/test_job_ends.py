@@ -26,6 +26,8 @@ from lavis.runners import build_runner
 from lavis.runners.checkpointer import OutputDirInUse
 from lavis.tracking.logging import read_metrics
 
+pytestmark = pytest.mark.integration
+
 ENDS_WITHIN_S = 30
 STARTUP_TIMEOUT_S = 240
 WORKERS = "run.num_workers=2"  # the default of projects/sft.yaml; the conftest options set 0

@@ -140,7 +140,8 @@ RECORDS_WITH_0_1_2_IMAGES = [
         {"role": "assistant", "content": "A shape."},
     ]},
     {"messages": [
-        {"role": "user", "content": "Picture 1: <img>images/train/000001.png</img>\nPicture 2: <img>images/train/000002.png</img>\nHow many?"},
+        {"role": "user",
+         "content": "Picture 1: <img>images/train/000001.png</img>\nPicture 2: <img>images/train/000002.png</img>\nHow many?"},
         {"role": "assistant", "content": "2"},
     ]},
 ]
@@ -230,6 +231,7 @@ def test_baseline_parameter_table(tiny):
     assert re.search(r"^adapter\s+trainable\s+87,808\s+87,808$", report, re.MULTILINE), report
 
 
+@pytest.mark.integration
 def test_override_num_queries_16(override_runs, tiny):
     run = override_runs["queries16"]
     config = check_run(run)
@@ -247,6 +249,7 @@ def test_override_num_queries_16(override_runs, tiny):
     assert model.encode_images(torch.randn(2, 3, 64, 64)).shape == (2, 16, d)
 
 
+@pytest.mark.integration
 def test_override_mlp_adapter(override_runs, tiny):
     run = override_runs["mlp"]
     config = check_run(run)
@@ -261,6 +264,7 @@ def test_override_mlp_adapter(override_runs, tiny):
     assert model.encode_images(torch.randn(1, 3, 64, 64)).shape == (1, 64, d)
 
 
+@pytest.mark.integration
 def test_override_frozen_llm(override_runs, tiny, load_sft):
     from lavis.runners import build_runner
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, TINY_PRESET
+from helpers import OCRVQA, TEST2015, TESTDEV
 
 from lavis.common.config import ConfigError, load_config
 from lavis.common.registry import registry
@@ -18,26 +19,6 @@ from lavis.datasets.builders.base import AnnotationError
 from lavis.tasks.vqa import VQATask
 
 # --------------------------------------------------------------------------- OCR-VQA
-
-OCRVQA = {  # dataset.json as released: one entry per book, five questions each, split 1 train / 2 val / 3 test
-    "1930753313": {
-        "imageURL": "http://ecx.images-amazon.com/images/I/51DfyvzJXsL.jpg", "title": "Wild Edibles", "authorName": "Kurt Rogers",
-        "genre": "Cookbooks, Food & Wine", "genreID": 6, "split": 3,
-        "questions": ["Who wrote this book?", "What is the title of this book?", "What is the genre of this book?",
-                      "Is this a recipe book?", "Is this a sociopolitical book?"],
-        "answers": ["Kurt Rogers", "Wild Edibles", "Cookbooks, Food & Wine", "Yes", "No"],
-    },
-    "0060938455": {
-        "imageURL": "http://ecx.images-amazon.com/images/I/41bN3L1tUOL.png", "title": "Fast Food Nation", "authorName": "Eric Schlosser",
-        "genre": "Health, Fitness & Dieting", "genreID": 10, "split": 1,
-        "questions": ["Who is the author of this book?"], "answers": ["Eric Schlosser"],
-    },
-    "0399535551": {
-        "imageURL": "http://ecx.images-amazon.com/images/I/61aa.jpg", "title": "Bats", "authorName": "Ann Author",
-        "genre": "Science & Math", "genreID": 24, "split": 2,
-        "questions": ["Is this a kids book?"], "answers": ["No"],
-    },
-}
 
 
 def write_json(path: Path, content) -> Path:
@@ -99,13 +80,6 @@ def test_ocrvqa_project_validates_with_qwen_vl_s_settings():
 
 # --------------------------------------------------------------------------- VQAv2 test-dev
 
-TESTDEV = {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": "test-dev2015", "license": {},
-           "questions": [{"image_id": 1, "question": "Is the sky blue?", "question_id": 10},
-                         {"image_id": 1, "question": "How many cats are there?", "question_id": 11},
-                         {"image_id": 2, "question": "What color is the bus?", "question_id": 20}]}
-TEST2015 = {**TESTDEV, "data_subtype": "test2015",
-            "questions": [{"image_id": 3, "question": "What is this?", "question_id": 30}, *TESTDEV["questions"],
-                          {"image_id": 4, "question": "Where is it?", "question_id": 40}]}
 TEST_PATTERN = "COCO_{split}2015_{image_id:012d}.jpg"
 
 
@@ -155,7 +129,8 @@ def test_submission_questions_fill_every_other_test2015_question_with_an_empty_a
     partial = write_json(tmp_path / "partial.json", {"questions": TEST2015["questions"][:2]})
     with pytest.raises(AnnotationError, match=rf"record '11': question_id 11 is not in submission_questions_path {partial}"):
         VQATask(submission_questions_path=str(partial)).samples(records)
-    with pytest.raises(ConfigError, match=r"submission_questions_path: file not found: .*absent.json \(VQAv2's v2_OpenEnded_mscoco_test2015"):
+    with pytest.raises(ConfigError,
+                       match=r"submission_questions_path: file not found: .*absent.json \(VQAv2's v2_OpenEnded_mscoco_test2015"):
         VQATask(submission_questions_path=str(tmp_path / "absent.json"))
     with pytest.raises(ConfigError, match="submission_questions_path is set but the records have answers"):
         VQATask(submission_questions_path=str(test2015)).samples([{"id": "1", "image": "a.jpg", "question": "q?", "answers": ["yes"]}])
@@ -184,12 +159,14 @@ def test_vqav2_project_has_val_scored_and_testdev_submitted():
     assert [(e.benchmark, e.benchmark_split) for e in (val, testdev)] == [("VQAv2", "val"), ("VQAv2", "test-dev")]
     assert testdev.builder_params["ann_path"] is None
     assert testdev.builder_params["question_path"].endswith("v2_OpenEnded_mscoco_test-dev2015_questions.json")
-    assert testdev.builder_params["image_pattern"].format(split=testdev.builder_params["split"], image_id=1) == "COCO_test2015_000000000001.jpg"
+    image = testdev.builder_params["image_pattern"].format(split=testdev.builder_params["split"], image_id=1)
+    assert image == "COCO_test2015_000000000001.jpg"
     assert testdev.task_params["submission_questions_path"].endswith("v2_OpenEnded_mscoco_test2015_questions.json")
     for entry in (val, testdev):
         assert entry.task_params["prompt"] == "{question} Answer:" and entry.task_params["max_new_tokens"] == 10
 
 
+@pytest.mark.integration
 def test_evaluate_py_writes_the_testdev_submission_file(tmp_path):
     from PIL import Image
 
@@ -205,7 +182,8 @@ def test_evaluate_py_writes_the_testdev_submission_file(tmp_path):
             "submission_questions_path": str(write_json(tmp_path / "test2015.json", TEST2015)), "max_new_tokens": 4}},
         "run": {"output_dir": str(tmp_path / "out"), "device": "cpu", "eval_batch_size": 2},
     })
-    proc = subprocess.run([sys.executable, "evaluate.py", "--cfg-path", str(project)], check=False, cwd=REPO, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, "evaluate.py", "--cfg-path", str(project)],
+                          check=False, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())["results"]
     assert [(r["evaluation"], r["metric"], r["value"]) for r in rows] == [("vqav2_testdev", "answered", 3)]  # the table's row

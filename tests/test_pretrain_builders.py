@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
+from helpers import python2_pickle
 from PIL import Image
 
 from lavis.common.config import ConfigError, constructor_args
@@ -428,21 +429,6 @@ def test_refcoco_layout_with_split(tmp_path):
         ("2_0", "<img>COCO_train2014_000000000002.jpg</img><ref>car</ref>", "<box>(10,20),(40,60)</box>"),
     ]
     assert len(build("ref_grounding", refs_path=refs, instances_path=instances)) == 4
-
-
-def python2_pickle(value) -> bytes:
-    """``value`` pickled as Python 2 did it (protocol 2; ``str`` as byte strings, UTF-8 here): the form
-    of RefCOCO's released ``refs(unc).p``."""
-    def emit(v) -> bytes:
-        if isinstance(v, dict):
-            return b"}(" + b"".join(emit(k) + emit(x) for k, x in v.items()) + b"u"
-        if isinstance(v, list):
-            return b"](" + b"".join(emit(x) for x in v) + b"e"
-        if isinstance(v, int):
-            return b"J" + v.to_bytes(4, "little", signed=True)
-        data = v.encode("utf-8")
-        return b"U" + bytes([len(data)]) + data
-    return b"\x80\x02" + emit(value) + b"."
 
 
 def test_refcoco_refs_pickle_as_released(tmp_path):

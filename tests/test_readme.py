@@ -30,6 +30,8 @@ from safetensors.torch import load_file
 
 from lavis.common import checkpoint as ckpt
 
+pytestmark = pytest.mark.integration
+
 README = REPO / "README.md"
 TINY = ("run.max_steps=2", "run.warmup_steps=0", "run.save_every=2", "run.log_every=1", "run.batch_size=2", "run.num_workers=0")
 WORLD_SIZES = {"train": 2000, "val": 8, "test": 8}  # train: pretrain.yaml reads shards train-000000..000009
@@ -315,6 +317,22 @@ RELEASE_COMMANDS = [
         why="after a two-step finetune_full run of the tiny release (models/ for /models/)", release=True,
         prints=(r"^vision\s+frozen\s",), writes=("models/my_full_qwen_vl/config.json", "models/my_full_qwen_vl/modeling_qwen.py"),
     ),
+    ReadmeCommand("pip wheel --no-deps -w dist .",
+                  here=".venv/bin/python -m pip wheel --no-deps --no-build-isolation --no-index -q -w dist .",
+                  why="offline: no build isolation (it would fetch setuptools); tests/test_install.py installs the wheel",
+                  writes=("dist/lavis_qwenvl-0.1.0-py3-none-any.whl",)),
+    ReadmeCommand("pip install dist/lavis_qwenvl-0.1.0-py3-none-any.whl",
+                  here="test -f dist/lavis_qwenvl-0.1.0-py3-none-any.whl",
+                  why="it would replace this interpreter's editable install: tests/test_install.py installs the wheel "
+                      "into a fresh venv and runs the commands below from a directory outside the checkout"),
+    ReadmeCommand("lavis-train --list-projects", here=".venv/bin/python -m lavis.cli.train --list-projects",
+                  why="the console script comes with the wheel (tests/test_install.py runs it): the same command by module",
+                  prints=(r"^projects: \S+/projects$", r"^  projects/pretrain\.yaml$")),
+    ReadmeCommand("lavis-train --cfg-path projects/pretrain.yaml",
+                  here="mkdir -p elsewhere && cd elsewhere && "
+                       + tiny("../.venv/bin/python -m lavis.cli.train --cfg-path projects/pretrain.yaml"),
+                  why="as lavis-train (tests/test_install.py runs the installed one), from a directory with no projects/",
+                  writes=("elsewhere/outputs/pretrain/checkpoints/step_00000002/model.safetensors",)),
 ]
 
 

@@ -19,7 +19,9 @@ from lavis.common.registry import KINDS, Registry, RegistryError, registry
 
 # --------------------------------------------------------------------------- registry
 
-KIND_LIST = "model, vision_encoder, adapter, llm, builder, processor, task, runner, strategy, lr_scheduler, freeze_policy, logger"
+KIND_LIST = (
+    "model, vision_encoder, adapter, llm, builder, processor, task, eval_task, runner, strategy, lr_scheduler, freeze_policy, logger"
+)
 
 
 def test_kinds_are_the_designed_ones():

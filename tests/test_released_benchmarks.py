@@ -11,29 +11,12 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from helpers import RELEASED
 
 from lavis.common.registry import registry
 from lavis.datasets.builders.base import AnnotationError
 from lavis.tasks.vqa import VQATask
 
-RELEASED = {  # builder: (file name, content in the released format, expected (id, image, question, answers))
-    "textvqa": ("TextVQA_0.5.1_val.json", {"dataset_name": "textvqa", "data": [
-        {"question_id": 34602, "image_id": "003a8ae2ef43b901", "question": "what is the brand of this camera?",
-         "answers": ["nous les gosses", "dakota", "clos culombu", "dakota digital", "dakota", "dakota", "dakota digital",
-                     "dakota digital", "dakota", "dakota"], "set_name": "val"}]},
-        ("34602", "003a8ae2ef43b901.jpg", "what is the brand of this camera?", "dakota")),
-    "gqa": ("testdev_balanced_questions.json", {"20968379": {
-        "imageId": "n288870", "question": "Is the tray on the right or on the left?", "answer": "right",
-        "fullAnswer": "The tray is on the right of the image.", "isBalanced": True}},
-        ("20968379", "n288870.jpg", "Is the tray on the right or on the left?", "right")),
-    "docvqa": ("val_v1.0.json", {"dataset_name": "docvqa", "dataset_split": "val", "data": [
-        {"questionId": 49153, "question": "What is the ‘actual’ value per 1000, during the year 1975?",
-         "image": "documents/pybv0228_81.png", "docId": 14465, "answers": ["0.28"], "data_split": "val"}]},
-        ("49153", "documents/pybv0228_81.png", "What is the ‘actual’ value per 1000, during the year 1975?", "0.28")),
-    "chartqa": ("test_human.json", [{"imgname": "41699051005347.png", "query": "How many food item is shown in the bar graph?",
-                                     "label": "14"}],
-                ("test_human-0", "41699051005347.png", "How many food item is shown in the bar graph?", "14")),
-}
 METRIC = {"textvqa": ("vqa_accuracy", "accuracy"), "gqa": ("exact_match", "accuracy"), "docvqa": ("anls", "anls"),
           "chartqa": ("relaxed_accuracy", "relaxed_accuracy")}
 
@@ -81,6 +64,7 @@ def test_each_benchmark_project_validates_with_qwen_vl_s_settings(name):
     assert entry.task_params["max_new_tokens"] == (100 if name in ("docvqa", "chartqa") else 10)
 
 
+@pytest.mark.integration
 def test_evaluate_py_names_a_missing_benchmark_file_and_where_it_is_published(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "evaluate.py"), "--cfg-path", str(REPO / "projects" / "eval" / "docvqa.yaml"), "--options",

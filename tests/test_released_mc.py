@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from helpers import FIXTURES, SCIENCEQA, SEED, write_ai2d
 from PIL import Image
 
 from lavis.common.registry import registry
@@ -21,7 +22,6 @@ from lavis.tasks.multiple_choice import MultipleChoiceTask
 
 MC_PROMPT = "Context: {hint}\nQuestion: {question}\nOptions: {options}\nAnswer:"
 SEED_PROMPT = "\nQuestion: {question}\nOptions: {options}\nAnswer:"
-FIXTURES = REPO / "tests" / "fixtures"
 
 
 def predict(records, task: MultipleChoiceTask, letters: dict[str, str]) -> list[dict]:
@@ -93,7 +93,8 @@ def test_mmbench_without_rotations_in_the_file_makes_them(mmbench_tsv, tmp_path)
     made = registry.get("builder", "mmbench")(ann_path=str(originals)).build().records
     released = registry.get("builder", "mmbench")(ann_path=str(mmbench_tsv)).build().records
     fields = ("id", "choices", "answer", "circular_group", "question", "hint")
-    assert sorted(tuple(map(str, (r[f] for f in fields))) for r in made) == sorted(tuple(map(str, (r[f] for f in fields))) for r in released)
+    rows = [sorted(tuple(map(str, (r[f] for f in fields))) for r in records) for records in (made, released)]
+    assert rows[0] == rows[1]
     single = registry.get("builder", "mmbench")(ann_path=str(mmbench_tsv), circular=False).build().records
     assert [r["id"] for r in single] == ["0", "1", "2", "3", "4"] and all("circular_group" not in r for r in single)
 
@@ -121,18 +122,6 @@ def test_mmbench_image_cells_naming_another_row_share_its_image_and_bad_cells_ar
 
 # --------------------------------------------------------------------------- ScienceQA, SEED-Bench, AI2D
 
-SCIENCEQA = {
-    "5": {"question": "Which animal's feet are also adapted for swimming?", "choices": ["duck", "crocodile"], "answer": 0,
-          "hint": "Ducks live near water.", "image": "image.png", "task": "closed choice", "grade": "grade3",
-          "subject": "natural science", "topic": "biology", "category": "Adaptations", "split": "test"},
-    "6": {"question": "Which word is a noun?", "choices": ["run", "cat", "blue"], "answer": 1, "hint": "", "image": None,
-          "subject": "language science", "split": "test"},
-    "7": {"question": "What is the capital of Ohio?", "choices": ["Columbus", "Dayton", "Akron", "Toledo"], "answer": 0,
-          "hint": "", "image": "image.png", "subject": "social science", "split": "test"},
-    "8": {"question": "Which is a solid?", "choices": ["milk", "rock"], "answer": 1, "hint": "", "image": "image.png",
-          "subject": "natural science", "split": "val"},
-}
-
 
 def test_scienceqa_img_keeps_the_test_problems_with_an_image_in_qwen_vl_s_prompt(tmp_path):
     path = tmp_path / "problems.json"
@@ -156,22 +145,6 @@ def test_scienceqa_img_keeps_the_test_problems_with_an_image_in_qwen_vl_s_prompt
         registry.get("builder", "scienceqa")(ann_path=str(path), split="minival").build()
 
 
-SEED = {
-    "question_type": {"Scene Understanding": 1, "Text Understanding": 9, "Action Recognition": 10},
-    "questions": [
-        {"answer": "A", "choice_a": "A park", "choice_b": "A beach", "choice_c": "A street", "choice_d": "A kitchen",
-         "data_id": "1454426_2591111986", "data_type": "image", "question": "What is the setting of the image?",
-         "question_id": "101669", "question_type_id": 1},
-        {"answer": "C", "choice_a": "STOP", "choice_b": "EXIT", "choice_c": "OPEN", "choice_d": "SALE",
-         "data_id": "2217_1000.jpg", "data_type": "image", "question": "What does the sign say?",
-         "question_id": "88231", "question_type_id": 9},
-        {"answer": "B", "choice_a": "jumping", "choice_b": "running", "choice_c": "sitting", "choice_d": "eating",
-         "data_id": "v0.webm", "data_type": "video", "question": "What is the person doing?",
-         "question_id": "v0", "question_type_id": 10},
-    ],
-}
-
-
 def test_seed_bench_keeps_the_image_questions_in_qwen_vl_s_prompt(tmp_path):
     path = tmp_path / "SEED-Bench.json"
     path.write_text(json.dumps(SEED))
@@ -186,22 +159,6 @@ def test_seed_bench_keeps_the_image_questions_in_qwen_vl_s_prompt(tmp_path):
     )
     metrics = task.metrics(predict(records, task, {"101669": "A", "88231": "A"}))
     assert (metrics["accuracy"], metrics["accuracy/Scene Understanding"], metrics["accuracy/Text Understanding"]) == (0.5, 1.0, 0.0)
-
-
-def write_ai2d(root: Path) -> None:
-    (root / "questions").mkdir(parents=True)
-    for image, questions in {
-        "0.png": {"What is A in the diagram?": {"abcLabel": True, "answerTexts": ["ears", "nose", "mouth", "face"],
-                                                "correctAnswer": 3, "questionId": "0.png-0"}},
-        "10.png": {"Which stage follows the egg?": {"abcLabel": False, "answerTexts": ["adult", "larva", "pupa", "egg"],
-                                                    "correctAnswer": 1, "questionId": "10.png-0"},
-                   "How many legs does the adult have?": {"abcLabel": False, "answerTexts": ["4", "6", "8", "10"],
-                                                          "correctAnswer": 1, "questionId": "10.png-1"}},
-        "9.png": {"What does the arrow show?": {"abcLabel": False, "answerTexts": ["rain", "wind"], "correctAnswer": 0,
-                                                "questionId": "9.png-0"}},
-    }.items():
-        (root / "questions" / f"{image}.json").write_text(json.dumps({"imageName": image, "questions": questions}))
-    (root / "ai2d_test_ids.csv").write_text("10\n9\n")
 
 
 def test_ai2d_reads_the_questions_directory_and_keeps_the_test_diagrams(tmp_path):

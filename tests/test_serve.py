@@ -35,6 +35,8 @@ from lavis.serving.api.schema import APIError, ChatCompletionRequest, ChatMessag
 from lavis.serving.api.streaming import StopMatcher
 from lavis.serving.engine import ChatEngine, SamplingOptions
 
+pytestmark = pytest.mark.integration
+
 KEY = "test-key"
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_IMAGE_PIXELS = 512 * 512

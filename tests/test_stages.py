@@ -17,6 +17,8 @@ from lavis.common.config import load_config
 from lavis.models import build_model, load_stage_checkpoint
 from lavis.runners import build_runner
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_FREEZE = {  # DESIGN §7
     "pretrain": {"vision": "trainable", "adapter": "trainable", "llm": "frozen"},

@@ -13,11 +13,8 @@ from typing import Any
 
 import pytest
 from conftest import REPO, TINY_PRESET
+from helpers import FIXTURES, OCRVQA, RELEASED, SCIENCEQA, SEED, TEST2015, TESTDEV, python2_pickle, write_ai2d
 from PIL import Image
-from test_ocrvqa_vqav2_submission import OCRVQA, TEST2015, TESTDEV
-from test_pretrain_builders import python2_pickle
-from test_released_benchmarks import RELEASED
-from test_released_mc import FIXTURES, SCIENCEQA, SEED, write_ai2d
 
 from lavis.common.config import load_config, load_project
 from lavis.common.registry import registry
@@ -138,6 +135,7 @@ def test_the_suite_lists_every_benchmark_qwen_vl_reports():
     assert cfg.model.llm.params["pretrained"] == "/models/qwen_vl_chat_lavis"
 
 
+@pytest.mark.integration
 def test_every_benchmark_loads_evaluates_on_the_demo_model_and_lands_in_one_table(suite_run):
     root, proc = suite_run
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -214,7 +214,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 @pytest.fixture(scope="module")
 def shipped():
-    from lavis.datasets.synthetic.tokenizer import EMBEDDED_TOKENIZER_PATH
+    from lavis.processors.tokenizer import EMBEDDED_TOKENIZER_PATH
 
     return tokenizers.Tokenizer.from_file(str(EMBEDDED_TOKENIZER_PATH))
 
@@ -237,7 +237,8 @@ def test_tokenizer_roundtrip(shipped, text):
 
 
 def test_tokenizer_special_tokens(shipped):
-    from lavis.datasets.synthetic.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE
+    from lavis.datasets.synthetic.tokenizer import VOCAB_SIZE
+    from lavis.processors.tokenizer import SPECIAL_TOKENS
 
     ids = [shipped.token_to_id(t) for t in SPECIAL_TOKENS]
     assert ids == list(range(VOCAB_SIZE, VOCAB_SIZE + len(SPECIAL_TOKENS)))
@@ -257,7 +258,7 @@ def test_tokenizer_digits_single(shipped):
 
 def test_tokenizer_loads_with_transformers():
     transformers = pytest.importorskip("transformers")
-    from lavis.datasets.synthetic.tokenizer import EMBEDDED_TOKENIZER_PATH
+    from lavis.processors.tokenizer import EMBEDDED_TOKENIZER_PATH
 
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(EMBEDDED_TOKENIZER_PATH))
     text = "Picture 1: <img>a.png</img>\n你好 <ref>x</ref>"

@@ -21,11 +21,11 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lavis.common.config import CONFIG_ROOT, RunConfig, TensorBoardConfig, WandbConfig
-from lavis.tracking.loggers import TensorBoardLogger
-from lavis.tracking.logging import MetricsWriter, NullMetricsWriter, read_metrics
 from lavis.common.registry import registry
 from lavis.runners.strategies import SingleProcess
-from lavis.tasks.evaluation import SAMPLE_COLUMNS, TABLE_COLUMNS
+from lavis.tracking.loggers import TensorBoardLogger
+from lavis.tracking.logging import MetricsWriter, NullMetricsWriter, read_metrics
+from lavis.tracking.tables import SAMPLE_COLUMNS, TABLE_COLUMNS
 
 SHORT_RUN = ("run.max_steps=3", "run.eval_every=2", "run.save_every=1000")  # evaluations at steps 2 and 3
 
@@ -62,6 +62,7 @@ def world_pixels(world: Path, prediction: dict) -> np.ndarray:
 # --------------------------------------------------------------------------- W&B
 
 
+@pytest.mark.integration
 def test_wandb_offline_run_holds_the_config_metrics_results_tables_and_sample_images(small_world, tmp_path):
     out = tmp_path / "out"
     options = sft_options(small_world, out, *eval_options(small_world, "vqa", max_samples=2), *SHORT_RUN,
@@ -98,12 +99,14 @@ def test_wandb_offline_run_holds_the_config_metrics_results_tables_and_sample_im
     assert samples["columns"] == list(SAMPLE_COLUMNS)
     for row, prediction in zip(samples["data"], predictions, strict=True):
         cells = dict(zip(SAMPLE_COLUMNS, row, strict=True))
-        assert [cells[c] for c in ("id", "prompt", "output", "prediction")] == [prediction[c] for c in ("id", "prompt", "output", "prediction")]
+        columns = ("id", "prompt", "output", "prediction")
+        assert [cells[c] for c in columns] == [prediction[c] for c in columns]
         assert json.loads(cells["reference"]).items() <= prediction.items()  # the answers, the question, the image
 
     # The images travel in the table's artifact: a PNG of the sample's image, pixel for pixel.
     manifests = [r["artifact"]["manifest"]["contents"] for r in records if r["type"] == "artifact"]
-    last = [{e["path"]: Path(e["local_path"]) for e in m} for m in manifests if any(e["path"] == "eval/samples/vqa.table.json" for e in m)][-1]
+    last = [{e["path"]: Path(e["local_path"]) for e in m} for m in manifests
+            if any(e["path"] == "eval/samples/vqa.table.json" for e in m)][-1]
     table = json.loads(last["eval/samples/vqa.table.json"].read_text())
     images = [row[SAMPLE_COLUMNS.index("image")] for row in table["data"]]
     assert [image["_type"] for image in images] == ["image-file"] * 2
@@ -144,6 +147,7 @@ def test_tensorboard_event_files_hold_the_metrics_results_table_and_samples(load
     assert "max_steps: 3" in text_at(events, "config")[0]
 
 
+@pytest.mark.integration
 def test_evaluate_py_logs_its_table_and_samples(small_world, tmp_path):
     out = tmp_path / "out"
     options = sft_options(small_world, out, *eval_options(small_world, "vqa", max_samples=2), "run.tensorboard.log_dir=tb")

@@ -24,6 +24,8 @@ from lavis.runners import build_runner
 from lavis.runners.checkpointer import OutputDirInUse
 from lavis.tracking.logging import read_metrics
 
+pytestmark = pytest.mark.integration
+
 QUICK = ("run.save_every=1000",)
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lavis.serving.boxes import PALETTE, draw_boxes, find_boxes
 from lavis.tracking.plots import main as plot_main
 from lavis.tracking.plots import plot_metrics
-from lavis.serving.boxes import PALETTE, draw_boxes, find_boxes
 
 REPO = Path(__file__).resolve().parents[1]
 WHITE = (255, 255, 255)

@@ -30,9 +30,11 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 import lavis
-from lavis.serving.engine import SamplingOptions
 from lavis.serving.boxes import PALETTE, draw_boxes
+from lavis.serving.engine import SamplingOptions
 from lavis.serving.web import BadInput, Conversation, stream_answer
+
+pytestmark = pytest.mark.integration
 
 CHROMIUM = os.environ.get("LAVIS_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("LAVIS_CHROMEDRIVER", "/usr/bin/chromedriver")

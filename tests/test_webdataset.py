@@ -28,9 +28,9 @@ from lavis.datasets.builders.webdataset import (
     WebDatasetCaptionBuilder,
     buffer_shuffle,
     split_member_name,
-    write_caption_shards,
-    write_shards,
 )
+from lavis.datasets.shards import write_shards
+from lavis.datasets.synthetic.world import write_caption_shards
 
 needs_tar = pytest.mark.skipif(shutil.which("tar") is None, reason="the tar command is not installed")
 

@@ -26,6 +26,7 @@ from lavis.common import dist
 from lavis.common.config import ConfigError, load_config
 from lavis.tracking.logging import setup_logging
 from lavis.common.registry import RegistryError
+from lavis.common.resources import describe, find_project
 from lavis.datasets.builders.base import AnnotationError
 
 log = logging.getLogger("evaluate")
@@ -33,9 +34,17 @@ log = logging.getLogger("evaluate")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cfg-path", required=True, help="project YAML with an 'evaluation:' section")
+    parser.add_argument("--cfg-path", help="project YAML with an 'evaluation:' section: a file, else a shipped "
+                        "project by name (projects/eval/demo.yaml, eval/demo); see --list-projects")
     parser.add_argument("--options", nargs="+", default=[], help="overrides: dotted.key=value ...")
-    return parser.parse_args(argv)
+    parser.add_argument("--list-projects", action="store_true",
+                        help="print where the shipped configs and projects are, and the projects, then exit")
+    args = parser.parse_args(argv)
+    if args.cfg_path is None and not args.list_projects:
+        parser.error("the following arguments are required: --cfg-path")
+    if args.cfg_path is not None:
+        args.cfg_path = str(find_project(args.cfg_path))
+    return args
 
 
 def write_summary(rows: list[dict], out_dir: Path, model: str | None) -> tuple[Path, Path]:
@@ -53,6 +62,9 @@ def write_summary(rows: list[dict], out_dir: Path, model: str | None) -> tuple[P
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.list_projects:
+        print(describe(), end="")
+        return 0
     setup_logging()
     try:
         cfg = load_config(args.cfg_path, args.options)

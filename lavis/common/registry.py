@@ -21,6 +21,7 @@ KINDS = (
     "builder",
     "processor",
     "task",
+    "eval_task",
     "runner",
     "strategy",
     "lr_scheduler",

@@ -1,4 +1,6 @@
-"""Models: the composite VLM and its registered components; :func:`build_model` assembles them."""
+"""Models: the composite VLM and its registered components; :func:`build_model` assembles them.
+May import :mod:`lavis.tracking`, :mod:`lavis.processors` and :mod:`lavis.common` only (never datasets).
+"""
 
 from __future__ import annotations
 
@@ -144,8 +146,8 @@ def checkpoint_lora_scales(weights_file: Path) -> dict[str, float] | None:
     config = config_of(Path(weights_file))
     if config is None:
         return None
-    freeze = OmegaConf.to_container(OmegaConf.load(config)).get("model", {}).get("freeze") or {}
-    return lora_scales(freeze)
+    policies = OmegaConf.to_container(OmegaConf.load(config)).get("model", {}).get("freeze") or {}
+    return lora_scales(policies)
 
 
 def weights_chain(path: str) -> list[Path]:

@@ -189,7 +189,7 @@ def merge_lora(component: nn.Module) -> int:
     from peft.tuners.lora import LoraLayer
 
     merged = 0
-    for parent_name, parent in list(component.named_modules()):
+    for _, parent in list(component.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoraLayer):
                 child.merge(safe_merge=True)

@@ -20,14 +20,14 @@ from typing import Any
 import torch
 
 from lavis.common.config import (
-    CONFIG_ROOT,
     Config,
     ConfigError,
-    _load_yaml,
     build_config,
     load_config,
     parse_options,
 )
+from lavis.common.config import load_yaml as _load_yaml
+from lavis.common.resources import CONFIG_ROOT
 from lavis.models import (
     Processors,
     build_model,

@@ -180,7 +180,7 @@ class VisionLanguageModel(nn.Module):
     def parameter_report(self) -> str:
         return format_parameter_counts(parameter_counts(self.components), self.freeze_policies)
 
-    def train(self, mode: bool = True) -> "VisionLanguageModel":
+    def train(self, mode: bool = True) -> VisionLanguageModel:
         super().train(mode)
         for name, policy in self.freeze_policies.items():
             if policy.keeps_eval_mode:

@@ -1,3 +1,5 @@
-"""Processors: tokenizers, image transforms, conversation encoding."""
+"""Processors: tokenizers (and Qwen-VL's special tokens), image transforms, conversation encoding,
+boxes and quads. Imports only :mod:`lavis.common`.
+"""
 
 from lavis.processors import image, tokenizer  # noqa: F401  (registers clip_image, hf_tokenizer, qwen_tiktoken)

@@ -19,19 +19,16 @@ as Qwen-VL's chat does: there ``<|im_start|>``, ``<|im_end|>`` and ``<|endoftext
 from __future__ import annotations
 
 import re
-import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
 
+from lavis.common.config.schema import LABEL_POLICIES, LabelPolicy
 from lavis.processors.errors import SkipSample
 from lavis.processors.tokenizer import IMG_END, IMG_START, AllowedSpecial, TextTokenizer
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 IMAGE_SPAN = re.compile(rf"{IMG_START}(.*?){IMG_END}", re.S)
-LabelPolicy = Literal["assistant", "qwen_vl_finetune"]
-LABEL_POLICIES: tuple[str, ...] = typing.get_args(LabelPolicy)
 
 
 def image_reference(path: str) -> str:
@@ -54,7 +51,7 @@ class EncodedText:
     # [start, end) token index of each <img>…</img> span, for truncation.
     image_spans: list[tuple[int, int]] = field(default_factory=list)
 
-    def extend(self, other: "EncodedText") -> "EncodedText":
+    def extend(self, other: EncodedText) -> EncodedText:
         offset = len(self.input_ids)
         self.input_ids += other.input_ids
         self.labels += other.labels
@@ -62,7 +59,7 @@ class EncodedText:
         self.image_spans += [(s + offset, e + offset) for s, e in other.image_spans]
         return self
 
-    def add_tokens(self, ids: list[int], supervised: bool) -> "EncodedText":
+    def add_tokens(self, ids: list[int], supervised: bool) -> EncodedText:
         self.input_ids += ids
         self.labels += ids if supervised else [IGNORE_INDEX] * len(ids)
         return self

@@ -147,8 +147,8 @@ class CLIPImageProcessor:
     def __init__(
         self,
         image_size: int,
-        mean: list[float] = list(CLIP_MEAN),
-        std: list[float] = list(CLIP_STD),
+        mean: list[float] | tuple[float, ...] = CLIP_MEAN,
+        std: list[float] | tuple[float, ...] = CLIP_STD,
         exif_transpose: bool = True,
     ) -> None:
         self.image_size = image_size

@@ -1,4 +1,9 @@
-"""Tokenizers with Qwen-VL's special tokens: a Hugging Face tokenizer, or Qwen's tiktoken BPE."""
+"""Tokenizers with Qwen-VL's special tokens: a Hugging Face tokenizer, or Qwen's tiktoken BPE.
+
+The one home of the special tokens (``SPECIAL_TOKENS``), Qwen's pre-tokenisation pattern
+(``QWEN_PATTERN``) and the embedded default tokenizer's file (``EMBEDDED_TOKENIZER_PATH``, written
+by ``python -m lavis.datasets.synthetic.tokenizer``).
+"""
 
 from __future__ import annotations
 
@@ -16,10 +21,13 @@ from lavis.common.registry import registry
 # DataLoader workers fork after the tokenizer has run; HF tokenizers' own threads would deadlock.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The embedded default tokenizer (``hf_tokenizer`` with ``path: null``), shipped with the package.
+EMBEDDED_TOKENIZER_PATH = Path(__file__).resolve().parents[1] / "assets" / "tokenizer" / "tokenizer.json"
+
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 REF_START, REF_END, BOX_START, BOX_END = "<ref>", "</ref>", "<box>", "</box>"
 QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD = "<quad>", "</quad>", "<img>", "</img>", "<imgpad>"
-SPECIAL_TOKENS = (
+SPECIAL_TOKENS: tuple[str, ...] = (
     ENDOFTEXT, IM_START, IM_END, REF_START, REF_END, BOX_START, BOX_END,
     QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD,
 )
@@ -80,8 +88,6 @@ class HFTokenizer(TextTokenizer):
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         if path is None:
-            from lavis.datasets.synthetic.tokenizer import EMBEDDED_TOKENIZER_PATH
-
             path = str(EMBEDDED_TOKENIZER_PATH)
         if Path(path).is_file():
             self.hf = PreTrainedTokenizerFast(tokenizer_file=path)

@@ -1,4 +1,5 @@
-"""Tasks: what a training step means (``sft``, ``pretrain``) and the evaluation tasks
-(``captioning``, ``vqa``, ``grounding``, ``multiple_choice``)."""
+"""Tasks: what a training step means (``sft``, ``pretrain``), the evaluation tasks (``captioning``, ``vqa``,
+``grounding``, ``multiple_choice``). May import models, datasets and what is below them; never runners or above.
+"""
 
 from lavis.tasks import captioning, grounding, multiple_choice, sft, vqa  # noqa: F401  (register)

@@ -10,7 +10,7 @@ from lavis.tasks.evaluation import EvalSample, EvalTask
 from lavis.tasks.metrics import caption_scores
 
 
-@registry.register("task", "captioning")
+@registry.register("eval_task", "captioning")
 class CaptioningTask(EvalTask):
     """Generates one caption per image (records of ``coco_caption``: COCO captions, Karpathy's split
     JSON, e.g. its ``test`` split, or a list) and scores corpus CIDEr and BLEU-4 (pycocoevalcap)

@@ -19,7 +19,6 @@ and refuses one that holds an earlier evaluation's results unless ``run.overwrit
 from __future__ import annotations
 
 import contextlib
-import html
 import json
 import logging
 import time
@@ -45,6 +44,7 @@ from lavis.processors.conversation import (
 from lavis.processors.errors import SkipSample
 from lavis.processors.image import load_image
 from lavis.tasks.metrics import choose_option
+from lavis.tracking.tables import SAMPLE_COLUMNS, TABLE_COLUMNS, markdown_table, results_table  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class EvalSample:
 
 
 class EvalTask:
-    """Base of the evaluation tasks (registered under the ``task`` kind, used in ``evaluation:``).
+    """Base of the evaluation tasks (registered under the ``eval_task`` kind, used in ``evaluation:``).
 
     Subclasses set ``metric_names`` and implement :meth:`samples` and :meth:`metrics`; a task
     that ranks options instead of generating also sets ``scores_options``.
@@ -75,7 +75,6 @@ class EvalTask:
     own evaluation. ``max_samples``: evaluate only the first N samples (e.g. during training).
     """
 
-    is_evaluation = True
     metric_names: tuple[str, ...] = ()
     scores_options = False
     prompt_fields: tuple[str, ...] = ()
@@ -193,7 +192,7 @@ class Evaluator:
 
                 with dist.local_main_first():  # once per node, not once per rank
                     ensure_world(entry.synthetic_root)
-            task = registry.get("task", entry.task)(**entry.task_params)
+            task = registry.get("eval_task", entry.task)(**entry.task_params)
             records = registry.get("builder", entry.builder)(**entry.builder_params).build()
             samples = task.samples(records)
             if task.max_samples is not None:
@@ -382,8 +381,6 @@ def flat_metrics(results: dict[str, EvalResult], prefix: str = "eval/") -> dict[
 
 # --------------------------------------------------------------------------- the results table and logged samples
 
-TABLE_COLUMNS = ("benchmark", "split", "metric", "value", "samples", "skipped")
-SAMPLE_COLUMNS = ("id", "prompt", "output", "prediction", "reference", "image")
 LOGGED_SAMPLES = 4  # predictions per evaluation that go to the experiment loggers
 
 
@@ -401,33 +398,6 @@ def table_rows(cfg: Config, results: dict[str, EvalResult], tasks: dict[str, Eva
                              "value": value, "samples": result.metrics.get("count", 0),
                              "skipped": result.metrics.get("skipped", 0), "evaluation": name, "task": result.task})
     return rows
-
-
-def _cells(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
-    # A table value of None: no score (every sample skipped).
-    return [f"{row[c]:.4f}" if isinstance(row[c], float) else "n/a" if row[c] is None and c == "value" else str(row[c])
-            for c in columns]
-
-
-def results_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as an aligned text table under :data:`TABLE_COLUMNS`."""
-    cells = [list(TABLE_COLUMNS)] + [_cells(row, TABLE_COLUMNS) for row in rows]
-    widths = [max(len(row[k]) for row in cells) for k in range(len(TABLE_COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
-    """The rows as a Markdown table under ``columns``. ``<`` and ``>`` are escaped: a prompt's
-    ``<img>…</img>`` would otherwise be rendered as an HTML image."""
-
-    def cell(text: str) -> str:
-        return html.escape(text, quote=False).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(c) for c in _cells(row, columns)) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def logged_samples(

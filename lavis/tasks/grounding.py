@@ -11,7 +11,7 @@ from lavis.tasks.evaluation import EvalSample, EvalTask
 from lavis.tasks.metrics import grounding_accuracy
 
 
-@registry.register("task", "grounding")
+@registry.register("eval_task", "grounding")
 class GroundingTask(EvalTask):
     """Grounds each referring expression (records of ``ref_grounding``: RefCOCO/RefCOCO+/RefCOCOg
     splits, e.g. ``val``, ``testA``, ``testB``) and scores the first box of the output, scaled from

@@ -11,7 +11,7 @@ from lavis.datasets.builders.multiple_choice import LETTERS, MC_PROMPT, options_
 from lavis.tasks.evaluation import EvalSample, EvalTask
 
 
-@registry.register("task", "multiple_choice")
+@registry.register("eval_task", "multiple_choice")
 class MultipleChoiceTask(EvalTask):
     """Scores each option letter as the continuation of the prompt (``" A"``, ``" B"``, ...; without the
     space at the start of a chat answer) and picks the lowest mean token loss, as Qwen-VL scores

@@ -22,7 +22,7 @@ ANSWER_METRICS = {
 }
 
 
-@registry.register("task", "vqa")
+@registry.register("eval_task", "vqa")
 class VQATask(EvalTask):
     """Answers each question (records of the ``vqa`` builder: VQAv2 questions + annotations, or
     JSONL; or of a released benchmark: ``textvqa``, ``gqa``, ``docvqa``, ``chartqa``, ``ocrvqa``) and

@@ -19,7 +19,7 @@ from PIL import Image
 from lavis.common.config import Config, TensorBoardConfig, WandbConfig
 from lavis.common.registry import registry
 from lavis.processors.image import load_image
-from lavis.tasks.evaluation import SAMPLE_COLUMNS, TABLE_COLUMNS, markdown_table
+from lavis.tracking.tables import SAMPLE_COLUMNS, TABLE_COLUMNS, markdown_table
 
 SAMPLE_IMAGE_SIZE = 512  # longest side of a logged sample image
 

@@ -1,3 +1,12 @@
 from lavis.datasets.builders import (  # noqa: F401  (register)
-    caption, conversation, grounding, multiple_choice, ocr, released_mc, released_vqa, text, vqa, webdataset,
+    caption,
+    conversation,
+    grounding,
+    multiple_choice,
+    ocr,
+    released_mc,
+    released_vqa,
+    text,
+    vqa,
+    webdataset,
 )

@@ -240,7 +240,7 @@ class SplitFilter:
     def active(self) -> bool:
         return self.names is not None
 
-    def reading(self, path: str | Path) -> "FileSplits":
+    def reading(self, path: str | Path) -> FileSplits:
         return FileSplits(str(path), self.names)
 
 

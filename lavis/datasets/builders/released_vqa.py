@@ -75,7 +75,8 @@ class TextVQABuilder(ReleasedQABuilder):
             where = describe_record(path, index, entry, "question_id")
             require_dict(where, entry, "question_id", "image_id", "question", "answers")
             image = image_path(where, f"{entry['image_id']}.jpg")
-            yield str(entry["question_id"]), image, require_str(where, entry["question"], "'question'"), answer_texts(where, entry["answers"])
+            question = require_str(where, entry["question"], "'question'")
+            yield str(entry["question_id"]), image, question, answer_texts(where, entry["answers"])
 
 
 @registry.register("builder", "gqa")
@@ -103,7 +104,8 @@ class DocVQABuilder(ReleasedQABuilder):
             where = describe_record(path, index, entry, "questionId")
             require_dict(where, entry, "questionId", "question", "image", "answers")
             image = image_path(where, entry["image"])
-            yield str(entry["questionId"]), image, require_str(where, entry["question"], "'question'"), answer_texts(where, entry["answers"])
+            question = require_str(where, entry["question"], "'question'")
+            yield str(entry["questionId"]), image, question, answer_texts(where, entry["answers"])
 
 
 @registry.register("builder", "chartqa")

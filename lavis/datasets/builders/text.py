@@ -7,8 +7,7 @@ prompt, no leading space, the text as written.
 from __future__ import annotations
 
 from lavis.common.registry import registry
-from lavis.datasets.builders.base import AnnotationError, RecordDataset, as_paths, read_annotations
-from lavis.datasets.builders.base import describe_record
+from lavis.datasets.builders.base import AnnotationError, RecordDataset, as_paths, describe_record, read_annotations
 
 
 @registry.register("builder", "text")

@@ -277,7 +277,7 @@ def split_candidates(pattern: str, root: Path, data_subtype: Any = None) -> list
     frequent first), then the annotation file's ``data_subtype`` (``val2014``), without its year (``val``)
     and without ``-dev`` (``test-dev2015``'s images are test2015's)."""
     glob, regex = "", ""
-    for literal, field, spec, _ in string.Formatter().parse(pattern):
+    for literal, field, _spec, _ in string.Formatter().parse(pattern):
         glob += literal.replace("[", "[[]")
         regex += re.escape(literal)
         if field is not None:

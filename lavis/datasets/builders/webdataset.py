@@ -3,7 +3,7 @@
 A shard is a plain tar file; consecutive members with the same key (the member name up to the
 first dot of its basename, directory kept) form one sample: ``a/b/000123.jpg`` + ``a/b/000123.txt``
 -> key ``a/b/000123``. Shards written by ``tar -cf`` (``./`` prefixes, directory entries), by
-webdataset's ``TarWriter`` or by :func:`write_shards` all read the same way.
+webdataset's ``TarWriter`` or by :func:`lavis.datasets.shards.write_shards` all read the same way.
 
 Each sample becomes the record::
 
@@ -19,7 +19,6 @@ so that it is counted (DESIGN §12); one bad shard never stops the run.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -40,8 +39,6 @@ from lavis.processors.conversation import image_reference
 log = logging.getLogger(__name__)
 
 CAPTION_PROMPT = "Generate the caption in English:"
-# Fixed tar header fields of the shards this module writes, so that equal input gives equal bytes.
-_MEMBER_MTIME, _MEMBER_MODE = 0, 0o644
 
 
 def expand_shards(shards: str | list[str]) -> list[str]:
@@ -356,74 +353,3 @@ class WebDatasetCaptionBuilder:
             self.caption_keys,
             self.json_caption_field,
         )
-
-
-# --------------------------------------------------------------------------- writing shards
-
-
-def write_shards(samples: Iterable[tuple[str, bytes, str]], pattern: str, samples_per_shard: int) -> list[str]:
-    """Write ``(key, png_bytes, caption)`` samples as ``key.png`` + ``key.txt`` into tar shards.
-
-    ``pattern`` holds a ``%``-format for the shard number, as webdataset's ``ShardWriter``
-    (``out/train-%06d.tar``). Deterministic: fixed mtime, owner and mode, members in input order.
-    Each shard is written to a temporary name and renamed, so a shard that exists is complete.
-    Returns the shard paths written.
-    """
-    if samples_per_shard <= 0:
-        raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
-    paths: list[str] = []
-    tar: tarfile.TarFile | None = None
-    tmp = ""
-    count = 0
-    try:
-        for key, image, caption in samples:
-            if tar is None or count == samples_per_shard:
-                if tar is not None:
-                    tar.close()
-                    os.replace(tmp, paths[-1])
-                paths.append(pattern % len(paths))
-                Path(paths[-1]).parent.mkdir(parents=True, exist_ok=True)
-                tmp = f"{paths[-1]}.tmp-{os.getpid()}"
-                tar = tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT)
-                count = 0
-            _add_member(tar, f"{key}.png", image)
-            _add_member(tar, f"{key}.txt", caption.encode("utf-8"))
-            count += 1
-        if tar is not None:
-            tar.close()
-            os.replace(tmp, paths[-1])
-            tar = None
-    finally:
-        if tar is not None:
-            tar.close()
-            Path(tmp).unlink(missing_ok=True)
-    return paths
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime, info.mode = _MEMBER_MTIME, _MEMBER_MODE
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_caption_shards(root: str | Path, split: str = "train", samples_per_shard: int = 200) -> list[str]:
-    """Caption shards of a synthetic world: ``root/shards/{split}-000000.tar``, ...
-
-    One sample per scene of ``root/scenes_{split}.json``: key = the image's file stem
-    (``000123``), its PNG, and :func:`~lavis.datasets.synthetic.world.describe` as caption.
-    Returns the shard paths (``{split}-{000000..N}.tar`` as a brace pattern).
-    """
-    from lavis.datasets.synthetic.world import (  # world may import this module
-        describe,
-        load_scenes,
-    )
-
-    root = Path(root)
-    samples = (
-        (Path(scene.image).stem, (root / scene.image).read_bytes(), describe(scene))
-        for scene in load_scenes(root, split)
-    )
-    return write_shards(samples, str(root / "shards" / f"{split}-%06d.tar"), samples_per_shard)

@@ -1,6 +1,7 @@
 """Embedded default data: a deterministic synthetic world and a small tokenizer.
 
-The tokenizer names are imported lazily (``tokenizers`` is only needed for them).
+The tokenizer names are imported lazily (``tokenizers`` is only needed for them); the special tokens
+and the shipped tokenizer's path live in :mod:`lavis.processors.tokenizer`.
 """
 
 from .world import (
@@ -24,7 +25,7 @@ from .world import (
     render,
 )
 
-_TOKENIZER_NAMES = ("EMBEDDED_TOKENIZER_PATH", "SPECIAL_TOKENS", "build_tokenizer")
+_TOKENIZER_NAMES = ("build_tokenizer",)
 
 
 def __getattr__(name: str):
@@ -39,11 +40,9 @@ __all__ = [
     "ANSWER_VOCAB",
     "COLOURS",
     "DEFAULT_SIZES",
-    "EMBEDDED_TOKENIZER_PATH",
     "POSITIONS",
     "QUESTION_TEMPLATES",
     "SHAPES",
-    "SPECIAL_TOKENS",
     "Obj",
     "Scene",
     "box_text",

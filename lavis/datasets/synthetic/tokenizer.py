@@ -6,6 +6,7 @@
   generated from the synthetic world's templates and a few English sentences);
 * then the special tokens of ``SPECIAL_TOKENS``, ids 1024.. in that order.
 
+The special tokens, the pattern and the file's path live in :mod:`lavis.processors.tokenizer`.
 ``python -m lavis.datasets.synthetic.tokenizer`` rewrites the shipped file
 ``lavis/assets/tokenizer/tokenizer.json`` (``EMBEDDED_TOKENIZER_PATH``), which
 loads with ``tokenizers.Tokenizer.from_file`` and
@@ -16,33 +17,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lavis.processors.tokenizer import EMBEDDED_TOKENIZER_PATH, QWEN_PATTERN, SPECIAL_TOKENS
+
 from . import world
 
-EMBEDDED_TOKENIZER_PATH = Path(__file__).resolve().parents[2] / "assets" / "tokenizer" / "tokenizer.json"
-
-QWEN_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 VOCAB_SIZE = 1024  # trained part, including the 256-byte alphabet
-SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<ref>",
-    "</ref>",
-    "<box>",
-    "</box>",
-    "<quad>",
-    "</quad>",
-    "<img>",
-    "</img>",
-    "<imgpad>",
-)
 CORPUS_SEED = 1234  # world seed of the tokenizer's training corpus
 CORPUS_SCENES = 600  # scenes per split used for the corpus
 

@@ -14,7 +14,7 @@ written in the same on-disk formats as real data:
                                 ``i``), each with an extra ``"meta"`` key
   ``llava_{split}.json``        LLaVA-format conversations for the first
                                 ``min(n, 200)`` scenes of the split
-  ``shards/{split}-NNNNNN.tar`` webdataset caption shards (builders/webdataset.py)
+  ``shards/{split}-NNNNNN.tar`` webdataset caption shards (:func:`write_caption_shards`)
   captions, VQAv2, RefCOCO-style, grounded-caption, OCR and text files
                                 (see :mod:`lavis.datasets.synthetic.formats`)
 
@@ -36,6 +36,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from lavis.datasets.shards import write_shards
 from lavis.processors.boxes import (  # noqa: F401
     box_text,
     denorm_box,
@@ -444,14 +445,28 @@ def write_world(out: Path, seed: int, sizes: dict[str, int]) -> None:
         _write_json(out / f"scenes_{split}.json", [s.to_dict() for s in scenes])
         _write_json(out / f"sft_{split}.json", build_sft_records(scenes, seed, split))
         _write_json(out / f"llava_{split}.json", build_llava_records(scenes, seed, split))
-    # Local imports: both modules import this one.
-    from lavis.datasets.builders.webdataset import write_caption_shards
+    # Local import: formats imports this module.
     from lavis.datasets.synthetic.formats import write_formats
 
     write_formats(out, seed, sizes)
     for split in sizes:
         write_caption_shards(out, split)
     _write_json(out / MARKER, _marker(seed, sizes))
+
+
+def write_caption_shards(root: str | Path, split: str = "train", samples_per_shard: int = 200) -> list[str]:
+    """Caption shards of a synthetic world: ``root/shards/{split}-000000.tar``, ...
+
+    One sample per scene of ``root/scenes_{split}.json``: key = the image's file stem
+    (``000123``), its PNG, and :func:`describe` as caption (read by the ``webdataset_caption``
+    builder). Returns the shard paths (``{split}-{000000..N}.tar`` as a brace pattern).
+    """
+    root = Path(root)
+    samples = (
+        (Path(scene.image).stem, (root / scene.image).read_bytes(), describe(scene))
+        for scene in load_scenes(root, split)
+    )
+    return write_shards(samples, str(root / "shards" / f"{split}-%06d.tar"), samples_per_shard)
 
 
 def _marker(seed: int, sizes: dict[str, int]) -> dict:
