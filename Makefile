@@ -38,9 +38,11 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q tests -m "not integration and not distributed" --durations=10
 
-# ruff (ruff.toml): reports, rewrites nothing. CI runs it before the tests.
+# ruff (ruff.toml) and the layer contract (.importlinter: imports point down only); both report,
+# neither rewrites anything. CI runs it before the tests.
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 # Only the multi-process tests (torchrun, 2-3 processes on the CPU); `make test` runs them too.
 test-distributed: install
@@ -49,11 +51,6 @@ test-distributed: install
 bench: install
 	$(PY) benchmarks/step_overhead.py
 	$(PY) benchmarks/eval_gap.py
-
-# The layer contract in .importlinter (issue 19): imports point down only (import-linter, a dev extra).
-.PHONY: lint-imports
-lint-imports: install
-	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) outputs data/synthetic

@@ -11,15 +11,14 @@ Tests that read text need Qwen's real vocabulary from the shared reference (skip
 from __future__ import annotations
 
 import json
-import runpy
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REFERENCE, REPO
+from conftest import REPO
+from helpers import FIXTURE, regenerate, tokenizer_file, write_release
 from safetensors.torch import load_file, save_file
 
 from lavis.interop.convert.cli import main
@@ -39,9 +38,7 @@ from lavis.interop.convert.release import (
 
 pytestmark = pytest.mark.integration
 
-FIXTURE = REPO / "tests" / "fixtures" / "qwen_vl_tiny"
 PRESET = REPO / "configs" / "models" / "presets" / "qwen_vl_chat.yaml"
-QWEN_TIKTOKEN = REFERENCE / "qwen-vl-chat" / "qwen.tiktoken"
 TOLERANCE = 1e-4  # fp32 logits
 RELEASE_NUMEL = 19_313_870_336 // 2  # Qwen-VL-Chat's pytorch_model.bin.index.json: total_size in bf16 bytes
 # The preset at the fixture's sizes: what a user converting a smaller Qwen-VL would override.
@@ -54,11 +51,6 @@ TINY_OPTIONS = (
     "model.llm.dtype=float32",
     "model.llm.config=null",  # the preset's inline config holds Qwen-VL-Chat's sizes
 )
-
-
-def regenerate() -> dict:
-    """``regenerate.py``'s functions (``random_original_state``, ``checksum``)."""
-    return runpy.run_path(str(FIXTURE / "regenerate.py"))
 
 
 @pytest.fixture(scope="module")
@@ -80,23 +72,6 @@ def reference() -> dict[str, torch.Tensor]:
 def original(config, fixture) -> dict[str, torch.Tensor]:
     """The fixture's weights in Qwen-VL's layout, redrawn from its seed."""
     return regenerate()["random_original_state"](config, fixture["seed"])
-
-
-def tokenizer_file() -> Path:
-    if not QWEN_TIKTOKEN.is_file():
-        pytest.skip(f"{QWEN_TIKTOKEN} not found (the shared reference is absent)")
-    return QWEN_TIKTOKEN
-
-
-def write_release(path: Path, config: dict, state: dict[str, torch.Tensor], tokenizer: Path) -> Path:
-    """A Qwen-VL release directory as published: config.json, sharded safetensors + index, qwen.tiktoken."""
-    from huggingface_hub import save_torch_state_dict
-
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps(config))
-    save_torch_state_dict(state, path, max_shard_size="100MB")
-    shutil.copyfile(tokenizer, path / TOKENIZER_FILE)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,10 @@ from pathlib import Path
 
 from lavis.common import dist
 from lavis.common.config import ConfigError, load_config
-from lavis.tracking.logging import setup_logging
 from lavis.common.registry import RegistryError
 from lavis.common.resources import describe, find_project
 from lavis.datasets.builders.base import AnnotationError
+from lavis.tracking.logging import setup_logging
 
 log = logging.getLogger("evaluate")
 
@@ -76,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from lavis.common import output_dir
-    from lavis.tracking.loggers import build_loggers
     from lavis.models import build_model
     from lavis.models.loading import build_trained, evaluation_config, explicit_keys
     from lavis.runners.iter_runner import seed_everything
@@ -90,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         results_table,
         table_rows,
     )
+    from lavis.tracking.loggers import build_loggers
 
     device = dist.init_distributed(cfg.run.device)
     seed_everything(cfg.run.seed)

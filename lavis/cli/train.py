@@ -7,10 +7,10 @@ import gc
 import sys
 
 from lavis.common.config import ConfigError, load_config
-from lavis.tracking.logging import setup_logging
 from lavis.common.registry import RegistryError
 from lavis.common.resources import describe, find_project
 from lavis.datasets.builders.base import AnnotationError
+from lavis.tracking.logging import setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 KINDS = (
     "model",
@@ -85,7 +86,7 @@ class Registry:
                 raise ValueError(f"{kind} '{name}' is already registered by {entries[name]!r}")
             entries[name] = obj
             if "registry_name" not in vars(obj):  # an object registered under two names keeps its first
-                setattr(obj, "registry_name", name)
+                obj.registry_name = name
             return obj
 
         return wrap

@@ -150,7 +150,8 @@ def whole_model_state(source: str | Path, config: Path, merge_lora: bool) -> tup
     Returns the state (canonical names) and the components whose adapters were merged; parameters
     that come neither from a checkpoint nor from a pretrained file (random initialisation) are an error."""
     from lavis.models import build_model, load_trained
-    from lavis.models.freeze import LoRA, merge_lora as fold
+    from lavis.models.freeze import LoRA
+    from lavis.models.freeze import merge_lora as fold
     from lavis.models.vlm import canonical_name
 
     cfg = load_config(config)

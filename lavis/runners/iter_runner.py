@@ -8,9 +8,10 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,10 +19,8 @@ from tqdm import tqdm
 
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import Config
-from lavis.tracking.loggers import build_loggers
-from lavis.tracking.logging import MetricsWriter, NullMetricsWriter, SkipLog, append_records
-from lavis.common.precision import autocast
 from lavis.common.optim import build_optimizer
+from lavis.common.precision import autocast
 from lavis.common.registry import registry
 from lavis.datasets.loader import worker_batches
 from lavis.datasets.stream import BatchStream, Source, StreamConfig, UnusableData
@@ -31,6 +30,8 @@ from lavis.processors.conversation import IGNORE_INDEX
 from lavis.runners.checkpointer import Checkpointer
 from lavis.runners.strategies import Strategy, build_strategy, parameter_names
 from lavis.tasks.evaluation import Evaluator, flat_metrics, logged_samples, table_rows
+from lavis.tracking.loggers import build_loggers
+from lavis.tracking.logging import MetricsWriter, NullMetricsWriter, SkipLog, append_records
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +486,8 @@ class IterRunner:
                     first = first or last
                     bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
                     if not show_bar and self.is_main:
-                        log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f", self.step, run.max_steps, last["loss"], lr, last["tokens_per_s"])
+                        log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f",
+                                 self.step, run.max_steps, last["loss"], lr, last["tokens_per_s"])
                     window = {"loss": 0.0, "tokens": 0, "input_tokens": 0, "samples": 0, "start": time.perf_counter()}
                 if self.evaluator is not None and (self.step % run.eval_every == 0 or self.step == run.max_steps):
                     self.evaluate(metrics)

@@ -30,8 +30,8 @@ import lavis
 from lavis.models.chat import History, from_list_format
 from lavis.processors.conversation import IMAGE_SPAN
 from lavis.processors.image import ImageTooLarge, open_bounded_image
-from lavis.serving.engine import ChatEngine, SamplingOptions
 from lavis.serving.boxes import draw_boxes
+from lavis.serving.engine import ChatEngine, SamplingOptions
 
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # about 8000 x 6000; larger uploads are refused before decoding
 # Small pictures (e.g. the synthetic 128 px ones) fill the panel, so that boxes and labels can be read.

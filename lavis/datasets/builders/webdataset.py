@@ -323,8 +323,9 @@ class WebDatasetCaptionBuilder:
         shards: str | list[str],
         shuffle_buffer: int = 1000,
         shuffle_shards: bool = True,
-        image_keys: list[str] = ["jpg", "jpeg", "png", "webp"],
-        caption_keys: list[str] = ["txt", "json"],
+        # The signature is the config's schema (list-typed keys); the defaults are copied, never mutated.
+        image_keys: list[str] = ["jpg", "jpeg", "png", "webp"],  # noqa: B006
+        caption_keys: list[str] = ["txt", "json"],  # noqa: B006
         json_caption_field: str = "caption",
     ) -> None:
         self.shards = expand_shards(shards)

@@ -173,7 +173,8 @@ def layout(config: dict[str, Any]) -> Layout:
                                partial(_swap_row_groups, outer=visual["heads"], inner=3),
                                partial(_swap_row_groups, outer=3, inner=visual["heads"])))
     # The resampler keeps visual.py's names (see lavis/models/adapters/qwen_resampler.py).
-    adapter = [rename(name, name[len(VISUAL + "attn_pool."):]) for name in original_shapes(config) if name.startswith(VISUAL + "attn_pool.")]
+    pool = VISUAL + "attn_pool."
+    adapter = [rename(name, name[len(pool):]) for name in original_shapes(config) if name.startswith(pool)]
     adapter += [rename(VISUAL + name, name) for name in ("ln_post.weight", "ln_post.bias", "proj")]
     llm = [
         rename("transformer.wte.weight", "model.embed_tokens.weight"),
