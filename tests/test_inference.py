@@ -18,9 +18,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import lavis
-from lavis.models import build_model, weights_chain
+from lavis.models import build_model
 from lavis.models.chat import from_list_format
 from lavis.models.generation import left_pad
+from lavis.models.weights import weights_chain
 from lavis.processors.image import load_image
 from lavis.serving.boxes import draw_boxes, find_boxes
 

@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import ConfigError, load_config
 from lavis.datasets.collate import PadCollator
-from lavis.models import build_model, load_trained
+from lavis.models import build_model
 from lavis.models.freeze import LORA_TARGETS, merge_lora, merge_lora_state
 from lavis.models.vlm import canonical_name
+from lavis.models.weights import load_trained
 from lavis.runners import build_runner
 from lavis.tasks.sft import LanguageModelingTask
 from lavis.tracking.logging import read_metrics

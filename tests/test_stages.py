@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from lavis.common.config import load_config
-from lavis.models import build_model, load_stage_checkpoint
+from lavis.models import build_model
+from lavis.models.weights import load_stage_checkpoint
 from lavis.runners import build_runner
 
 pytestmark = pytest.mark.integration

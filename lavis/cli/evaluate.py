@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def write_summary(rows: list[dict], out_dir: Path, model: str | None) -> tuple[Path, Path]:
     """``results.json`` and ``results.md`` beside the predictions: the table's rows."""
     # Imported here, as in main(): the evaluation module imports the models, after the config is checked.
-    from lavis.tasks.evaluation import markdown_table
+    from lavis.tracking.tables import markdown_table
 
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "results.json", out_dir / "results.md"
@@ -86,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         flat_metrics,
         logged_samples,
         results_dir,
-        results_table,
         table_rows,
     )
     from lavis.tracking.loggers import build_loggers
+    from lavis.tracking.tables import results_table
 
     device = dist.init_distributed(cfg.run.device)
     seed_everything(cfg.run.seed)

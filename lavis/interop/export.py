@@ -73,7 +73,7 @@ def export(
 ) -> Path:
     """Write ``out/model.safetensors`` (+ ``config.yaml``, ``meta.json``; ``llm/`` with ``format="hf"``)
     from a run or checkpoint; see the module docstring for ``weights`` and ``overwrite``."""
-    from lavis.models import config_of, resolve_weights_path, weights_chain
+    from lavis.models.weights import config_of, resolve_weights_path, weights_chain
 
     if format not in FORMATS:
         raise ValueError(f"unknown format '{format}'; expected one of {', '.join(FORMATS)}")
@@ -149,10 +149,11 @@ def whole_model_state(source: str | Path, config: Path, merge_lora: bool) -> tup
     included), its checkpoints loaded along the ``load_from`` chain, LoRA folded in if ``merge_lora``.
     Returns the state (canonical names) and the components whose adapters were merged; parameters
     that come neither from a checkpoint nor from a pretrained file (random initialisation) are an error."""
-    from lavis.models import build_model, load_trained
+    from lavis.models import build_model
     from lavis.models.freeze import LoRA
     from lavis.models.freeze import merge_lora as fold
     from lavis.models.vlm import canonical_name
+    from lavis.models.weights import load_trained
 
     cfg = load_config(config)
     model, _ = build_model(dataclasses.replace(cfg.model, load_from=None))
@@ -173,7 +174,8 @@ def whole_model_state(source: str | Path, config: Path, merge_lora: bool) -> tup
 
 def write_hf_llm(export_dir: Path) -> Path:
     """``export_dir/llm/``: the exported model's language model as a transformers directory."""
-    from lavis.models import build_model, load_trained
+    from lavis.models import build_model
+    from lavis.models.weights import load_trained
 
     cfg = load_config(export_dir / ckpt.CONFIG_NAME)
     model, _ = build_model(dataclasses.replace(cfg.model, load_from=None))

@@ -98,7 +98,7 @@ def model_inputs(source: str | Path, chain: list[Path] | None = None) -> list[tu
     weights of its ``load_from`` chain (as far as it can be followed), their checkpoint directories
     and runs (``whole``: a directory inside them is refused too, as is the source directory itself).
     ``chain``: the source's :func:`~lavis.models.weights_chain`, if known."""
-    from lavis.models import resolve_weights_path, run_dir_of, weights_chain
+    from lavis.models.weights import resolve_weights_path, run_dir_of, weights_chain
 
     source = Path(source)
     found: list[tuple[Path, bool]] = [(source, source.is_dir())]

@@ -24,18 +24,13 @@ from lavis.common.config import (
     ConfigError,
     build_config,
     load_config,
+    load_yaml,
     parse_options,
 )
-from lavis.common.config import load_yaml as _load_yaml
 from lavis.common.resources import CONFIG_ROOT
-from lavis.models import (
-    Processors,
-    build_model,
-    config_of,
-    load_trained,
-    resolve_weights_path,
-)
+from lavis.models import Processors, build_model
 from lavis.models.vlm import VisionLanguageModel
+from lavis.models.weights import config_of, load_trained, resolve_weights_path
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +77,7 @@ def explicit_keys(cfg_path: str | Path, options: list[str] | None = None) -> dic
         path = path.resolve()
         if path in seen:
             return  # load_project reports the loop
-        data = _load_yaml(path)
+        data = load_yaml(path)
         bases = data.pop("base", None) or []
         for base in [bases] if isinstance(bases, str) else bases:
             walk(path.parent / base, seen + (path,))

@@ -44,7 +44,6 @@ from lavis.processors.conversation import (
 from lavis.processors.errors import SkipSample
 from lavis.processors.image import load_image
 from lavis.tasks.metrics import choose_option
-from lavis.tracking.tables import SAMPLE_COLUMNS, TABLE_COLUMNS, markdown_table, results_table  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +402,7 @@ def table_rows(cfg: Config, results: dict[str, EvalResult], tasks: dict[str, Eva
 def logged_samples(
     results: dict[str, EvalResult], samples: dict[str, list[EvalSample]], count: int = LOGGED_SAMPLES
 ) -> dict[str, list[dict[str, Any]]]:
-    """The first ``count`` predictions of each evaluation under :data:`SAMPLE_COLUMNS`: ``reference``
+    """The first ``count`` predictions of each evaluation under :data:`lavis.tracking.tables.SAMPLE_COLUMNS`: ``reference``
     as JSON, ``image`` the path of the sample's first image (None without one)."""
     logged = {}
     for name, result in results.items():
@@ -443,7 +442,7 @@ def results_dir(cfg: Config, project: str | Path, output_dir_set: bool) -> Path:
     A directory inside a run's checkpoint (pruned with it), a training run's own ``eval/`` (its
     evaluations during training write there), or a path through a file is a ConfigError naming it.
     """
-    from lavis.models import resolve_weights_path
+    from lavis.models.weights import resolve_weights_path
 
     if output_dir_set or not cfg.model.load_from:
         out = Path(cfg.run.output_dir) / "eval"

@@ -205,8 +205,8 @@ def to_qwen_vl(run: str | Path, out: str | Path, code_from: str | Path | None = 
 def write_qwen_vl(run: str | Path, out: Path, code_from: str | Path | None = None) -> Path:
     """:func:`to_qwen_vl` into ``out``, a new or empty directory this command owns (no checks on it)."""
     from lavis.common.config import load_config
-    from lavis.models import config_of, resolve_weights_path
     from lavis.models.loading import load_model
+    from lavis.models.weights import config_of, resolve_weights_path
 
     config_file = config_of(resolve_weights_path(str(run)))
     if config_file is None:

@@ -191,7 +191,7 @@ def create_app(engine: ChatEngine, model_name: str, settings: ServerSettings | N
 
 def default_model_name(ckpt: str | Path) -> str:
     """The name a checkpoint is served as: its run directory's name (``outputs/sft`` -> ``sft``)."""
-    from lavis.models import resolve_weights_path, run_dir_of
+    from lavis.models.weights import resolve_weights_path, run_dir_of
 
     weights = resolve_weights_path(str(ckpt))
     return (run_dir_of(weights) or weights.resolve().parent).name  # no run: the checkpoint's (export's) own
