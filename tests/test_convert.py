@@ -196,6 +196,35 @@ def test_greedy_chat_continues_as_qwen_vl(ours, fixture):
     assert processors.tokenizer.decode(generated[:-1]).strip() == fixture["response"]
 
 
+def test_the_converted_directory_loads_itself_wherever_it_lies(tmp_path, converted, ours, reference, fixture):
+    """from-qwen-vl's OUT holds its config.yaml (the preset at the release's sizes) and meta.json:
+    ``lavis.load_model(OUT)`` is the preset-built model, and still is once OUT has moved (its old
+    path gone)."""
+    import shutil
+
+    import lavis
+    from lavis.processors.image import CLIPImageProcessor, load_image
+
+    _, expected_model, processors = ours
+    ids = model_inputs(reference, processors.tokenizer.img_pad_id)
+    pixels = CLIPImageProcessor(128)(load_image(FIXTURE / "image.png"))[None]
+    with torch.no_grad():
+        expected = expected_model(ids, pixel_values=pixels).logits
+    out = tmp_path / "first"
+    assert main(["from-qwen-vl", str(converted.parent / "release"), str(out)]) == 0
+    assert {p.name for p in out.iterdir()} >= {"config.yaml", "meta.json"}
+    for moved in (False, True):
+        if moved:
+            out = shutil.move(out, tmp_path / "elsewhere" / "moved")
+            assert not (tmp_path / "first").exists()
+        model, _ = lavis.load_model(out, device="cpu")
+        with torch.no_grad():
+            assert (model(ids, pixel_values=pixels).logits - expected).abs().max().item() < 1e-5
+    query = fixture["query"].replace(fixture["image"], str(FIXTURE / fixture["image"]))
+    response, _ = model.chat(query, max_new_tokens=fixture["max_new_tokens"])
+    assert response == processors.tokenizer.decode(fixture["generated_ids"])
+
+
 # --------------------------------------------------------------------------- back to Qwen-VL's layout
 
 

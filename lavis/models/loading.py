@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lavis.common.checkpoint import META_NAME, read_meta
 from lavis.common.config import (
     Config,
     ConfigError,
@@ -45,6 +46,15 @@ def trained_config(path: str | Path) -> tuple[Path, Path | None]:
     ``config.yaml`` they were trained with (None when neither the checkpoint nor a run holds one)."""
     weights = resolve_weights_path(str(path))
     return weights, config_of(weights)
+
+
+def model_config(config: Path) -> Config:
+    """A model's ``config.yaml``. One in a directory whose ``meta.json`` names a ``weights_file``
+    (from-qwen-vl's output) names its files through ``model.llm.pretrained``, set here to that
+    directory as it lies now (a moved directory still loads)."""
+    config = Path(config)
+    located = (config.parent / META_NAME).is_file() and read_meta(config.parent).get("weights_file")
+    return load_config(config, [f"model.llm.pretrained={config.parent.absolute()}"] if located else None)
 
 
 def build_trained(model_cfg, weights: str | Path) -> tuple[VisionLanguageModel, Processors]:
@@ -139,7 +149,7 @@ def evaluation_config(cfg: Config, explicit: dict[str, str]) -> tuple[Config, Pa
         log.warning("model.load_from %s: no config.yaml in the checkpoint or its run; the model is built from "
                     "this config's model section", weights)
         return cfg, None
-    trained = load_config(config).raw["model"]
+    trained = model_config(config).raw["model"]
     contradictions = []
     for dotted, where in explicit.items():
         section, _, key = dotted.partition(".")
@@ -175,7 +185,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None
     """A trained model and its processors, ready for ``generate`` and ``chat``.
 
     ``path``: a run's ``output_dir`` (its newest checkpoint), a checkpoint directory (e.g.
-    ``<output_dir>/checkpoints/best``) or its ``model.safetensors``. The model is built from the
+    ``<output_dir>/checkpoints/best``), its ``model.safetensors``, or from-qwen-vl's output. The model is built from the
     run's ``config.yaml``; weights saved trainable-only are completed from the run's own
     ``model.load_from`` chain. ``device``: ``auto`` = CUDA when available. ``dtype``: cast the
     weights (e.g. ``torch.bfloat16``); default keeps fp32.
@@ -183,7 +193,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None
     weights, config = trained_config(path)
     if config is None:
         raise FileNotFoundError(f"{path}: no config.yaml in the checkpoint or its run (expected <output_dir>/config.yaml)")
-    cfg = load_config(config)
+    cfg = model_config(config)
     model, processors = build_trained(cfg.model, weights)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -16,6 +16,7 @@ from lavis.common.checkpoint import (
     is_sharded,
     list_checkpoints,
     load_weights_file,
+    read_meta,
     weights_path,
 )
 from lavis.models.freeze import lora_scales
@@ -26,10 +27,14 @@ log = logging.getLogger(__name__)
 
 def resolve_weights_path(path: str) -> Path:
     """A weights file or sharded weights directory, a checkpoint directory, or an output directory
-    (its newest checkpoint) -> the weights (``model.safetensors`` or the sharded ``model/``)."""
+    (its newest checkpoint) -> the weights (``model.safetensors`` or the sharded ``model/``). A
+    directory whose ``meta.json`` names a ``weights_file`` (from-qwen-vl's output: the adapter; its
+    config.yaml names the other files) -> that file."""
     p = Path(path)
     if p.is_file() or is_sharded(p):
         return p
+    if (p / META_NAME).is_file() and read_meta(p).get("weights_file"):
+        return p / read_meta(p)["weights_file"]
     if (p / WEIGHTS_NAME).is_file() or is_sharded(p / SHARDED_WEIGHTS_NAME):
         return weights_path(p)
     found = list_checkpoints(p)

@@ -68,8 +68,8 @@ def what_it_is(path: Path) -> str:
         except (ValueError, AttributeError):
             pass
     if (path / VISION_FILE).is_file() or (path / ADAPTER_FILE).is_file():
-        return ("; it looks like from-qwen-vl's output (already converted): use it as model.llm.pretrained over "
-                "configs/models/presets/qwen_vl_chat.yaml")
+        return ("; it looks like from-qwen-vl's output (already converted): lavis.load_model and lavis.chat --ckpt "
+                "take it as it is, or use it as model.llm.pretrained over configs/models/presets/qwen_vl_chat.yaml")
     if (path / "config.yaml").is_file() or (path / "checkpoints").is_dir():
         return "; it looks like a model trained or exported here: to-qwen-vl converts it to Qwen-VL's layout"
     if model_type == "qwen" and (path / TOKENIZER_FILE).is_file():
@@ -171,8 +171,35 @@ def from_qwen_vl(src: str | Path, out: str | Path, overwrite: bool = False) -> P
         qwen2_config(config, parts["llm"]["lm_head.weight"].dtype).save_pretrained(staging)
         save_weights(parts["llm"], staging)
         shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
-    log.info("converted %s to %s: use configs/models/presets/qwen_vl_chat.yaml with model.llm.pretrained=%s", src, out, out)
+        write_model_config(staging, out, config, parts["llm"]["lm_head.weight"].dtype)
+        (staging / "meta.json").write_text(json.dumps(
+            {"weights": "converted", "weights_file": ADAPTER_FILE, "converted_from": str(src)}, indent=2) + "\n")
+    log.info("converted %s to %s: lavis.load_model(%s) and python -m lavis.chat --ckpt %s load it (its config.yaml), as "
+             "does configs/models/presets/qwen_vl_chat.yaml with model.llm.pretrained=%s", src, out, out, out, out)
     return out
+
+
+def write_model_config(staging: Path, out: Path, config: dict[str, Any], dtype: torch.dtype) -> None:
+    """``config.yaml``: configs/models/presets/qwen_vl_chat.yaml at the release's sizes. Its files are named
+    through ``model.llm.pretrained`` (``${model.llm.pretrained}/vision.safetensors`` ...), which
+    :func:`lavis.models.loading.model_config` sets to the directory the config lies in when it is loaded."""
+    from omegaconf import OmegaConf
+
+    from lavis.common.config import load_config
+    from lavis.common.resources import CONFIG_ROOT
+
+    visual = config["visual"]
+    kwargs = (f"{{patch_size: {visual['patch_size']}, embed_dim: {visual['width']}, depth: {visual['layers']}, "
+              f"num_heads: {visual['heads']}, mlp_ratio: {visual['mlp_ratio']}, pre_norm: true, final_norm: false}}")
+    options = [f"model.llm.pretrained={Path(out).absolute()}", f"model.vision.image_size={visual['image_size']}",
+               f"model.vision.model_kwargs={kwargs}", f"model.llm.dtype={str(dtype).removeprefix('torch.')}",
+               "model.llm.config=null"]  # the architecture is OUT's config.json
+    raw = load_config(CONFIG_ROOT / "models" / "presets" / "qwen_vl_chat.yaml", options).raw
+    model = raw["model"]
+    model["vision"]["pretrained"] = "${model.llm.pretrained}/" + VISION_FILE
+    model["tokenizer"]["path"] = "${model.llm.pretrained}"
+    model["load_from"] = "${model.llm.pretrained}/" + ADAPTER_FILE
+    (staging / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(raw)))
 
 
 # --------------------------------------------------------------------------- to-qwen-vl
@@ -204,8 +231,7 @@ def to_qwen_vl(run: str | Path, out: str | Path, code_from: str | Path | None = 
 
 def write_qwen_vl(run: str | Path, out: Path, code_from: str | Path | None = None) -> Path:
     """:func:`to_qwen_vl` into ``out``, a new or empty directory this command owns (no checks on it)."""
-    from lavis.common.config import load_config
-    from lavis.models.loading import load_model
+    from lavis.models.loading import load_model, model_config
     from lavis.models.weights import config_of, resolve_weights_path
 
     config_file = config_of(resolve_weights_path(str(run)))
@@ -213,7 +239,7 @@ def write_qwen_vl(run: str | Path, out: Path, code_from: str | Path | None = Non
         hint = what_it_is(Path(run)) if Path(run).is_dir() else ""
         raise ConversionError(f"{run}: no config.yaml in the checkpoint or its run{hint}; expected a model trained "
                               "here (a run's output_dir, a checkpoint directory or an export)")
-    cfg = load_config(config_file)
+    cfg = model_config(config_file)
     if cfg.model.tokenizer.type != "qwen_tiktoken":
         raise ConversionError(f"{run}: Qwen-VL's code reads qwen.tiktoken; this model's tokenizer is "
                               f"'{cfg.model.tokenizer.type}' (model.tokenizer.type: qwen_tiktoken)")
