@@ -105,7 +105,7 @@ def test_builtin_components_are_registered():
         "adapter": {"qwen_resampler", "mlp", "linear"},
         "llm": {"hf_causal_lm"},
         "builder": {"qwen_vl_conversation", "llava_conversation"},
-        "processor": {"hf_tokenizer", "qwen_tiktoken", "clip_image"},
+        "processor": {"hf_tokenizer", "qwen_tiktoken", "clip_image", "qwen2_vl_image"},
         "task": {"sft"},
         "runner": {"iter_runner"},
         "strategy": {"single", "ddp", "fsdp"},
