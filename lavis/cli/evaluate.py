@@ -22,10 +22,11 @@ import logging
 import sys
 from pathlib import Path
 
+from lavis.cli.arguments import parse_project_args, project_parser
 from lavis.common import dist
 from lavis.common.config import ConfigError, load_config
 from lavis.common.registry import RegistryError
-from lavis.common.resources import describe, find_project
+from lavis.common.resources import describe
 from lavis.datasets.builders.base import AnnotationError
 from lavis.tracking.logging import setup_logging
 
@@ -33,18 +34,9 @@ log = logging.getLogger("evaluate")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cfg-path", help="project YAML with an 'evaluation:' section: a file, else a shipped "
-                        "project by name (projects/eval/demo.yaml, eval/demo); see --list-projects")
-    parser.add_argument("--options", nargs="+", default=[], help="overrides: dotted.key=value ...")
-    parser.add_argument("--list-projects", action="store_true",
-                        help="print where the shipped configs and projects are, and the projects, then exit")
-    args = parser.parse_args(argv)
-    if args.cfg_path is None and not args.list_projects:
-        parser.error("the following arguments are required: --cfg-path")
-    if args.cfg_path is not None:
-        args.cfg_path = str(find_project(args.cfg_path))
-    return args
+    parser = project_parser(__doc__, "project YAML with an 'evaluation:' section (projects/eval/demo.yaml, eval/demo)",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parse_project_args(parser, argv)
 
 
 def write_summary(rows: list[dict], out_dir: Path, model: str | None) -> tuple[Path, Path]:

@@ -6,27 +6,18 @@ import argparse
 import gc
 import sys
 
+from lavis.cli.arguments import parse_project_args, project_parser
 from lavis.common.config import ConfigError, load_config
 from lavis.common.registry import RegistryError
-from lavis.common.resources import describe, find_project
+from lavis.common.resources import describe
 from lavis.datasets.builders.base import AnnotationError
 from lavis.tracking.logging import setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cfg-path", help="project YAML: a file, else a shipped project by name "
-                        "(projects/pretrain.yaml, eval/demo); see --list-projects")
-    parser.add_argument("--options", nargs="+", default=[], help="overrides: dotted.key=value ...")
+    parser = project_parser(__doc__, "project YAML (projects/pretrain.yaml, eval/demo)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--list-projects", action="store_true",
-                        help="print where the shipped configs and projects are, and the projects, then exit")
-    args = parser.parse_args(argv)
-    if args.cfg_path is None and not args.list_projects:
-        parser.error("the following arguments are required: --cfg-path")
-    if args.cfg_path is not None:
-        args.cfg_path = str(find_project(args.cfg_path))
-    return args
+    return parse_project_args(parser, argv)
 
 
 # What the process-group backends say when a peer died or stopped answering (gloo raises plain RuntimeErrors).
