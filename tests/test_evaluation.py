@@ -241,10 +241,10 @@ def test_chat_evaluations_wrap_the_prompt_in_a_user_turn(tiny):
     expected = evaluator.encoder.encode_messages(
         [{"role": "user", "content": f"Picture 1: <img>{sample.images[0]}</img>\n{sample.text}"}], add_generation_prompt=True
     )
-    assert evaluator._prompt_ids(evaluator.tasks["vqa"], sample) == expected.input_ids
+    assert evaluator._encode(evaluator.tasks["vqa"], sample)[0] == expected.input_ids
     raw = evaluator.encoder.encode_text(f"<img>{sample.images[0]}</img>{sample.text}", supervised=False)
     evaluator.tasks["vqa"].chat = False
-    assert evaluator._prompt_ids(evaluator.tasks["vqa"], sample) == raw.input_ids
+    assert evaluator._encode(evaluator.tasks["vqa"], sample)[0] == raw.input_ids
 
 
 def test_multiple_choice_picks_the_lowest_mean_option_loss(tiny, small_world, tmp_path):
@@ -263,8 +263,7 @@ def test_multiple_choice_picks_the_lowest_mean_option_loss(tiny, small_world, tm
     result = evaluator.evaluate()["mc"]
     model.eval()
     for sample, res in zip(evaluator.samples["mc"], result.results):
-        prompt = evaluator._prompt_ids(evaluator.tasks["mc"], sample)
-        pixels = evaluator._pixels(sample)
+        prompt, pixels = evaluator._encode(evaluator.tasks["mc"], sample)
         losses = {}
         for option in sample.options:  # one sequence at a time, full logits, by hand
             ids = evaluator.encoder.encode_text(option, supervised=True).input_ids

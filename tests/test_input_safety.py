@@ -200,7 +200,9 @@ def test_a_phone_photo_reaches_the_model_upright(tmp_path):
     path.write_bytes(photo_with_orientation(6))
 
     class Encoder:
-        def encode_prompt(self, prompt, target):
+        num_image_tokens = 1
+
+        def encode_prompt(self, prompt, target, images=None):
             return type("Enc", (), {"input_ids": [1], "labels": [1], "images": ["phone.jpg"]})()
 
     upright = ImageOps.exif_transpose(Image.open(path)).convert("RGB")

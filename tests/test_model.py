@@ -124,9 +124,9 @@ def test_images_and_pads_that_do_not_match_raise(tiny):
     pixels = torch.randn(2, 3, 64, 64)
     model.eval()
     cases = [
-        (rows_to_batch([span + span], tok.pad_id)[0], pixels[:1], f"1 images x {n} tokens do not fill the {2 * n}"),
-        (rows_to_batch([span, short], tok.pad_id)[0], pixels, f"2 images x {n} tokens do not fill the {2 * n - 1}"),
-        (rows_to_batch([tok.encode("no pads")], tok.pad_id)[0], pixels[:1], f"1 images x {n} tokens do not fill the 0"),
+        (rows_to_batch([span + span], tok.pad_id)[0], pixels[:1], f"1 images give {n} image vectors for the {2 * n} <imgpad>"),
+        (rows_to_batch([span, short], tok.pad_id)[0], pixels, f"2 images give {2 * n} image vectors for the {2 * n - 1} <imgpad>"),
+        (rows_to_batch([tok.encode("no pads")], tok.pad_id)[0], pixels[:1], f"1 images give {n} image vectors for the 0 <imgpad>"),
     ]
     for ids, pix, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):

@@ -76,7 +76,7 @@ class RecordingModel:
 
     def __init__(self) -> None:
         self.processors = SimpleNamespace(tokenizer=HFTokenizer(), image=CLIPImageProcessor(28))
-        self.num_image_tokens = 4
+        self.num_image_tokens = self.image_tokens = 4
         self.system_message = SYSTEM
         self.llm = None
         self.prompts: list[list[int]] = []

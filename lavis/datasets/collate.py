@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from lavis.processors.conversation import IGNORE_INDEX
+from lavis.processors.native_image import cat_images
 
 
 class PadCollator:
@@ -33,7 +34,7 @@ class PadCollator:
             "input_ids": input_ids,
             "labels": labels,
             "attention_mask": attention_mask,
-            "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+            "pixel_values": cat_images([s["pixel_values"] for s in samples]),
             "num_samples": len(samples),
             "num_input_tokens": int(attention_mask.sum()),
         }
@@ -83,7 +84,7 @@ class PackCollator:
             "input_ids": input_ids,
             "labels": labels,
             "position_ids": position_ids,
-            "pixel_values": torch.cat([s["pixel_values"] for row in rows for s in row]),
+            "pixel_values": cat_images([s["pixel_values"] for row in rows for s in row]),
             "num_samples": sum(len(row) for row in rows),
             "num_input_tokens": int(attention.sum()),
         }

@@ -58,15 +58,41 @@ def build_model(cfg, meta: bool = False) -> tuple[VisionLanguageModel, Processor
         language_model.resize_token_embeddings(new_size, mean_resizing=False)
     arch = registry.get("model", cfg.arch)
     image_pad_id = tokenizer.img_pad_id if tokenizer is not None else -1
-    model = arch(vision, adapter, language_model, image_pad_id=image_pad_id, image_size=vision.image_size)
+    model = arch(vision, adapter, language_model, image_pad_id=image_pad_id, image_size=getattr(vision, "image_size", None))
+    image_processor = build_component("processor", cfg.image_processor)
+    check_components(cfg, model, image_processor)
     if cfg.load_from and not meta:
         load_stage_checkpoint(model, cfg.load_from)
     policies = {name: build_component("freeze_policy", getattr(cfg.freeze, name)) for name in model.COMPONENTS}
     model.apply_freeze(policies, meta=meta)
     model.apply_activation_checkpointing()
-    image_processor = build_component("processor", cfg.image_processor)
-    if image_processor.image_size != vision.image_size:
-        raise ValueError(
-            f"model.image_processor.image_size ({image_processor.image_size}) != model.vision.image_size ({vision.image_size})"
-        )
     return model, Processors(tokenizer=tokenizer, image=image_processor)
+
+
+def check_components(cfg, model: VisionLanguageModel, image_processor) -> None:
+    """The components fit together: the image processor gives what the vision encoder takes (a fixed
+    size, or native-resolution patches of its patch and merge sizes), and an M-RoPE LLM gets image
+    tokens on a grid. Each mismatch is a ValueError naming both keys, before anything runs."""
+    encoder, adapter = model.vision, model.adapter
+    native = model.native_resolution
+    if native != bool(getattr(image_processor, "native_resolution", False)):
+        wants = "native-resolution patches (e.g. qwen2_vl_image)" if native else "fixed-size images (e.g. clip_image)"
+        raise ValueError(f"model.vision ({cfg.vision.type}) takes {wants}; model.image_processor is {cfg.image_processor.type}")
+    if native:
+        for key in ("patch_size", "temporal_patch_size", "merge_size"):
+            if getattr(image_processor, key) != getattr(encoder, key):
+                raise ValueError(f"model.image_processor.{key} ({getattr(image_processor, key)}) != the vision encoder's "
+                                 f"({getattr(encoder, key)}, model.vision.config)")
+        if getattr(adapter, "takes_windows", False) and adapter.merge_size != encoder.merge_size:
+            raise ValueError(f"model.adapter.merge_size ({adapter.merge_size}) != the vision encoder's spatial_merge_size "
+                             f"({encoder.merge_size}): the processor orders patches in windows of the latter")
+        sample_grid = (1, 2 * encoder.merge_size, 2 * encoder.merge_size)
+    else:
+        if image_processor.image_size != encoder.image_size:
+            raise ValueError(f"model.image_processor.image_size ({image_processor.image_size}) != model.vision.image_size "
+                             f"({encoder.image_size})")
+        sample_grid = encoder.grid
+    if model.position_dims == 3 and adapter.token_grid(sample_grid) is None:
+        raise ValueError(f"model.llm ({cfg.llm.type}) takes 3-D (M-RoPE) positions, and model.adapter ({cfg.adapter.type}) "
+                         "gives its image tokens none (they are not a grid of the image): use an adapter that keeps the "
+                         "grid (patch_merger, mlp) or a 1-D LLM (hf_causal_lm)")

@@ -75,21 +75,24 @@ def encode_chat(
     if model.processors is None:
         raise ValueError("this model has no processors attached: use lavis.load_model, or model.attach_processors(...)")
     tokenizer, image_processor = model.processors.tokenizer, model.processors.image
-    encoder = ConversationEncoder(tokenizer, model.num_image_tokens, system_message or model.system_message, 1 << 30,
+    encoder = ConversationEncoder(tokenizer, model.image_tokens, system_message or model.system_message, 1 << 30,
                                   allowed_special=IMAGE_SPECIALS)
+
+    def picture(path: str):
+        if images and path in images:
+            return image_processor(images[path])
+        if not read_files:
+            raise ValueError(f"{image_reference(path)} names no picture of the request: pictures are sent, not read from disk")
+        try:
+            return image_processor(load_image(path))
+        except SkipSample as err:
+            raise FileNotFoundError(str(err)) from None
+
     try:
-        encoded = encoder.encode_messages(messages, add_generation_prompt=True)
+        encoded = encoder.encode_messages(messages, add_generation_prompt=True, images=picture)
     except SkipSample as err:  # e.g. a stray <img> token in the text
         raise ValueError(str(err)) from None
-    if not read_files and (unknown := [path for path in encoded.images if not images or path not in images]):
-        raise ValueError(f"{image_reference(unknown[0])} names no picture of the request: pictures are sent, "
-                         "not read from disk")
-    try:
-        pixels = [image_processor(images[path] if images and path in images else load_image(path)) for path in encoded.images]
-    except SkipSample as err:
-        raise FileNotFoundError(str(err)) from None
-    size = image_processor.image_size
-    return encoded.input_ids, torch.stack(pixels) if pixels else torch.zeros(0, 3, size, size)
+    return encoded.input_ids, image_processor.batch(encoded.processed)
 
 
 def chat(

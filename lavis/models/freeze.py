@@ -22,10 +22,14 @@ log = logging.getLogger(__name__)
 
 # LoRA targets by model family when the policy names none. Qwen2 (what Qwen-VL's converted LLM is):
 # the modules Qwen-VL's finetune.py targets in Qwen-1 (c_attn, attn.c_proj, w1, w2), in Qwen2's names.
+# Qwen2-VL / Qwen2.5-VL's language models (qwen2_vl_lm) have Qwen2's layer names; their ViT (qwen2_vl_vit)
+# has timm's attention names, and fc1/fc2 (Qwen2-VL) or gate/up/down_proj (Qwen2.5-VL) in its MLP.
 LORA_TARGETS: dict[str, list[str]] = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj"],
     "timm_vit": ["qkv", "attn.proj", "fc1", "fc2"],
+    "qwen2_vl_vit": ["qkv", "attn.proj", "fc1", "fc2", "gate_proj", "up_proj", "down_proj"],
 }
+LORA_TARGETS["qwen2_vl_text"] = LORA_TARGETS["qwen2_5_vl_text"] = LORA_TARGETS["qwen2"]
 LORA_ADAPTER = "default"  # peft's adapter name: part of the LoRA parameters' names in checkpoints
 
 

@@ -8,7 +8,9 @@ with the KV cache. Greedy, beam search and (temperature / nucleus) sampling come
 Position ids under left padding: each row's positions are ``cumsum(attention_mask) - 1`` (pads at 0),
 so a padded prompt sees exactly the positions it would see alone; decode steps continue from each
 row's last position. transformers (5.x) derives the same ids itself when none are given; they are
-passed explicitly here so that this does not depend on the library version or the LLM class.
+passed explicitly here so that this does not depend on the library version or the LLM class. An
+M-RoPE LLM gets the prompt's 3-D positions (:meth:`VisionLanguageModel.llm_position_ids`) and
+continues each row from its largest one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from lavis.models.positions import position_ids_from_mask  # noqa: F401  (part of this module's API)
 
 
 def left_pad(samples: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,12 +36,6 @@ def left_pad(samples: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
         input_ids[i, length - len(sample) :] = torch.as_tensor(list(sample), dtype=torch.long)
         attention_mask[i, length - len(sample) :] = 1
     return input_ids, attention_mask
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per-row positions counting only attended tokens: ``cumsum(mask) - 1``, 0 at pads."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)
 
 
 @torch.no_grad()
@@ -120,7 +118,7 @@ def generate(
         out = model.llm.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
+            position_ids=model.llm_position_ids(input_ids, attention_mask, None, pixel_values),
             **options,
         )
     finally:

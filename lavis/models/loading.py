@@ -49,12 +49,16 @@ def trained_config(path: str | Path) -> tuple[Path, Path | None]:
 
 
 def model_config(config: Path) -> Config:
-    """A model's ``config.yaml``. One in a directory whose ``meta.json`` names a ``weights_file``
-    (from-qwen-vl's output) names its files through ``model.llm.pretrained``, set here to that
-    directory as it lies now (a moved directory still loads)."""
+    """A model's ``config.yaml``. One in a directory whose ``meta.json`` names a ``weights_file`` (a
+    converted release) names its files through the keys of the meta's ``located_keys``
+    (``model.llm.pretrained`` when it has none: from-qwen-vl's output), set here to that directory as
+    it lies now (a moved directory still loads)."""
     config = Path(config)
-    located = (config.parent / META_NAME).is_file() and read_meta(config.parent).get("weights_file")
-    return load_config(config, [f"model.llm.pretrained={config.parent.absolute()}"] if located else None)
+    meta = read_meta(config.parent) if (config.parent / META_NAME).is_file() else {}
+    if not meta.get("weights_file"):
+        return load_config(config)
+    here = config.parent.absolute()
+    return load_config(config, [f"{key}={here}" for key in meta.get("located_keys", ["model.llm.pretrained"])])
 
 
 def build_trained(model_cfg, weights: str | Path) -> tuple[VisionLanguageModel, Processors]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -12,8 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lavis.common.registry import registry
+from lavis.models.adapters.grids import windows_to_rows
 from lavis.models.freeze import FreezePolicy, Trainable, format_parameter_counts, merge_lora_state, parameter_counts
+from lavis.models.positions import mrope_position_ids, position_ids_from_mask
 from lavis.processors.conversation import IGNORE_INDEX
+from lavis.processors.native_image import PatchImages, num_images
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +76,16 @@ class VisionLanguageModel(nn.Module):
     """Qwen-VL's architecture: every ``<imgpad>`` run in the text receives one image's adapter outputs.
 
     Works with any registered vision encoder, adapter and causal LM; any number of images per
-    sample, anywhere in the text.
+    sample, anywhere in the text. Images come at a fixed size (``pixel_values`` ``[n, 3, H, W]``, the
+    same number of tokens each) or at native resolution (a native vision encoder such as
+    ``qwen2_vl_vit``: :class:`~lavis.processors.native_image.PatchImages`, each image its own number of
+    tokens). An LLM with ``position_dims = 3`` (M-RoPE, ``qwen2_vl_lm``) gets 3-D position ids.
     """
 
     COMPONENTS = ("vision", "adapter", "llm")
 
-    def __init__(self, vision: nn.Module, adapter: nn.Module, llm: nn.Module, image_pad_id: int, image_size: int) -> None:
+    def __init__(self, vision: nn.Module, adapter: nn.Module, llm: nn.Module, image_pad_id: int,
+                 image_size: int | None = None) -> None:
         super().__init__()
         self.vision = vision
         self.adapter = adapter
@@ -92,9 +100,56 @@ class VisionLanguageModel(nn.Module):
         self.system_message = "You are a helpful assistant."
 
     @property
+    def native_resolution(self) -> bool:
+        """Whether images come at their own size (a native vision encoder), each with its own tokens."""
+        return bool(getattr(self.vision, "native_resolution", False))
+
+    @property
+    def position_dims(self) -> int:
+        """1: the LLM takes 1-D positions; 3: M-RoPE's (temporal, height, width)."""
+        return int(getattr(self.llm, "position_dims", 1))
+
+    @property
     def num_image_tokens(self) -> int:
-        """``<imgpad>`` tokens per image at the configured image size."""
+        """``<imgpad>`` tokens per image at the configured image size (fixed-size models only)."""
+        if self.native_resolution:
+            raise ValueError("a native-resolution model gives each image its own number of tokens: use image_tokens")
         return self.adapter.output_length(self.vision.grid)
+
+    @property
+    def image_tokens(self) -> int | Callable[[Sequence[int]], int]:
+        """``<imgpad>`` tokens per image, as :class:`~lavis.processors.conversation.ConversationEncoder`
+        takes them: a number (fixed size) or a function of the image's grid ``(t, h, w)`` (native)."""
+        return self.adapter.output_length if self.native_resolution else self.num_image_tokens
+
+    def token_grids(self, pixel_values: torch.Tensor | PatchImages | None) -> list[tuple[int, int, int] | None]:
+        """Each image's tokens as a row-major ``(t, h, w)`` grid (None where the adapter's tokens form
+        none, e.g. the resampler's queries), from the input's shapes alone."""
+        if num_images(pixel_values) == 0:
+            return []
+        if isinstance(pixel_values, PatchImages):
+            return [self.adapter.token_grid(grid) for grid in pixel_values.grid_thw.tolist()]
+        grid = self.vision.grid_for(pixel_values.shape[-2], pixel_values.shape[-1])
+        return [self.adapter.token_grid(grid)] * pixel_values.shape[0]
+
+    def llm_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                         position_ids: torch.Tensor | None = None,
+                         pixel_values: torch.Tensor | PatchImages | None = None) -> torch.Tensor | None:
+        """The LLM's position ids: ``position_ids`` as given for a 1-D LLM, else from the attention mask
+        (``[B, L]``: attended tokens counted, pads at 0) or ``0..L-1``; for an M-RoPE LLM, the
+        ``[3, B, L]`` ids of :func:`~lavis.models.positions.mrope_position_ids` over those."""
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 2:
+                position_ids = position_ids_from_mask(attention_mask)
+            elif self.position_dims == 3:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if self.position_dims == 1:
+            return position_ids
+        grids = self.token_grids(pixel_values)
+        if any(grid is None for grid in grids):
+            raise ValueError(f"model.llm takes 3-D positions, and model.adapter ({type(self.adapter).__name__}) gives "
+                             "its image tokens no grid")
+        return mrope_position_ids(input_ids, position_ids, grids, self.image_pad_id)
 
     @property
     def components(self) -> dict[str, nn.Module]:
@@ -190,31 +245,43 @@ class VisionLanguageModel(nn.Module):
     def _trains(self, module: nn.Module) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n, 3, H, W] -> [n, tokens per image, LLM hidden size]."""
+    def encode_images(self, pixel_values: torch.Tensor | PatchImages) -> torch.Tensor:
+        """Images -> their tokens' vectors: ``[n, tokens per image, LLM hidden size]`` at a fixed size,
+        ``[tokens, LLM hidden size]`` at native resolution, image after image (each image's tokens
+        row-major over its token grid)."""
         grad = contextlib.nullcontext() if self._trains(self.vision) else torch.no_grad()
         with grad:
-            feats, grid = self.vision(pixel_values)
+            if isinstance(pixel_values, PatchImages):
+                feats, grid = self.vision(pixel_values.patches, pixel_values.grid_thw)
+                if not getattr(self.adapter, "takes_windows", False):
+                    feats = windows_to_rows(feats, grid, self.vision.merge_size)
+            else:
+                feats, grid = self.vision(pixel_values)
         return self.adapter(feats, grid)
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def blank_images(self, device: torch.device) -> torch.Tensor | PatchImages:
+        """The smallest image input (zeros) the visual path takes."""
+        if self.native_resolution:
+            return PatchImages(*self.vision.blank_input(device))
+        return torch.zeros(1, 3, self.image_size, self.image_size, device=device)
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | PatchImages | None = None) -> torch.Tensor:
         """Token embeddings with the image vectors in place of the ``<imgpad>`` embeddings."""
         embeds = self.llm.get_input_embeddings()(input_ids)
-        if pixel_values is not None and pixel_values.shape[0] > 0:
-            feats = self.encode_images(pixel_values).to(embeds.dtype)
+        if num_images(pixel_values) > 0:
+            feats = self.encode_images(pixel_values).flatten(0, -2).to(embeds.dtype)
             image_mask = input_ids == self.image_pad_id
             expected = int(image_mask.sum())
-            if feats.shape[0] * feats.shape[1] != expected:
+            if feats.shape[0] != expected:
                 raise ValueError(
-                    f"{feats.shape[0]} images x {feats.shape[1]} tokens do not fill the {expected} <imgpad> positions"
+                    f"{num_images(pixel_values)} images give {feats.shape[0]} image vectors for the {expected} <imgpad> positions"
                 )
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), feats)
         elif self.vision_every_step or (self.training and (self._trains(self.vision) or self._trains(self.adapter))):
             # A batch without images still runs the visual path, on a blank image weighted by zero: trained
             # visual parameters then get a (zero) gradient on every rank (DDP waits for all of them), and
             # sharded ones are gathered on every rank (FSDP's collectives must match across ranks).
-            blank = torch.zeros(1, 3, self.image_size, self.image_size, device=embeds.device)
-            embeds = embeds + 0.0 * self.encode_images(blank).sum().to(embeds.dtype)
+            embeds = embeds + 0.0 * self.encode_images(self.blank_images(embeds.device)).sum().to(embeds.dtype)
         return embeds
 
     def forward(
@@ -222,7 +289,7 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | PatchImages | None = None,
         labels: torch.Tensor | None = None,
         reduction: Literal["sum", "none"] = "sum",
         **llm_kwargs,
@@ -236,6 +303,7 @@ class VisionLanguageModel(nn.Module):
         """
         if labels is None:
             embeds = self.embed_inputs(input_ids, pixel_values)
+            position_ids = self.llm_position_ids(input_ids, attention_mask, position_ids, pixel_values)
             return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **llm_kwargs)
         losses, selected = self.token_losses(input_ids, labels, attention_mask, position_ids, pixel_values, **llm_kwargs)
         if reduction == "none":
@@ -259,6 +327,7 @@ class VisionLanguageModel(nn.Module):
         full-vocabulary logits.
         """
         embeds = self.embed_inputs(input_ids, pixel_values)
+        position_ids = self.llm_position_ids(input_ids, attention_mask, position_ids, pixel_values)
         hidden = self.llm.get_decoder()(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
             **attention_kwargs,

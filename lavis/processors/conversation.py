@@ -1,7 +1,8 @@
 """Conversations -> token ids and labels, in Qwen-VL's ChatML with ``<img>`` spans expanded.
 
 Each image reference ``<img>path</img>`` becomes ``<img>`` + N x ``<imgpad>`` + ``</img>`` (N = the
-adapter's output length); the model later replaces the pads with the image's N vectors. Each part
+adapter's output length: the same for every image at a fixed image size, the image's own at native
+resolution); the model later replaces the pads with the image's N vectors. Each part
 is tokenized on its own and concatenated, as Qwen-VL's ``finetune.py`` does, so label boundaries
 fall on token boundaries.
 
@@ -19,8 +20,9 @@ as Qwen-VL's chat does: there ``<|im_start|>``, ``<|im_end|>`` and ``<|endoftext
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from lavis.common.config.schema import LABEL_POLICIES, LabelPolicy
 from lavis.processors.errors import SkipSample
@@ -50,12 +52,15 @@ class EncodedText:
     images: list[str] = field(default_factory=list)
     # [start, end) token index of each <img>…</img> span, for truncation.
     image_spans: list[tuple[int, int]] = field(default_factory=list)
+    # Each image as the ``images`` function given to the encoder returned it (empty without one).
+    processed: list[Any] = field(default_factory=list)
 
     def extend(self, other: EncodedText) -> EncodedText:
         offset = len(self.input_ids)
         self.input_ids += other.input_ids
         self.labels += other.labels
         self.images += other.images
+        self.processed += other.processed
         self.image_spans += [(s + offset, e + offset) for s, e in other.image_spans]
         return self
 
@@ -65,8 +70,18 @@ class EncodedText:
         return self
 
 
+# The images of a text being encoded: its path -> the processed image (``grid``: its patch grid at native resolution).
+ImageLoader = Callable[[str], Any]
+
+
 class ConversationEncoder:
     """ChatML formatting, image-span expansion, label masks and span-safe truncation.
+
+    ``num_image_tokens``: the ``<imgpad>`` tokens of every image (a fixed-size model), or a function of
+    an image's grid ``(t, h, w)`` (a native-resolution model: the model's ``image_tokens``). The encode
+    methods take ``images``, a function that processes an image given its path: each image of the
+    text is processed as its span is written (kept in ``EncodedText.processed``), which a
+    native-resolution model needs to know the span's length.
 
     ``allowed_special``: the special tokens read in the turns' content ("all": training data, as
     Qwen-VL's ``finetune.py``); the others' strings there are encoded as plain text. Conversations
@@ -76,7 +91,7 @@ class ConversationEncoder:
     def __init__(
         self,
         tokenizer: TextTokenizer,
-        num_image_tokens: int,
+        num_image_tokens: int | Callable[[Sequence[int]], int],
         system_message: str,
         max_len: int,
         label_policy: LabelPolicy = "assistant",
@@ -101,7 +116,16 @@ class ConversationEncoder:
             raise SkipSample("stray_image_token", f"image token outside an <img>path</img> span in {text!r}")
         return ids
 
-    def encode_text(self, text: str, supervised: bool) -> EncodedText:
+    def _image_tokens(self, path: str, images: ImageLoader | None, out: EncodedText) -> int:
+        if images is not None:
+            out.processed.append(images(path))
+        if isinstance(self.num_image_tokens, int):
+            return self.num_image_tokens
+        if images is None:
+            raise ValueError("a native-resolution model's image spans depend on the images: pass images= to the encoder")
+        return self.num_image_tokens(out.processed[-1].grid)
+
+    def encode_text(self, text: str, supervised: bool, images: ImageLoader | None = None) -> EncodedText:
         """Plain text with ``<img>path</img>`` spans; image pads are never supervised."""
         out = EncodedText()
         pos = 0
@@ -109,16 +133,17 @@ class ConversationEncoder:
             if match.start() > pos:
                 out.add_tokens(self._encode_plain(text[pos : match.start()]), supervised)
             start = len(out.input_ids)
-            span = [self.tok.img_start_id] + [self.tok.img_pad_id] * self.num_image_tokens + [self.tok.img_end_id]
-            out.add_tokens(span, supervised=False)
-            out.images.append(match.group(1).strip())
+            path = match.group(1).strip()
+            pads = self._image_tokens(path, images, out)
+            out.add_tokens([self.tok.img_start_id] + [self.tok.img_pad_id] * pads + [self.tok.img_end_id], supervised=False)
+            out.images.append(path)
             out.image_spans.append((start, len(out.input_ids)))
             pos = match.end()
         if pos < len(text):
             out.add_tokens(self._encode_plain(text[pos:]), supervised)
         return out
 
-    def encode_turn(self, role: str, content: str) -> EncodedText:
+    def encode_turn(self, role: str, content: str, images: ImageLoader | None = None) -> EncodedText:
         """``<|im_start|>{role}\\n{content}<|im_end|>\\n``, labelled by the label policy (module notes)."""
         if role not in self._role_ids:
             raise ValueError(f"unknown role '{role}'; expected one of {', '.join(ROLES)}")
@@ -126,25 +151,26 @@ class ConversationEncoder:
         marks = self.label_policy == "qwen_vl_finetune"  # <|im_start|>, <|im_end|>, "\n" of every turn
         out = EncodedText().add_tokens([self.tok.im_start_id], marks)
         out.add_tokens(self._role_ids[role] + self._newline, False)
-        out.extend(self.encode_text(content, answer))
+        out.extend(self.encode_text(content, answer, images))
         out.add_tokens([self.tok.im_end_id], answer or marks)
         return out.add_tokens(self._newline, marks)
 
-    def encode_messages(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> EncodedText:
+    def encode_messages(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
+                        images: ImageLoader | None = None) -> EncodedText:
         """A whole conversation, with the default system message unless the first turn is a system turn."""
         out = EncodedText()
         if not messages or messages[0]["role"] != "system":
-            out.extend(self.encode_turn("system", self.system_message))
+            out.extend(self.encode_turn("system", self.system_message, images))
         for message in messages:
-            out.extend(self.encode_turn(message["role"], message["content"]))
+            out.extend(self.encode_turn(message["role"], message["content"], images))
         if add_generation_prompt:
             out.add_tokens([self.tok.im_start_id] + self._role_ids["assistant"] + self._newline, False)
         return out
 
-    def encode_prompt(self, prompt: str, target: str) -> EncodedText:
+    def encode_prompt(self, prompt: str, target: str, images: ImageLoader | None = None) -> EncodedText:
         """Pretraining / multi-task format: ``{prompt}{target}<|endoftext|>``, target and end supervised."""
-        out = self.encode_text(prompt, supervised=False)
-        out.extend(self.encode_text(target, supervised=True))
+        out = self.encode_text(prompt, supervised=False, images=images)
+        out.extend(self.encode_text(target, supervised=True, images=images))
         return out.add_tokens([self.tok.eod_id], supervised=True)
 
     def truncate(self, enc: EncodedText) -> EncodedText:
@@ -158,4 +184,4 @@ class ConversationEncoder:
         labels = enc.labels[:cut]
         if all(label == IGNORE_INDEX for label in labels):
             raise SkipSample("too_long", f"{len(enc.input_ids)} tokens > max_len {self.max_len}, no target left")
-        return EncodedText(enc.input_ids[:cut], labels, enc.images[: len(kept_spans)], kept_spans)
+        return EncodedText(enc.input_ids[:cut], labels, enc.images[: len(kept_spans)], kept_spans, enc.processed[: len(kept_spans)])

@@ -164,3 +164,8 @@ class CLIPImageProcessor:
             image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         return (pixels.float().div_(255.0) - self.mean) / self.std
+
+    def batch(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Processed images of a sample, in order -> ``[n, 3, image_size, image_size]`` (n may be 0)."""
+        size = self.image_size
+        return torch.stack(images) if images else torch.zeros(0, 3, size, size)

@@ -27,6 +27,41 @@ class NativeImage(NamedTuple):
     grid: tuple[int, int, int]
 
 
+class PatchImages(NamedTuple):
+    """Native-resolution images of a sample or a batch, as the model takes them (``pixel_values``):
+    every image's patches concatenated in order (``patches`` ``[N, D]``) and each image's grid
+    (``grid_thw`` ``[n, 3]``, long). Collate concatenates them with :func:`cat_images`."""
+
+    patches: torch.Tensor
+    grid_thw: torch.Tensor
+
+    @property
+    def num_images(self) -> int:
+        return int(self.grid_thw.shape[0])
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> PatchImages:
+        """On ``device``; ``dtype`` applies to the patches only (the grids stay long)."""
+        return PatchImages(self.patches.to(device=device, dtype=dtype, non_blocking=non_blocking),
+                           self.grid_thw.to(device=device, non_blocking=non_blocking))
+
+
+def cat_images(parts: Sequence[torch.Tensor | PatchImages]) -> torch.Tensor | PatchImages:
+    """The images of several samples, in order, as one model input: fixed-size images ``[n, 3, H, W]``
+    stacked along the first axis, native-resolution ones (:class:`PatchImages`) patch lists and grids
+    concatenated."""
+    if parts and isinstance(parts[0], PatchImages):
+        return PatchImages(torch.cat([p.patches for p in parts]), torch.cat([p.grid_thw for p in parts]))
+    return torch.cat(list(parts))
+
+
+def num_images(pixel_values: torch.Tensor | PatchImages | None) -> int:
+    """How many images a model input holds."""
+    if pixel_values is None:
+        return 0
+    return pixel_values.num_images if isinstance(pixel_values, PatchImages) else int(pixel_values.shape[0])
+
+
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Qwen2-VL's target size for a ``height`` x ``width`` picture: each side a multiple of ``factor``
     (the side rounded to the nearest multiple), then, when the area is over ``max_pixels`` (under
@@ -61,9 +96,12 @@ class Qwen2VLImageProcessor:
     window of patches contiguous, windows row-major), each patch flattened as (channel, frame, row,
     column). Returns a :class:`NativeImage` (patches and grid ``(1, h, w)``).
 
-    Not yet wired into the model: collate, the ViT and the pad tokens in the text (issue 20, next step)
-    do not use it yet; :meth:`num_image_tokens` gives the number of pad tokens an image will take.
+    :meth:`batch` gathers a sample's images into the model's input (:class:`PatchImages`); the tokens
+    an image takes in the text are the model's to say (``VisionLanguageModel.image_tokens``: with
+    ``patch_merger``, :meth:`num_image_tokens`).
     """
+
+    native_resolution = True
 
     def __init__(
         self,
@@ -99,6 +137,18 @@ class Qwen2VLImageProcessor:
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) a ``height`` x ``width`` picture is resized to."""
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per flattened patch: channels x temporal_patch_size x patch_size**2."""
+        return 3 * self.temporal_patch_size * self.patch_size**2
+
+    def batch(self, images: list[NativeImage]) -> PatchImages:
+        """Processed images of a sample, in order -> one :class:`PatchImages` (possibly of no image)."""
+        if not images:
+            return PatchImages(torch.zeros(0, self.patch_dim), torch.zeros(0, 3, dtype=torch.long))
+        return PatchImages(torch.cat([image.patches for image in images]),
+                           torch.tensor([image.grid for image in images], dtype=torch.long))
 
     def num_image_tokens(self, grid: Sequence[int] | torch.Tensor) -> int:
         """The LLM tokens (``<|image_pad|>``) of an image with this grid: ``t*h*w // merge_size**2``."""

@@ -14,7 +14,8 @@ from lavis.processors.image import load_image
 
 
 class SampleProcessor:
-    """A record -> ``{"input_ids", "labels", "pixel_values"}``.
+    """A record -> ``{"input_ids", "labels", "pixel_values"}`` (``pixel_values``: the image processor's
+    ``batch`` of the sample's images: ``[n, 3, H, W]``, or :class:`~lavis.processors.native_image.PatchImages`).
 
     Records are conversations (``{"messages": [{"role", "content"}]}``, ChatML) or prompt/target
     pairs (``{"prompt", "target"}``, the pretraining formats). Images come from
@@ -28,26 +29,28 @@ class SampleProcessor:
         self.image_processor = image_processor
         self.truncate = truncate
 
-    def __call__(self, record: dict[str, Any]) -> dict[str, torch.Tensor]:
-        if "messages" in record:
-            enc = self.encoder.encode_messages(record["messages"])
-        else:
-            enc = self.encoder.encode_prompt(record["prompt"], record["target"])
-        if self.truncate:
-            enc = self.encoder.truncate(enc)
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         root = Path(record.get("image_root") or "")
         in_memory = record.get("image_bytes") or {}
-        images = [
-            self.image_processor(
+
+        def process(path: str):
+            return self.image_processor(
                 load_image(path, in_memory[path]) if path in in_memory else load_image(self._resolve(root, path))
             )
-            for path in enc.images
-        ]
-        size = self.image_processor.image_size
+
+        # A fixed-size model's spans are known without the images: those a truncation drops are never read.
+        images = None if isinstance(self.encoder.num_image_tokens, int) else process
+        if "messages" in record:
+            enc = self.encoder.encode_messages(record["messages"], images=images)
+        else:
+            enc = self.encoder.encode_prompt(record["prompt"], record["target"], images=images)
+        if self.truncate:
+            enc = self.encoder.truncate(enc)
+        processed = enc.processed if images is not None else [process(path) for path in enc.images]
         return {
             "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
             "labels": torch.tensor(enc.labels, dtype=torch.long),
-            "pixel_values": torch.stack(images) if images else torch.zeros(0, 3, size, size),
+            "pixel_values": self.image_processor.batch(processed),
         }
 
     @staticmethod

@@ -77,14 +77,26 @@ class TextTokenizer:
         raise NotImplementedError
 
 
+# ``hf_tokenizer``'s ``special_tokens`` for a Qwen2-VL / Qwen2.5-VL tokenizer: the framework's names -> its strings.
+QWEN2_VL_SPECIAL_TOKENS = {
+    IMG_START: "<|vision_start|>", IMG_END: "<|vision_end|>", IMG_PAD: "<|image_pad|>",
+    REF_START: "<|object_ref_start|>", REF_END: "<|object_ref_end|>", BOX_START: "<|box_start|>", BOX_END: "<|box_end|>",
+    QUAD_START: "<|quad_start|>", QUAD_END: "<|quad_end|>",
+}
+
+
 @registry.register("processor", "hf_tokenizer")
 class HFTokenizer(TextTokenizer):
     """A Hugging Face tokenizer from a local directory or ``tokenizer.json`` (``null``: the embedded one).
 
     Qwen-VL's special tokens the tokenizer lacks are added (the LLM's vocabulary is resized to match).
+    ``special_tokens`` maps the framework's names of them (``<img>``, ``<imgpad>``, ``<box>``, ...) to the
+    tokenizer's own strings where they differ (Qwen2-VL: :data:`QWEN2_VL_SPECIAL_TOKENS`): text may
+    then use either name (data written with ``<img>path</img>`` and ``<box>`` reads the same), and
+    nothing is added for a mapped token.
     """
 
-    def __init__(self, path: str | None = None) -> None:
+    def __init__(self, path: str | None = None, special_tokens: dict[str, str] | None = None) -> None:
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         if path is None:
@@ -94,20 +106,31 @@ class HFTokenizer(TextTokenizer):
         else:
             self.hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
         vocab = self.hf.get_vocab()
-        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+        self.names = dict(special_tokens or {})
+        unknown = [k for k in self.names if k not in SPECIAL_TOKENS]
+        if unknown:
+            raise ValueError(f"model.tokenizer.special_tokens: {unknown} are not the framework's special tokens "
+                             f"({', '.join(SPECIAL_TOKENS)})")
+        absent = [v for v in self.names.values() if v not in vocab]
+        if absent:
+            raise ValueError(f"model.tokenizer.special_tokens: {absent} are not tokens of {path}")
+        missing = [t for t in SPECIAL_TOKENS if t not in self.names and t not in vocab]
         if missing:
             self.hf.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
         # The same tokenizer reading no special token: for text between the allowed ones (its own copy,
         # as the switch is the tokenizer's state and encoding happens in several threads).
         self._literal = copy.deepcopy(self.hf.backend_tokenizer)
         self._literal.encode_special_tokens = True
+        self._every_special = frozenset(self.hf.all_special_tokens) | frozenset(self.hf.get_added_vocab()) | frozenset(self.names)
         self._allowed_patterns: dict[frozenset[str], re.Pattern] = {}
         super().__init__()
 
     def encode(self, text: str, allowed_special: AllowedSpecial = "all") -> list[int]:
         if allowed_special == "all":
-            return self.hf.encode(text, add_special_tokens=False)
-        allowed = frozenset(allowed_special)
+            if not self.names:
+                return self.hf.encode(text, add_special_tokens=False)
+            allowed_special = self._every_special
+        allowed = frozenset(allowed_special) | frozenset(self.names[t] for t in allowed_special if t in self.names)
         pattern = self._allowed_patterns.get(allowed)
         if pattern is None:  # longest first, so that a token is never cut by one it starts with
             names = sorted(allowed, key=len, reverse=True)
@@ -126,7 +149,7 @@ class HFTokenizer(TextTokenizer):
         return self.hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def token_id(self, token: str) -> int:
-        return self.hf.convert_tokens_to_ids(token)
+        return self.hf.convert_tokens_to_ids(self.names.get(token, token))
 
     def __len__(self) -> int:
         return len(self.hf)

@@ -27,6 +27,7 @@ from lavis.datasets.stream import BatchStream, Source, StreamConfig, UnusableDat
 from lavis.models import Processors, build_model
 from lavis.models.vlm import VisionLanguageModel, canonical_name
 from lavis.processors.conversation import IGNORE_INDEX
+from lavis.processors.native_image import PatchImages
 from lavis.runners.checkpointer import Checkpointer
 from lavis.runners.strategies import Strategy, build_strategy, parameter_names
 from lavis.tasks.evaluation import Evaluator, flat_metrics, logged_samples, table_rows
@@ -165,7 +166,7 @@ class IterRunner:
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         def move(value):
-            if torch.is_tensor(value):
+            if torch.is_tensor(value) or isinstance(value, PatchImages):
                 return value.to(self.device, non_blocking=True)
             return {k: move(v) for k, v in value.items()} if isinstance(value, dict) else value
 

@@ -29,6 +29,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lavis.models.chat import encode_chat
 from lavis.models.generation import left_pad
+from lavis.processors.native_image import cat_images
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ class ChatEngine:
             self.model.generate(
                 input_ids,
                 attention_mask,
-                torch.cat([c.pixels for c in completions]),
+                cat_images([c.pixels for c in completions]),
                 max_new_tokens=max(c.options.max_new_tokens for c in completions),
                 do_sample=options.do_sample,
                 temperature=options.temperature,

@@ -43,6 +43,7 @@ from lavis.processors.conversation import (
 )
 from lavis.processors.errors import SkipSample
 from lavis.processors.image import load_image
+from lavis.processors.native_image import PatchImages, cat_images
 from lavis.tasks.metrics import choose_option
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ class Evaluator:
         self.image_processor = processors.image
         # Prompts are never cut: an evaluation sample must be seen whole.
         self.encoder = ConversationEncoder(
-            processors.tokenizer, model.num_image_tokens, cfg.model.system_message, max_len=1 << 30
+            processors.tokenizer, model.image_tokens, cfg.model.system_message, max_len=1 << 30
         )
         self.tasks: dict[str, EvalTask] = {}
         self.samples: dict[str, list[EvalSample]] = {}
@@ -267,7 +268,7 @@ class Evaluator:
         prepared = []
         for sample in samples:
             try:
-                prepared.append((sample, self._prompt_ids(task, sample), self._pixels(sample)))
+                prepared.append((sample, *self._encode(task, sample)))
             except SkipSample as skip:
                 skipped[skip.reason] += 1
                 log.warning("evaluation: skipping sample %s: %s", sample.id, skip)
@@ -279,7 +280,7 @@ class Evaluator:
         padding = None
         if self.lockstep:
             most = max(dist.all_gather_objects(len(batches)))
-            padding = batches[0] if batches else [(filler, self._prompt_ids(task, filler), self._pixels(filler))]
+            padding = batches[0] if batches else [(filler, *self._encode(task, filler))]
             batches += [None] * (most - len(batches))
         for batch in batches:
             with torch.no_grad(), autocast(self.device, self.cfg.run.precision), self._gathered():
@@ -303,19 +304,20 @@ class Evaluator:
             return pictures(sample.images) + sample.text
         return "".join(image_reference(path) for path in sample.images) + sample.text
 
-    def _prompt_ids(self, task: EvalTask, sample: EvalSample) -> list[int]:
+    def _encode(self, task: EvalTask, sample: EvalSample) -> tuple[list[int], torch.Tensor | PatchImages]:
+        """The sample's prompt ids and its images as the model takes them."""
         text = self.prompt_text(task, sample)
+        root = Path(sample.image_root or "")
+
+        def images(path: str):
+            return self.image_processor(load_image(root / path))
+
         if task.chat:
             messages = [{"role": "user", "content": text}]
-            return self.encoder.encode_messages(messages, add_generation_prompt=True).input_ids
-        return self.encoder.encode_text(text, supervised=False).input_ids
-
-    def _pixels(self, sample: EvalSample) -> torch.Tensor:
-        size = self.image_processor.image_size
-        if not sample.images:
-            return torch.zeros(0, 3, size, size)
-        root = Path(sample.image_root or "")
-        return torch.stack([self.image_processor(load_image(root / path)) for path in sample.images])
+            enc = self.encoder.encode_messages(messages, add_generation_prompt=True, images=images)
+        else:
+            enc = self.encoder.encode_text(text, supervised=False, images=images)
+        return enc.input_ids, self.image_processor.batch(enc.processed)
 
     # ------------------------------------------------------------------ generation and scoring
 
@@ -328,7 +330,7 @@ class Evaluator:
         tokens = self.model.generate(
             input_ids,
             attention_mask,
-            torch.cat([pixels for _, _, pixels in batch]),
+            cat_images([pixels for _, _, pixels in batch]),
             max_new_tokens=task.max_new_tokens,
             min_new_tokens=task.min_new_tokens,
             num_beams=task.num_beams,
@@ -356,7 +358,7 @@ class Evaluator:
         attention_mask = (torch.arange(length)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long()
         out = self.model(
             input_ids, labels=label_ids, attention_mask=attention_mask.to(self.device),
-            pixel_values=torch.cat(pixels).to(self.device), reduction="none",
+            pixel_values=cat_images(pixels).to(self.device), reduction="none",
         )
         losses, selected = out.losses, out.selected
         row_of_token = selected.nonzero()[:, 0]

@@ -32,7 +32,7 @@ class LanguageModelingTask:
     def sample_processor(self, model: VisionLanguageModel, processors: Processors) -> SampleProcessor:
         run = self.cfg.run
         encoder = ConversationEncoder(
-            processors.tokenizer, model.num_image_tokens, self.cfg.model.system_message, run.max_len, run.label_policy
+            processors.tokenizer, model.image_tokens, self.cfg.model.system_message, run.max_len, run.label_policy
         )
         # Packed runs drop over-long samples whole; padded runs cut them at the end.
         return SampleProcessor(encoder, processors.image, truncate=not run.pack)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lavis.interop.convert.hf_qwen2_vl import from_hf, to_hf
 from lavis.interop.convert.release import from_qwen_vl, to_qwen_vl
 
-DESCRIPTION = """Convert between Qwen-VL's released checkpoints and this framework's components.
+DESCRIPTION = """Convert between Qwen-VL's and Qwen2-VL's released checkpoints and this framework's components.
 
     python -m lavis.convert from-qwen-vl SRC OUT   # a Qwen-VL / Qwen-VL-Chat release -> our layout
     python -m lavis.convert to-qwen-vl RUN OUT     # a model trained here -> Qwen-VL's layout
+    python -m lavis.convert from-hf SRC OUT        # a transformers Qwen2-VL / Qwen2.5-VL checkpoint -> our layout
+    python -m lavis.convert to-hf RUN OUT          # a model trained here (qwen2_vl_vit, patch_merger, qwen2_vl_lm) -> transformers
 
 ``from-qwen-vl`` reads a local copy of the release (``config.json``, safetensors or ``.bin`` weights,
 sharded with their index json or whole, ``qwen.tiktoken``; its Python code is never run) and writes
@@ -26,7 +29,18 @@ checkpoint directory or an exported model) and writes Qwen-VL's tensor names, ``
 ``generation_config.json``, ``tokenizer_config.json`` and ``qwen.tiktoken``; ``--code-from`` copies
 Qwen-VL's Python files from a local release, so that its own code (``trust_remote_code``) loads OUT.
 
-Both name what is wrong with an input that is not what they read (its path and what was expected),
+``from-hf`` reads a local transformers Qwen2-VL or Qwen2.5-VL checkpoint (``config.json``, safetensors
+whole or sharded, tensor names as released or as transformers 5 names them, the tokenizer files,
+``preprocessor_config.json``) and writes OUT with every weight in one ``model.safetensors`` under our
+names (``visual.merger.*`` -> ``adapter.*``, ``visual.*`` -> ``vision.model.*``, ``model.*`` /
+``lm_head.*`` -> ``llm.*``), a ``config.yaml`` (qwen2_vl_vit + patch_merger + qwen2_vl_lm at the
+checkpoint's architecture, hf_tokenizer, qwen2_vl_image), ``meta.json``, the tokenizer and processor
+files and the source's ``config.json`` as ``hf_config.json``: ``lavis.load_model(OUT)`` and
+``model.load_from=OUT`` take it. ``to-hf`` writes such a model back (LoRA merged) as a transformers
+directory that ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration`` and
+``AutoProcessor`` load, in the source's tensor layout (released by default).
+
+All four name what is wrong with an input that is not what they read (its path and what was expected),
 and write OUT as ``lavis.export`` does: a new or empty directory (one that holds anything only with
 ``--overwrite``, which moves it aside to ``OUT.old-<time>``), never the input, a directory inside or
 above it, or a training run's directory; OUT appears only once complete.
@@ -55,13 +69,25 @@ def main(argv: list[str] | None = None) -> int:
     outward.add_argument("out", help="directory to write")
     outward.add_argument("--code-from", default=None, help="a local Qwen-VL release whose Python files to copy into OUT")
     outward.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    from_hf_parser = commands.add_parser("from-hf", help="a transformers Qwen2-VL / Qwen2.5-VL checkpoint -> our layout")
+    from_hf_parser.add_argument("src", help="local checkpoint directory (config.json, safetensors, tokenizer, preprocessor_config.json)")
+    from_hf_parser.add_argument("out", help="directory to write")
+    from_hf_parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    to_hf_parser = commands.add_parser("to-hf", help="a model trained here -> a transformers Qwen2-VL / Qwen2.5-VL directory")
+    to_hf_parser.add_argument("run", help="a run's output_dir, a checkpoint directory or an exported model")
+    to_hf_parser.add_argument("out", help="directory to write")
+    to_hf_parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
     setup_logging()
     try:
         if args.command == "from-qwen-vl":
             from_qwen_vl(args.src, args.out, args.overwrite)
-        else:
+        elif args.command == "to-qwen-vl":
             to_qwen_vl(args.run, args.out, args.code_from, args.overwrite)
+        elif args.command == "from-hf":
+            from_hf(args.src, args.out, args.overwrite)
+        else:
+            to_hf(args.run, args.out, args.overwrite)
     except (ValueError, OSError) as err:  # ConversionError, a refused OUT, a missing or unreadable file
         parser.exit(2, f"error: {err}\n")
     return 0

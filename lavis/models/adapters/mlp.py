@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lavis.common.registry import registry
+from lavis.models.adapters.grids import Grid, as_thw
 
 
 @registry.register("adapter", "mlp")
@@ -22,12 +23,18 @@ class MLPAdapter(nn.Module):
         # Same layout as LLaVA's mm_projector Sequential: proj.0, proj.2, ...
         self.proj = nn.Sequential(*layers)
 
-    def output_length(self, grid: tuple[int, int]) -> int:
+    def output_length(self, grid: Grid) -> int:
         """Tokens per image: one per patch."""
-        return grid[0] * grid[1]
+        t, h, w = as_thw(grid)
+        return t * h * w
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """``x``: ``[B, rows*cols, vision_width]`` -> ``[B, rows*cols, llm_hidden_size]``."""
+    def token_grid(self, grid: Grid) -> tuple[int, int, int]:
+        """The image's tokens as a ``(t, h, w)`` grid, row-major (for 3-D positions): its patch grid."""
+        return as_thw(grid)
+
+    def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """``x``: ``[B, rows*cols, vision_width]`` -> ``[B, rows*cols, llm_hidden_size]`` (native resolution:
+        ``[patches, vision_width]`` row-major per image -> ``[patches, llm_hidden_size]``)."""
         return self.proj(x)
 
 

@@ -6,10 +6,11 @@ rmsnorm``): ``ln_q`` on each patch, the window's patches concatenated into one v
 transformers' (``ln_q.weight``, ``mlp.0.weight``, ``mlp.2.weight``, ...), so a Qwen2-VL checkpoint's
 ``visual.merger.<name>`` maps onto ``adapter.<name>`` one to one.
 
-Qwen2-VL's processor hands its vision tower the patches already ordered window by window; the
-vision encoders here emit them row-major over the whole grid, so :meth:`PatchMerger.forward`
-gathers each window itself (windows row-major, patches row-major within a window: the order of
-Qwen2-VL's processor).
+Qwen2-VL's processor hands its vision tower the patches already ordered window by window, and a
+native-resolution encoder (``qwen2_vl_vit``) keeps that order: its windows are merged as they come.
+A fixed-size encoder (the timm ViT) emits patches row-major over the whole grid, so there
+:meth:`PatchMerger.forward` gathers each window itself (windows row-major, patches row-major within
+a window: the order of Qwen2-VL's processor).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from lavis.common.registry import registry
+from lavis.models.adapters.grids import Grid, as_thw, is_native
 
 
 class RMSNorm(nn.Module):
@@ -65,8 +67,11 @@ class PatchMerger(nn.Module):
             nn.Linear(self.hidden_size, llm_hidden_size),
         )
 
-    def _check_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
-        rows, cols = grid
+    # A native-resolution encoder hands the patches over window by window (Qwen2-VL's processor order).
+    takes_windows = True
+
+    def _check_grid(self, grid: Grid) -> tuple[int, int, int]:
+        t, rows, cols = as_thw(grid)
         m = self.merge_size
         if rows % m or cols % m:
             raise ValueError(
@@ -74,16 +79,26 @@ class PatchMerger(nn.Module):
                 f"divisible by model.adapter.merge_size={m}; choose an image_size that is a multiple of "
                 f"patch size x {m}"
             )
-        return rows // m, cols // m
+        return t, rows // m, cols // m
 
-    def output_length(self, grid: tuple[int, int]) -> int:
+    def output_length(self, grid: Grid) -> int:
         """Tokens per image: one per ``merge_size`` x ``merge_size`` window of the patch grid."""
-        rows, cols = self._check_grid(grid)
-        return rows * cols
+        t, rows, cols = self._check_grid(grid)
+        return t * rows * cols
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """``x``: ``[B, rows*cols, vision_width]``, row-major -> ``[B, windows, llm_hidden_size]``."""
-        rows, cols = self._check_grid(grid)
+    def token_grid(self, grid: Grid) -> tuple[int, int, int]:
+        """The image's tokens as a ``(t, h, w)`` grid, row-major (for 3-D positions): its windows."""
+        return self._check_grid(grid)
+
+    def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """``x``: ``[B, rows*cols, vision_width]``, row-major -> ``[B, windows, llm_hidden_size]``. At native
+        resolution (``x`` ``[patches, vision_width]``, window by window as Qwen2-VL's processor orders
+        them, ``grid`` ``[n, 3]``) -> ``[patches / merge_size**2, llm_hidden_size]``."""
+        if is_native(grid):
+            for thw in grid.tolist():
+                self._check_grid(thw)
+            return self.mlp(self.ln_q(x).reshape(-1, self.hidden_size))
+        _, rows, cols = self._check_grid(grid)
         b, n, d = x.shape
         if n != grid[0] * grid[1]:
             raise ValueError(f"patch_merger: {n} patches for a {grid[0]}x{grid[1]} grid")

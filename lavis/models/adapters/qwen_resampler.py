@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lavis.common.registry import registry
+from lavis.models.adapters.grids import Grid, as_thw, is_native, split_images
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
@@ -112,16 +113,30 @@ class QwenResampler(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def output_length(self, grid: tuple[int, int]) -> int:
+    def output_length(self, grid: Grid) -> int:
         """Tokens per image: always ``num_queries``."""
         return self.num_queries
+
+    def token_grid(self, grid: Grid) -> None:
+        """None: the queries are a set, not a grid of the image (no 3-D positions for them)."""
+        return None
 
     def key_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
         """Key position table ``[rows*cols, D]``: ``pos_embed`` resized to the patch grid."""
         return resize_pos_embed(self.pos_embed, grid)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """``x``: ``[B, rows*cols, vision_width]`` -> ``[B, num_queries, llm_hidden_size]``."""
+    def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """``x``: ``[B, rows*cols, vision_width]`` -> ``[B, num_queries, llm_hidden_size]``. At native
+        resolution (``x`` ``[patches, vision_width]``, row-major per image, ``grid`` ``[n, 3]``) each image
+        is resampled at its own grid -> ``[n, num_queries, llm_hidden_size]``."""
+        if is_native(grid):
+            outs = []
+            for feats, thw in zip(split_images(x, grid), grid.tolist()):
+                t, h, w = as_thw(thw)
+                if t != 1:
+                    raise ValueError(f"qwen_resampler: resamples single frames; got an input of {t} frames")
+                outs.append(self(feats.unsqueeze(0), (h, w)))
+            return torch.cat(outs) if outs else x.new_zeros(0, self.num_queries, self.proj.shape[1])
         rows, cols = grid
         if x.shape[1] != rows * cols:
             raise ValueError(f"qwen_resampler: got {x.shape[1]} patches for a {rows}x{cols} grid")

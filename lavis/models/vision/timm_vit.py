@@ -15,12 +15,13 @@ from torch import nn
 
 from lavis.common.checkpoint import load_weights_file
 from lavis.common.registry import registry
+from lavis.models.vision.blocks import ViTBlocks
 
 log = logging.getLogger(__name__)
 
 
 @registry.register("vision_encoder", "timm_vit")
-class TimmViT(nn.Module):
+class TimmViT(ViTBlocks, nn.Module):
     """A timm Vision Transformer returning patch features [B, rows*cols, width] (prefix tokens dropped).
 
     ``model_kwargs`` are passed to ``timm.create_model`` (e.g. ``depth``, ``embed_dim`` for a small
@@ -33,6 +34,8 @@ class TimmViT(nn.Module):
     serves 448 px): bicubic, ``align_corners=False``, without the antialiasing timm's own resize
     applies. Needs a ViT without prefix (class or register) tokens.
     """
+
+    EMBEDDING_PARTS = ("pos_embed", "cls_token", "reg_token", "patch_embed", "norm_pre")
 
     def __init__(
         self,
@@ -118,25 +121,6 @@ class TimmViT(nn.Module):
         if result.unexpected_keys:
             log.warning("%s: ignored %d unexpected keys, e.g. %s", path, len(result.unexpected_keys), result.unexpected_keys[:5])
         log.info("vision weights loaded from %s", path)
-
-    def blocks(self) -> list[nn.Module]:
-        """The transformer blocks (units of sharding and activation checkpointing)."""
-        return list(self.model.blocks)
-
-    @property
-    def num_layers(self) -> int:
-        """Transformer blocks, for layer-wise learning-rate decay."""
-        return len(self.model.blocks)
-
-    def layer_id(self, name: str) -> int:
-        """Depth of a parameter (name relative to this module): 0 for the embeddings, i+1 for block i,
-        ``num_layers + 1`` for what follows the blocks (final norm)."""
-        parts = name.split(".")
-        if parts[1] == "blocks":
-            return int(parts[2]) + 1
-        if parts[1] in ("pos_embed", "cls_token", "reg_token", "patch_embed", "norm_pre"):
-            return 0
-        return self.num_layers + 1
 
     def adapt_state_dict(self, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
         """Resample a checkpoint's position embeddings when it was trained at another image size."""
