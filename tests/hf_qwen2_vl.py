@@ -104,12 +104,13 @@ def tiny_tokenizer(directory: str | Path) -> Path:
     return directory
 
 
-def random_state(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter drawn anew (norm weights around 1), so that no two tensors are alike."""
+def random_state(model: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
+    """Every parameter drawn anew (std ``scale``; norm weights around 1), so that no two tensors are alike.
+    A larger ``scale`` than transformers' 0.02 makes the logits depend visibly on positions and images."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            values = torch.randn(p.shape, generator=generator) * 0.02
+            values = torch.randn(p.shape, generator=generator) * scale
             if p.ndim == 1 and ("norm" in name or "ln_q" in name):
                 values += 1.0
             p.copy_(values.to(p.dtype))
@@ -137,7 +138,7 @@ def hf_state(model, layout: Layout) -> dict[str, torch.Tensor]:
 
 
 def tiny_checkpoint(directory: str | Path, kind: Kind, layout: Layout = "released", shards: int = 2, seed: int = 0,
-                    dtype: torch.dtype = torch.float32) -> Path:
+                    dtype: torch.dtype = torch.float32, scale: float = 0.02) -> Path:
     """A random tiny ``kind`` model saved as a complete local checkpoint in ``directory``: config.json,
     safetensors shards + index (``shards`` > 1: the size limit of a shard is 1 / ``shards`` of the whole;
     1: one model.safetensors), generation_config.json, the tokenizer and preprocessor_config.json (the
@@ -152,7 +153,7 @@ def tiny_checkpoint(directory: str | Path, kind: Kind, layout: Layout = "release
     config = tiny_config(kind)
     cls = Qwen2VLForConditionalGeneration if kind == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
     model = cls(config)
-    random_state(model, seed)
+    random_state(model, seed, scale)
     model.to(dtype)
     state = hf_state(model, layout)
     numel = sum(v.numel() * v.element_size() for v in state.values())

@@ -137,13 +137,14 @@ class VisionLanguageModel(nn.Module):
                          pixel_values: torch.Tensor | PatchImages | None = None) -> torch.Tensor | None:
         """The LLM's position ids: ``position_ids`` as given for a 1-D LLM, else from the attention mask
         (``[B, L]``: attended tokens counted, pads at 0) or ``0..L-1``; for an M-RoPE LLM, the
-        ``[3, B, L]`` ids of :func:`~lavis.models.positions.mrope_position_ids` over those."""
+        ``[3, B, L]`` ids of :func:`~lavis.models.positions.mrope_position_ids` over those (``[3, B, L]``
+        ``position_ids`` are used as given)."""
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = position_ids_from_mask(attention_mask)
             elif self.position_dims == 3:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        if self.position_dims == 1:
+        if self.position_dims == 1 or position_ids.dim() == 3:  # 3-D ids given: the caller's
             return position_ids
         grids = self.token_grids(pixel_values)
         if any(grid is None for grid in grids):
