@@ -18,10 +18,15 @@ REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 HELPERS = {"machine.py"}  # shared code, not a benchmark
 
-# Each benchmark: lines (substrings) its quick run must print, and the marks of its test.
+# Each benchmark (the script, then any arguments before --quick): lines (substrings) its quick run must print,
+# and the marks of its test.
 EXPECTED = {
     "packing.py": (["samples drawn", "pad to max_len", "pad to longest, grouped", "packed",
                     "ratio packed / pad to max_len", "ratio packed / pad to longest, grouped"], ()),
+    "packing.py --native": (["mixed resolution: ", "pad to max_len", "pad to longest, grouped", "packed",
+                             "mixed resolution ratio packed / pad to max_len", "mixed resolution ratio packed / pad to longest"], ()),
+    "native_vit.py": (["qwen2_vl: outputs equal", "qwen2_5_vl: outputs equal", "ratio ours / transformers (qwen2_vl)",
+                       "ratio ours / transformers (qwen2_5_vl)"], ()),
     "step_overhead.py": (["bare PyTorch step", "runner train_step", "ratio runner/bare"], ()),
     "dataloader.py": (["sft (projects/sft.yaml)", "multitask (projects/multitask.yaml)", "loader alone",
                        "train_step alone", "real training loop", "waiting for data"], ()),
@@ -37,21 +42,23 @@ TESTED_ELSEWHERE = {"gpu_throughput.py": "tests/test_gpu_throughput.py", "finetu
 
 def test_every_benchmark_has_a_quick_test():
     found = {p.name for p in BENCHMARKS.glob("*.py")} - HELPERS
-    tested = set(EXPECTED) | set(TESTED_ELSEWHERE)
+    tested = {command.split()[0] for command in EXPECTED} | set(TESTED_ELSEWHERE)
     assert found == tested, f"benchmarks without a quick-mode test: {sorted(found - tested)}"
     for script, test in TESTED_ELSEWHERE.items():
         assert '"--quick"' in (REPO / test).read_text(), f"{test} does not run {script} --quick"
 
 
 @pytest.mark.parametrize(
-    "script", [pytest.param(name, marks=marks, id=name.removesuffix(".py")) for name, (_, marks) in EXPECTED.items()]
+    "command",
+    [pytest.param(name, marks=marks, id=name.replace(".py", "").replace(" --", "-")) for name, (_, marks) in EXPECTED.items()],
 )
-def test_quick_mode_runs(script, tmp_path):
+def test_quick_mode_runs(command, tmp_path):
+    script, *arguments = command.split()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
            "TMPDIR": str(tmp_path)}  # the benchmarks' scratch directories (small worlds, runs) go here
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick"], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *arguments, "--quick"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{script} --quick exited {proc.returncode}:\n{output[-4000:]}"
-    missing = [line for line in EXPECTED[script][0] if line not in proc.stdout]
-    assert not missing, f"{script} --quick printed none of {missing}:\n{proc.stdout[-4000:]}"
+    assert proc.returncode == 0, f"{command} --quick exited {proc.returncode}:\n{output[-4000:]}"
+    missing = [line for line in EXPECTED[command][0] if line not in proc.stdout]
+    assert not missing, f"{command} --quick printed none of {missing}:\n{proc.stdout[-4000:]}"

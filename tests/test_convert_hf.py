@@ -90,7 +90,7 @@ def test_from_hf_output_describes_itself(converted, kind, layout):
     model = model_config(out / "config.yaml").model  # validated; the tokenizer located where OUT lies
     assert (model.vision.type, model.adapter.type, model.llm.type) == ("qwen2_vl_vit", "patch_merger", "qwen2_vl_lm")
     assert model.tokenizer.params["path"] == str(out) and model.load_from is None
-    assert model.adapter.params == {"merge_size": 2, "norm": "layernorm" if kind == "qwen2_vl" else "rmsnorm"}
+    assert model.adapter.params == {"merge_size": 2, "norm": "layernorm" if kind == "qwen2_vl" else "rmsnorm", "pretrained": None}
     vision, llm = model.vision.params["config"], model.llm.params["config"]
     assert vision["model_type"] == llm["model_type"] == kind and vision["depth"] == 2
     assert llm["hidden_size"] == 64 and llm["tie_word_embeddings"] == (kind == "qwen2_5_vl")

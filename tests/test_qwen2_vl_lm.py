@@ -15,6 +15,7 @@ from lavis.common.config.merging import CONFIG_ROOT
 from lavis.common.registry import registry
 from lavis.models.llm import qwen2_vl_lm as module
 from lavis.models.llm.qwen2_vl_lm import MRopeCausalLM, Qwen2_5_VLCausalLM, Qwen2VLCausalLM
+from lavis.models.positions import position_ids_from_mask
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -142,7 +143,7 @@ def test_two_d_and_missing_positions_are_text_positions(pair):
     torch.manual_seed(3)
     embeds = torch.randn(2, 11, HIDDEN)
     _, mask = batch()
-    text = module.positions_from_mask(mask)
+    text = position_ids_from_mask(mask)
     with torch.no_grad():
         three = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=text.expand(3, -1, -1)).logits
         two = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=text).logits
@@ -249,7 +250,7 @@ def test_generation_options_lavis_passes(pair):
                                eos_token_id=[7], pad_token_id=0, use_cache=True, synced_gpus=False, suppress_tokens=[1, 2],
                                streamer=Streamer())
         no_positions = llm.generate(inputs_embeds=embeds, attention_mask=mask, **GREEDY)
-        text = module.positions_from_mask(mask)
+        text = position_ids_from_mask(mask)
         explicit = llm.generate(inputs_embeds=embeds, attention_mask=mask, position_ids=text.expand(3, -1, -1), **GREEDY)
         two_d = llm.generate(inputs_embeds=embeds, attention_mask=mask, position_ids=text, **GREEDY)
         cached = llm.generate(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **GREEDY)
@@ -361,7 +362,7 @@ def test_missing_lm_head_of_an_untied_checkpoint_is_an_error(tmp_path):
     ref.save_pretrained(tmp_path / "saved")
     state = {k: v for k, v in released_layout(ref.state_dict()).items() if k != "lm_head.weight"}
     directory = write(tmp_path / "headless", json.loads((tmp_path / "saved" / "config.json").read_text()), state)
-    with pytest.raises(ValueError, match=r"lacks 1 language-model weights.*lm_head\.weight"):
+    with pytest.raises(ValueError, match=r"model\.llm\.pretrained: .* lacks 1 of its weights.*lm_head\.weight"):
         build(pretrained=str(directory))
 
 
@@ -376,7 +377,7 @@ def test_meta_device_reads_no_weights(tmp_path, monkeypatch):
         raise AssertionError("weights were read under the meta device")
 
     monkeypatch.setattr(module, "load_language_model", refuse)
-    monkeypatch.setattr(module, "_tensors", refuse)
+    monkeypatch.setattr("lavis.models.hf_checkpoint._tensors", refuse)
     with torch.device("meta"):
         llm = build(pretrained=str(tmp_path / "saved"))
         fallback = build(pretrained=str(tmp_path / "absent"), config={"model_type": "qwen2_vl", **TEXT})

@@ -28,6 +28,7 @@ KINDS = (
     "lr_scheduler",
     "freeze_policy",
     "logger",
+    "synthetic_world",
 )
 
 T = TypeVar("T")
@@ -37,6 +38,7 @@ _BUILTIN_MODULES = (
     "lavis.models",
     "lavis.processors",
     "lavis.datasets",
+    "lavis.datasets.synthetic",
     "lavis.tasks",
     "lavis.runners",
     "lavis.common.optim",

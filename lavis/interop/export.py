@@ -21,7 +21,10 @@ one), the source and what it is made of (its checkpoint, its run, the earlier st
 once complete: a refused or failed export leaves nothing behind.
 
 ``--format hf`` writes, besides, ``OUT/llm/``: the language model alone as a transformers directory
-(``save_pretrained``, safetensors) that ``AutoModelForCausalLM.from_pretrained`` loads.
+(``save_pretrained``, safetensors) that ``AutoModelForCausalLM.from_pretrained`` loads; for a native-resolution
+model (qwen2_vl_vit + patch_merger + qwen2_vl_lm, with an hf_tokenizer) ``OUT/hf/`` instead: the whole model as
+a transformers Qwen2-VL / Qwen2.5-VL directory (``python -m lavis.convert to-hf``) that
+``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration`` and ``AutoProcessor`` load.
 ``--format qwen-vl`` writes ``OUT/qwen_vl/``: the whole model in Qwen-VL's original layout and config
 (``python -m lavis.convert to-qwen-vl``), for Qwen-VL's own code, web demo and evaluation scripts.
 Both merge LoRA adapters first.
@@ -71,7 +74,8 @@ def export(
     format: str = "lavis",
     overwrite: bool = False,
 ) -> Path:
-    """Write ``out/model.safetensors`` (+ ``config.yaml``, ``meta.json``; ``llm/`` with ``format="hf"``)
+    """Write ``out/model.safetensors`` (+ ``config.yaml``, ``meta.json``; ``llm/`` or, for a native-resolution
+    model, ``hf/`` with ``format="hf"``)
     from a run or checkpoint; see the module docstring for ``weights`` and ``overwrite``."""
     from lavis.models.weights import config_of, resolve_weights_path, weights_chain
 
@@ -93,6 +97,8 @@ def export(
     if config is None:
         raise FileNotFoundError(f"{source}: no config.yaml in the checkpoint or its run")
     raw = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+    if format == "hf" and is_native(raw):
+        check_native_for_hf(config)  # before the gathering: a model to-hf cannot write is named now
     source_meta = ckpt.read_meta(file.parent) if (file.parent / ckpt.META_NAME).is_file() else {}
     complete = holds_every_weight(source_meta)
     if weights == "full" and isinstance(chain_error, FileNotFoundError):
@@ -130,7 +136,12 @@ def export(
         save_file({k: v.contiguous() for k, v in state.items()}, str(staging / ckpt.WEIGHTS_NAME))
         (staging / ckpt.CONFIG_NAME).write_text(OmegaConf.to_yaml(OmegaConf.create(raw)))
         (staging / ckpt.META_NAME).write_text(json.dumps(meta, indent=2))
-        if format == "hf":
+        if format == "hf" and is_native(raw):
+            from lavis.interop.convert.hf_qwen2_vl import write_hf
+
+            write_hf(staging, staging / "hf")
+            log.info("wrote the model as a transformers Qwen2-VL directory to %s", staging / "hf")
+        elif format == "hf":
             write_hf_llm(staging)
         elif format == "qwen-vl":
             from lavis.interop.convert.release import write_qwen_vl
@@ -172,6 +183,28 @@ def whole_model_state(source: str | Path, config: Path, merge_lora: bool) -> tup
     return {canonical_name(k): v.detach() for k, v in model.state_dict().items() if k not in tied}, merged
 
 
+def is_native(raw: dict) -> bool:
+    """Whether a config (as a plain dict) is a native-resolution model that ``to-hf`` writes whole:
+    qwen2_vl_vit + patch_merger + qwen2_vl_lm."""
+    from lavis.interop.convert.hf_qwen2_vl import COMPONENT_TYPES
+
+    model = raw.get("model") or {}
+    return all((model.get(key) or {}).get("type") == kind for key, kind in COMPONENT_TYPES.items())
+
+
+def check_native_for_hf(config: Path) -> None:
+    """Refuse, before anything is gathered, a native model that ``to-hf`` cannot write (e.g. a tokenizer that is
+    not a transformers one), naming the source's config."""
+    from lavis.interop.convert.hf_qwen2_vl import check_components
+    from lavis.models.loading import model_config
+
+    try:
+        check_components(model_config(config), config)
+    except ValueError as err:
+        raise ValueError(f"--format hf writes a qwen2_vl_vit + patch_merger + qwen2_vl_lm model as a transformers "
+                         f"Qwen2-VL directory: {err}") from None
+
+
 def write_hf_llm(export_dir: Path) -> Path:
     """``export_dir/llm/``: the exported model's language model as a transformers directory."""
     from lavis.models import build_model
@@ -196,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors")
     parser.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the weights (implies --weights full)")
     parser.add_argument("--format", choices=FORMATS, default="lavis",
-                        help="hf: also OUT/llm/, the language model as a transformers directory; qwen-vl: also "
-                             "OUT/qwen_vl/, Qwen-VL's original layout (both merge LoRA)")
+                        help="hf: also OUT/llm/, the language model as a transformers directory (a native-resolution "
+                             "model: OUT/hf/, the whole model as a transformers Qwen2-VL directory); qwen-vl: also "
+                             "OUT/qwen_vl/, Qwen-VL's original layout (all merge LoRA)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty OUT, its content moved aside to OUT.old-<time> first (never "
                              "deleted); a run's directory and the source are refused whatever this says")

@@ -187,11 +187,10 @@ class Evaluator:
         self.tasks: dict[str, EvalTask] = {}
         self.samples: dict[str, list[EvalSample]] = {}
         for name, entry in cfg.evaluation.items():
-            if entry.synthetic_root:
-                from lavis.datasets.synthetic.world import ensure_world
-
+            if entry.synthetic_root:  # generated on first use by the registered generator it names
+                generate = registry.get("synthetic_world", entry.synthetic_world)
                 with dist.local_main_first():  # once per node, not once per rank
-                    ensure_world(entry.synthetic_root)
+                    generate(entry.synthetic_root)
             task = registry.get("eval_task", entry.task)(**entry.task_params)
             records = registry.get("builder", entry.builder)(**entry.builder_params).build()
             samples = task.samples(records)

@@ -43,11 +43,10 @@ class LanguageModelingTask:
             raise ValueError("no datasets configured: add one under 'datasets:'")
         sources = []
         for name, ds_cfg in self.cfg.datasets.items():
-            if ds_cfg.synthetic_root:
-                from lavis.datasets.synthetic.world import ensure_world
-
+            if ds_cfg.synthetic_root:  # generated on first use by the registered generator it names
+                generate = registry.get("synthetic_world", ds_cfg.synthetic_world)
                 with dist.local_main_first():  # once per node, not once per rank
-                    ensure_world(ds_cfg.synthetic_root)
+                    generate(ds_cfg.synthetic_root)
             data = registry.get("builder", ds_cfg.builder)(**ds_cfg.params).build()
             if hasattr(data, "__len__") and len(data) == 0:
                 files = [f"{k}={v}" for k, v in ds_cfg.params.items() if k.endswith("path") or k == "shards"]

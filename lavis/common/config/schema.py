@@ -35,9 +35,9 @@ MODEL_COMPONENTS = {
 # Constructor arguments the framework supplies itself (never user keys).
 CONTEXT_ARGS = {"adapter": ("vision_width", "llm_hidden_size")}
 # Keys of a dataset entry that belong to the framework, not to the builder.
-DATASET_KEYS = ("builder", "ratio", "synthetic_root")
+DATASET_KEYS = ("builder", "ratio", "synthetic_root", "synthetic_world")
 # Keys of an evaluation entry that belong to the framework, not to its task or builder.
-EVAL_KEYS = ("task", "builder", "synthetic_root", "benchmark", "benchmark_split")
+EVAL_KEYS = ("task", "builder", "synthetic_root", "synthetic_world", "benchmark", "benchmark_split")
 SECTIONS = ("model", "datasets", "evaluation", "run")
 # Which tokens of a conversation are supervised (``run.label_policy``; applied by
 # lavis.processors.conversation.ConversationEncoder).
@@ -97,6 +97,7 @@ class DatasetConfig:
     builder: str
     ratio: float = 1.0
     synthetic_root: str | None = None  # generate the embedded synthetic world here first, if missing
+    synthetic_world: str = "shapes"  # which one: a registered synthetic_world generator (shapes | small_objects)
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -106,7 +107,8 @@ class EvalConfig:
 
     task: str
     builder: str
-    synthetic_root: str | None = None
+    synthetic_root: str | None = None  # as DatasetConfig's
+    synthetic_world: str = "shapes"  # as DatasetConfig's
     benchmark: str | None = None  # its name in the results table (default: the evaluation's name)
     benchmark_split: str | None = None  # its split in the results table (e.g. testA, val)
     task_params: dict[str, Any] = field(default_factory=dict)

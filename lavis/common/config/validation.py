@@ -53,6 +53,7 @@ def build_config(resolved: dict[str, Any]) -> Config:
         check_keys(entry, [*constructor_args(builder, "builder"), *DATASET_KEYS], where)
         common = to_dataclass(DatasetConfig, {k: entry.pop(k) for k in DATASET_KEYS if k in entry}, where)
         common.params = check_params(registry.get("builder", common.builder), "builder", entry, where)
+        registry.get("synthetic_world", common.synthetic_world)  # an unknown generator fails now, with the valid names
         if common.ratio <= 0:
             raise ConfigError(f"{where}.ratio must be positive, got {common.ratio}")
         datasets[name] = common
@@ -88,6 +89,7 @@ def _evaluation(name: str, entry: dict[str, Any]) -> EvalConfig:
         raise ConfigError(f"{where}: task '{entry['task']}' and builder '{entry['builder']}' both take {clash}")
     check_keys(entry, [*task_args, *builder_args, *EVAL_KEYS], where)
     common = to_dataclass(EvalConfig, {k: entry.pop(k) for k in EVAL_KEYS if k in entry}, where)
+    registry.get("synthetic_world", common.synthetic_world)
     common.task_params = check_params(task_cls, "task", {k: v for k, v in entry.items() if k in task_args}, where)
     common.builder_params = check_params(builder_cls, "builder", {k: v for k, v in entry.items() if k in builder_args}, where)
     return common

@@ -16,7 +16,7 @@ from lavis.datasets.builders.base import (
     read_annotations,
 )
 from lavis.processors.boxes import box_problems
-from lavis.processors.conversation import ROLES, pictures
+from lavis.processors.conversation import ROLES, image_reference, pictures
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +81,30 @@ class QwenVLConversationBuilder:
 
 
 IMAGE_PLACEHOLDER = re.compile(r"<image>\n?")
+INLINE_PLACEHOLDER = re.compile(r"<image>")
 
 
 @registry.register("builder", "llava_conversation")
 class LLaVAConversationBuilder(QwenVLConversationBuilder):
     """LLaVA's JSON: ``{"id", "image", "conversations": [{"from": "human"|"gpt", "value": "<image>\\n…"}]}``.
 
-    Each ``<image>`` placeholder becomes ``Picture n: <img>path</img>\\n`` as in Qwen-VL; ``image``
-    may be one path or a list; a record with an image but no placeholder gets it before the first turn.
+    ``image_format``: ``qwen_vl`` writes each ``<image>`` placeholder (and the newline after it) as
+    ``Picture n: <img>path</img>\\n``, as Qwen-VL does; ``inline`` writes the image alone in its place,
+    ``<img>path</img>``, the text around it kept, as Qwen2-VL / Qwen2.5-VL's fine-tuning code does (its
+    ``<|vision_start|>…<|vision_end|>``). ``image`` may be one path or a list; a record with an image but
+    no placeholder gets it before the first turn.
     A text-only record keeps a literal ``<image>`` as text, and an opening ``gpt`` turn is dropped (both
     as LLaVA's own preprocessing does).
     """
 
     roles = {"human": "user", "gpt": "assistant", "system": "system"}
+
+    def __init__(self, ann_path: str | list[str], image_root: str = "", bad_boxes: Literal["skip", "error"] = "skip",
+                 image_format: Literal["qwen_vl", "inline"] = "qwen_vl") -> None:
+        super().__init__(ann_path, image_root, bad_boxes)
+        if image_format not in ("qwen_vl", "inline"):
+            raise ValueError(f"llava_conversation: image_format must be qwen_vl or inline, got {image_format!r}")
+        self.image_format = image_format
 
     def build(self) -> RecordDataset:
         """As :meth:`QwenVLConversationBuilder.build`; a first turn by ``gpt`` (ShareGPT exports start so)
@@ -123,9 +134,14 @@ class LLaVAConversationBuilder(QwenVLConversationBuilder):
             raise AnnotationError(
                 f"{describe_record(path, index, record)}: {placeholders} <image> placeholders for {len(images)} images"
             )
-        numbered = iter(pictures([image], n) for n, image in enumerate(images, 1))
+        if self.image_format == "inline":
+            numbered = iter(image_reference(image) for image in images)
+            placeholder = INLINE_PLACEHOLDER
+        else:
+            numbered = iter(pictures([image], n) for n, image in enumerate(images, 1))
+            placeholder = IMAGE_PLACEHOLDER
         for message in messages:
-            message["content"] = IMAGE_PLACEHOLDER.sub(lambda _: next(numbered), message["content"])
+            message["content"] = placeholder.sub(lambda _: next(numbered), message["content"])
         if images and not placeholders:
             first_user = next((m for m in messages if m["role"] == "user"), None)
             if first_user is None:

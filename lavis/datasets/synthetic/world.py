@@ -31,11 +31,14 @@ import os
 import random
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
+from lavis.common.registry import registry
 from lavis.datasets.shards import write_shards
 from lavis.processors.boxes import (  # noqa: F401
     box_text,
@@ -473,6 +476,7 @@ def _marker(seed: int, sizes: dict[str, int]) -> dict:
     return {"version": WORLD_VERSION, "seed": seed, "sizes": dict(sizes), "image_size": IMAGE_SIZE}
 
 
+@registry.register("synthetic_world", "shapes")
 def ensure_world(root: str | Path, seed: int = 0, sizes: dict[str, int] | None = None) -> Path:
     """Make sure a complete world with this version/seed/sizes exists at ``root``; return ``root``.
 
@@ -484,6 +488,7 @@ def ensure_world(root: str | Path, seed: int = 0, sizes: dict[str, int] | None =
     callers are safe: the loser of the rename discards its copy.  An existing
     world of another version/seed/sizes is replaced; an existing non-empty
     directory that is not a world is never touched (``FileExistsError``).
+    Registered as the ``synthetic_world`` generator ``shapes`` (the default of ``synthetic_world``).
     """
     root = Path(root)
     if sizes is None:
@@ -491,7 +496,19 @@ def ensure_world(root: str | Path, seed: int = 0, sizes: dict[str, int] | None =
             return root
         sizes = DEFAULT_SIZES
     sizes = dict(sizes)
-    expected = _marker(seed, sizes)
+    return ensure_generated(root, _marker(seed, sizes), lambda out: write_world(out, seed, sizes))
+
+
+def ensure_generated(root: str | Path, expected: dict[str, Any], write: Callable[[Path], None]) -> Path:
+    """Make sure ``root`` holds a generated data set whose ``WORLD.json`` has the items of ``expected``.
+
+    Otherwise ``write(tmp)`` writes a complete one (its marker, holding ``expected``, last) into a
+    temporary sibling directory that is renamed into place: concurrent callers are safe (the loser of
+    the rename discards its copy). An existing data set with another marker is replaced; an existing
+    non-empty directory without a marker is never touched (``FileExistsError``). Every synthetic data
+    set (:func:`ensure_world`, :mod:`lavis.datasets.synthetic.small_objects`) is generated through it.
+    """
+    root = Path(root)
     for _ in range(3):
         if _marker_matches(root, expected):
             return root
@@ -499,7 +516,7 @@ def ensure_world(root: str | Path, seed: int = 0, sizes: dict[str, int] | None =
         tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir()
-            write_world(tmp, seed, sizes)
+            write(tmp)
             if root.exists():
                 _discard_stale(root, expected)
             try:

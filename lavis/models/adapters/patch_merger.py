@@ -15,11 +15,14 @@ a window: the order of Qwen2-VL's processor).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from lavis.common.registry import registry
 from lavis.models.adapters.grids import Grid, as_thw, is_native
+from lavis.models.hf_checkpoint import load_into, visual_key
 
 
 class RMSNorm(nn.Module):
@@ -48,10 +51,12 @@ class PatchMerger(nn.Module):
     """``ln_q`` per patch, each ``merge_size``-square window as one vector, ``mlp`` to the LLM width.
 
     Output length is ``(rows // merge_size) * (cols // merge_size)``; a grid that ``merge_size`` does
-    not divide is an error (no padding).
+    not divide is an error (no padding). ``pretrained``: a local transformers Qwen2-VL / Qwen2.5-VL
+    checkpoint directory, whose ``visual.merger.*`` weights are loaded.
     """
 
-    def __init__(self, vision_width: int, llm_hidden_size: int, merge_size: int = 2, norm: str = "layernorm") -> None:
+    def __init__(self, vision_width: int, llm_hidden_size: int, merge_size: int = 2, norm: str = "layernorm",
+                 pretrained: str | None = None) -> None:
         super().__init__()
         if merge_size < 1:
             raise ValueError(f"patch_merger: merge_size must be >= 1, got {merge_size}")
@@ -66,6 +71,8 @@ class PatchMerger(nn.Module):
             nn.GELU(),
             nn.Linear(self.hidden_size, llm_hidden_size),
         )
+        if pretrained and torch.get_default_device().type != "meta":  # meta: shapes only
+            load_into(self, Path(pretrained), lambda key: visual_key(key, merger=True), "model.adapter.pretrained")
 
     # A native-resolution encoder hands the patches over window by window (Qwen2-VL's processor order).
     takes_windows = True

@@ -13,7 +13,6 @@ further per step (transformers' Qwen2-VL ``rope_deltas``).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,8 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from lavis.common.registry import registry
+from lavis.models.hf_checkpoint import load_into
+from lavis.models.positions import position_ids_from_mask
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Keys of a saved config that describe the saved object, not the architecture.
@@ -108,7 +109,7 @@ class MRopeCausalLM(PreTrainedModel, GenerationMixin):
         without them, each row counts its attended tokens (``cumsum(attention_mask) - 1``), as ``generate`` does."""
         if position_ids is None and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
             length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
-            position_ids = positions_from_mask(attention_mask)[:, -length:]
+            position_ids = position_ids_from_mask(attention_mask)[:, -length:]
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -162,12 +163,6 @@ FAMILIES: dict[str, tuple[type[PreTrainedConfig], type[MRopeCausalLM]]] = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLCausalLM),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLCausalLM),
 }
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per-row positions counting only attended tokens: ``cumsum(mask) - 1``, 0 at pads."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)
 
 
 def extend_positions(positions: torch.Tensor, attention_mask: torch.Tensor | None, num_new: int) -> torch.Tensor:
@@ -242,30 +237,6 @@ def _read_checkpoint_config(directory: Path) -> tuple[str, dict[str, Any], bool]
     return family, composite.text_config.to_dict(), tie
 
 
-def _checkpoint_files(directory: Path) -> list[Path]:
-    for index, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if (directory / index).is_file():
-            shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
-            return [directory / s for s in shards]
-        if (directory / single).is_file():
-            return [directory / single]
-    raise ValueError(f"model.llm.pretrained: no model.safetensors / pytorch_model.bin (or their sharded index) in '{directory}'")
-
-
-def _tensors(path: Path) -> Iterator[tuple[str, Any]]:
-    """(name, lazily read tensor) of one weights file."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, lambda f=f, name=name: f.get_tensor(name)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        for name, tensor in state.items():
-            yield name, lambda tensor=tensor: tensor
-
-
 def language_model_key(key: str) -> str | None:
     """A checkpoint key under our names, or None for the rest (the vision tower):
     ``model.language_model.X`` (transformers 5) and ``model.X`` (released) -> ``model.X``; ``lm_head.*`` kept."""
@@ -276,28 +247,12 @@ def language_model_key(key: str) -> str | None:
     return None
 
 
-@torch.no_grad()
 def load_language_model(model: MRopeCausalLM, directory: Path) -> None:
     """Copy the language-model and LM-head weights of a checkpoint directory into ``model`` (either key layout)."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    targets = dict(model.named_parameters())  # a tied lm_head.weight is listed once, as model.embed_tokens.weight
-    loaded: set[str] = set()
-    for path in _checkpoint_files(directory):
-        for key, read in _tensors(path):
-            name = language_model_key(key)
-            if name is None or (tied and name == "lm_head.weight") or name not in targets:
-                continue
-            tensor = read()
-            if tensor.shape != targets[name].shape:
-                raise ValueError(
-                    f"model.llm.pretrained: '{key}' in {path} has shape {tuple(tensor.shape)}, the model expects "
-                    f"{tuple(targets[name].shape)} (model.llm.config overrides a size the checkpoint fixes?)"
-                )
-            targets[name].copy_(tensor)
-            loaded.add(name)
-    missing = sorted(set(targets) - loaded - ({"lm_head.weight"} if tied else set()))
-    if missing:
-        raise ValueError(f"model.llm.pretrained: '{directory}' lacks {len(missing)} language-model weights, e.g. {missing[:3]}")
+    # a tied lm_head.weight is one parameter with model.embed_tokens.weight: read the embeddings only
+    load_into(model, directory, lambda key: None if tied and key == "lm_head.weight" else language_model_key(key),
+              "model.llm.pretrained", optional={"lm_head.weight"} if tied else set())
 
 
 @registry.register("llm", "qwen2_vl_lm")

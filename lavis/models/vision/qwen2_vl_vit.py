@@ -28,6 +28,7 @@ from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionCon
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from lavis.common.registry import registry
+from lavis.models.hf_checkpoint import load_into, visual_key
 from lavis.models.vision.blocks import ViTBlocks
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Bookkeeping keys of a saved config that are not architecture.
 CONFIG_METADATA_KEYS = ("model_type", "transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype",
                         "_attn_implementation", "_attn_implementation_autoset")
-CHECKPOINT_PREFIXES = ("visual.", "model.visual.")  # released checkpoints; transformers-5 in-memory names
 
 
 class UngroupWindows(nn.Module):
@@ -111,13 +111,7 @@ class Qwen2VLViT(ViTBlocks, nn.Module):
 
     def load_pretrained(self, path: str | Path) -> None:
         """Load the vision weights (less the merger) of a local transformers Qwen2-VL / Qwen2.5-VL checkpoint."""
-        path = Path(path)
-        state = read_vision_weights(path)
-        result = self.model.load_state_dict(state, strict=False)
-        if result.missing_keys:
-            raise ValueError(f"{path}: vision weights missing for {len(result.missing_keys)} keys, e.g. {result.missing_keys[:5]}")
-        if result.unexpected_keys:
-            log.warning("%s: ignored %d unexpected vision keys, e.g. %s", path, len(result.unexpected_keys), result.unexpected_keys[:5])
+        load_into(self.model, Path(path), lambda key: visual_key(key, merger=False), "model.vision.pretrained")
         log.info("vision weights loaded from %s", path)
 
     @property
@@ -147,7 +141,8 @@ def resolve_vision_config(config: dict[str, Any] | None, pretrained: str | None)
     """(model_type, vision config fields): a checkpoint's ``vision_config`` (when ``pretrained``) updated by ``config``."""
     fields: dict[str, Any] = {}
     model_type = None
-    if pretrained:
+    # On the meta device (counting parameters) a checkpoint not on this machine gives way to the inline config.
+    if pretrained and not (torch.get_default_device().type == "meta" and not (Path(pretrained) / "config.json").is_file()):
         checkpoint_type, fields = read_checkpoint_config(Path(pretrained))
         model_type = checkpoint_type
     override = dict(config or {})
@@ -186,30 +181,3 @@ def read_checkpoint_config(path: Path) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"qwen2_vl_vit: {config_file} is not a Qwen2-VL / Qwen2.5-VL config (model_type {model_type!r}, "
                          f"expected one of {', '.join(FAMILIES)}, with a vision_config)")
     return model_type, dict(config["vision_config"])
-
-
-def read_vision_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The vision tensors of a checkpoint directory, named as in the vision module, less ``merger.*``.
-    Reads only those tensors (from model.safetensors or the shards model.safetensors.index.json names)."""
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    elif (path / "model.safetensors").is_file():
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            weight_map = dict.fromkeys(f.keys(), "model.safetensors")
-    else:
-        raise FileNotFoundError(f"qwen2_vl_vit: {path} holds neither model.safetensors nor model.safetensors.index.json")
-    wanted: dict[str, dict[str, str]] = {}  # file -> {checkpoint key: vision-module key}
-    for key, file in weight_map.items():
-        prefix = next((p for p in CHECKPOINT_PREFIXES if key.startswith(p)), None)
-        if prefix is None or key.startswith(prefix + "merger."):
-            continue
-        wanted.setdefault(file, {})[key] = key[len(prefix):]
-    state = {}
-    for file, keys in wanted.items():
-        with safe_open(str(path / file), framework="pt") as f:
-            for key, name in keys.items():
-                state[name] = f.get_tensor(key)
-    return state
