@@ -47,7 +47,9 @@ Qwen2-VL's are 14 px x 2 frames, so a 1344 px square is 48 x 48 patches and 576 
 tokens. The LLM is the larger part of a step per token, as in Qwen2-VL-7B. ``max_len`` (default 768) holds
 the longest sample, so none is dropped. Prints the same table and the ratios packing / pad-to-max_len and
 packing / pad-to-longest grouped (target >= 2x for the former; ``--group-mult 1`` makes the latter plain
-pad-to-longest batches).
+pad-to-longest batches). Under SDPA's block-diagonal mask a packed row still pays attention over its whole
+length, where a length-grouped batch of short samples is short: against grouping, packing's gain is
+fewer steps, not fewer attention FLOPs (``cu_seqlens`` isolation, flash-attention on GPU, removes that).
 """
 
 from __future__ import annotations

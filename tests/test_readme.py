@@ -336,6 +336,42 @@ RELEASE_COMMANDS = [
 ]
 
 
+# The README's Qwen2-VL commands run on a tiny random Qwen2.5-VL (tests/hf_qwen2_vl.py) written as a release under
+# models/, fine-tuned on the demo's LLaVA-format conversations on one CPU process.
+TINY_QWEN2_5_VL = ("model.llm.config=null", "model.vision.config=null", "model.vision.dtype=float32", "model.llm.dtype=float32",
+                   "datasets.conversations.ann_path=data/synthetic/llava_train.json", "datasets.conversations.image_root=data/synthetic",
+                   "run.strategy=single", "run.precision=fp32", "run.grad_accum=1", "run.max_len=1024", *TINY)
+HF_COMMANDS = [
+    ReadmeCommand(
+        ".venv/bin/python -m lavis.convert from-hf /models/Qwen2.5-VL-7B-Instruct /models/qwen2_5_vl_7b_lavis",
+        here=".venv/bin/python -m lavis.convert from-hf models/Qwen2.5-VL-7B-Instruct models/qwen2_5_vl_7b_lavis",
+        why="a tiny random Qwen2.5-VL as the release (models/ for /models/)",
+        writes=tuple(f"models/qwen2_5_vl_7b_lavis/{f}" for f in ("config.yaml", "meta.json", "model.safetensors", "tokenizer.json")),
+    ),
+    ReadmeCommand(
+        ".venv/bin/python -m lavis.chat --ckpt /models/qwen2_5_vl_7b_lavis --image photo.jpg --query What is in the picture?",
+        here='.venv/bin/python -m lavis.chat --ckpt models/qwen2_5_vl_7b_lavis --image data/synthetic/images/test/000000.png '
+             '--query "What is in the picture?" --max-new-tokens 4',
+        why="the tiny model's answer is noise: it runs, on a picture of the demo's world",
+        prints=(r"loaded \S*models/qwen2_5_vl_7b_lavis/model\.safetensors",),
+    ),
+    ReadmeCommand(
+        ".venv/bin/torchrun --standalone --nproc_per_node 8 train.py --cfg-path projects/qwen2_5_vl/finetune_lora.yaml "
+        "--options model.llm.pretrained=/models/Qwen2.5-VL-7B-Instruct datasets.conversations.ann_path=/data/llava_style.json "
+        "datasets.conversations.image_root=/data/images",
+        here=".venv/bin/python train.py --cfg-path projects/qwen2_5_vl/finetune_lora.yaml --options "
+             f"model.llm.pretrained=models/Qwen2.5-VL-7B-Instruct {' '.join(TINY_QWEN2_5_VL)}",
+        why="8 GPUs: the tiny release at its own sizes on one CPU process, on the demo's LLaVA-format conversations",
+        prints=(r"^llm\s+lora r=64\s", r"^vision\s+frozen\s"),
+        writes=("outputs/qwen2_5_vl/finetune_lora/checkpoints/step_00000002/meta.json",),
+    ),
+    ReadmeCommand(".venv/bin/python -m lavis.convert to-hf outputs/qwen2_5_vl/finetune_lora /models/my_qwen2_5_vl",
+                  here=".venv/bin/python -m lavis.convert to-hf outputs/qwen2_5_vl/finetune_lora models/my_qwen2_5_vl",
+                  why="models/ for /models/",
+                  writes=("models/my_qwen2_5_vl/config.json", "models/my_qwen2_5_vl/tokenizer.json",
+                          "models/my_qwen2_5_vl/preprocessor_config.json")),
+]
+
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory) -> Path:
     """A copy of the repository with the world generated, a ``.venv`` of this interpreter and stand-ins
@@ -370,10 +406,10 @@ def run_in(checkout: Path, command: str, stdin: str | None = None, env: dict[str
 
 
 def test_every_readme_command_has_a_check():
-    listed = [c.command for c in README_COMMANDS + RELEASE_COMMANDS]
+    listed = [c.command for c in README_COMMANDS + RELEASE_COMMANDS + HF_COMMANDS]
     assert len(set(listed)) == len(listed)
     assert set(readme_commands()) == set(listed), "README commands without a check (or checks of commands gone)"
-    for c in README_COMMANDS + RELEASE_COMMANDS:
+    for c in README_COMMANDS + RELEASE_COMMANDS + HF_COMMANDS:
         assert (c.here is None) == (not c.why), c.command
 
 
@@ -410,6 +446,17 @@ def test_readme_release_commands_run_on_the_tiny_qwen_vl(checkout):
     written = json.loads((checkout / "models" / "my_lora" / "qwen_vl" / "config.json").read_text())
     assert {k: written[k] for k in ("hidden_size", "num_hidden_layers")} == {k: config[k] for k in ("hidden_size", "num_hidden_layers")}
 
+
+def test_readme_qwen2_vl_commands_run_on_a_tiny_qwen2_5_vl(checkout):
+    """Convert a Qwen2.5-VL release, chat with it, fine-tune it with projects/qwen2_5_vl/finetune_lora.yaml and
+    write the run back in transformers' layout, as the README's commands do, on a tiny random Qwen2.5-VL."""
+    from hf_qwen2_vl import tiny_checkpoint
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    tiny_checkpoint(checkout / "models" / "Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", "released")
+    run_in_readme_order(checkout, HF_COMMANDS)
+    back = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkout / "models" / "my_qwen2_5_vl")
+    assert back.config.text_config.hidden_size == 64
 
 def check_outputs(checkout: Path) -> None:
     """What the commands wrote holds what the README says."""
