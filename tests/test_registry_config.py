@@ -170,6 +170,13 @@ def test_project_over_component_default(tmp_path):
     assert cfg.model.llm.params["attn_implementation"] == "sdpa"
 
 
+def test_a_later_block_option_replaces_an_earlier_short_form():
+    """``model.freeze.vision=trainable`` then ``model.freeze.vision={policy: lora, r: 4}``: the later option wins
+    whole (a LoRA block), and keys set after a block still refine it."""
+    cfg = sft("model.freeze.vision=trainable", "model.freeze.vision={policy: lora, r: 4}", "model.freeze.vision.alpha=8")
+    assert (cfg.model.freeze.vision.type, cfg.model.freeze.vision.params["r"], cfg.model.freeze.vision.params["alpha"]) == ("lora", 4, 8)
+
+
 def test_options_are_typed_as_yaml():
     cfg = sft(
         "run.lr=2e-5", "run.min_lr=1.0e-6", "run.max_steps=12", "run.warmup_steps=3", "run.betas=[0.9,0.95]", "run.clip_grad=null",

@@ -70,6 +70,15 @@ def parse_options(options: list[str] | None) -> dict[str, Any]:
         for opt in options
         for key, _, value in [opt.partition("=")]
     ]
+    # ... and a whole block given for one replaces what earlier options set there (the later option wins):
+    # model.freeze.vision=trainable model.freeze.vision='{policy: lora, r: 4}' is LoRA, not both.
+    kept: list[str] = []
+    for opt in options:
+        key, _, value = opt.partition("=")
+        if key in SHORTHAND_BLOCKS and value.lstrip().startswith("{"):
+            kept = [o for o in kept if not o.partition("=")[0].startswith(key + ".")]
+        kept.append(opt)
+    options = kept
     try:
         parsed = OmegaConf.from_dotlist(list(options))
     except Exception as err:  # a value that is not valid YAML, e.g. an unquoted {...}
