@@ -10,7 +10,7 @@ from PIL import Image
 
 from lavis.datasets.collate import PackCollator, PadCollator
 from lavis.models import build_model
-from lavis.models.positions import mrope_position_ids
+from lavis.models.positions import mrope_position_ids, position_ids_from_mask
 from lavis.processors.conversation import ConversationEncoder, image_reference
 from lavis.processors.native_image import PatchImages
 from lavis.processors.sample import SampleProcessor
@@ -217,3 +217,29 @@ def test_a_processor_that_does_not_fit_the_vision_encoder_fails_at_build(load_sf
         build_model(load_sft(*NATIVE[:2], "model.image_processor.image_size=224").model)
     with pytest.raises(ValueError, match=r"model\.image_processor\.merge_size \(1\)"):
         build_model(load_sft(*NATIVE, "model.image_processor.merge_size=1").model)
+
+
+def test_video_positions_equal_qwen2_5_vl_get_rope_index():
+    """Images and videos mixed in a left-padded batch: time-aligned temporal positions (tokens_per_second x
+    seconds per temporal patch, truncated) and the text after each as transformers 5's Qwen2.5-VL places them."""
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+    text = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64,
+            "vocab_size": 100, "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}}
+    vision = {"depth": 1, "hidden_size": 16, "out_hidden_size": 32, "num_heads": 2, "intermediate_size": 32, "tokens_per_second": 2}
+    reference = Qwen2_5_VLModel(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+    image, video = 7, 8
+    rows = [[1, 2] + [image] * 6 + [4] + [video] * 12 + [5, 6], [1] + [video] * 4 + [9] + [image] * 4 + [3]]
+    length = max(map(len, rows)) + 1
+    ids, mask = torch.zeros(2, length, dtype=torch.long), torch.zeros(2, length, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, length - len(row):], mask[r, length - len(row):] = torch.tensor(row), 1
+    image_grids, video_grids, seconds = torch.tensor([[1, 4, 6], [1, 4, 4]]), torch.tensor([[3, 4, 4], [2, 2, 4]]), torch.tensor([1.5, 0.5])
+    expected = reference.get_rope_index(ids, (ids == image).int() + 2 * (ids == video).int(), image_grid_thw=image_grids,
+                                        video_grid_thw=video_grids, second_per_grid_ts=seconds, attention_mask=mask)[0]
+    in_order = [image_grids[0], video_grids[0], video_grids[1], image_grids[1]]  # as they appear in the batch
+    grids = [(int(t), int(h) // 2, int(w) // 2) for t, h, w in in_order]
+    ours = mrope_position_ids(ids, position_ids_from_mask(mask), grids, [image, video], [1.0, 2 * 1.5, 2 * 0.5, 1.0])
+    assert torch.equal(ours, expected)
+    assert ours[0, 0, 14:18].tolist() == [9] * 4  # the video's second temporal patch: 1.5 s x 2 tokens/s = 3 steps on

@@ -21,13 +21,19 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def mrope_position_ids(
-    input_ids: torch.Tensor, positions: torch.Tensor, token_grids: Sequence[Sequence[int]], image_pad_id: int
+    input_ids: torch.Tensor, positions: torch.Tensor, token_grids: Sequence[Sequence[int]], image_pad_id: int | Sequence[int],
+    time_intervals: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """``[3, B, L]`` M-RoPE position ids (see the module notes).
 
     ``positions``: the 1-D positions ``[B, L]`` (each sample counting from 0: a packed row restarts at
-    every sample; pads anywhere). ``token_grids``: each image's token grid ``(t, h, w)``, in the
-    order of the ``image_pad_id`` runs in the flattened batch; together they cover every such token.
+    every sample; pads anywhere). ``token_grids``: each image's (or video's) token grid ``(t, h, w)``,
+    in the order of their pad-token runs in the flattened batch (``image_pad_id``: the pad token, or
+    several: images' and videos'); together they cover every such token. ``time_intervals``: the
+    temporal position step of each (1 for images and Qwen2-VL's videos; Qwen2.5-VL's videos:
+    ``tokens_per_second x seconds per temporal patch``, its time-aligned positions), truncated to
+    integers as transformers does. The text after an item continues from ``start + max(h, w)``,
+    whatever its frames (transformers 5's ``get_rope_index``).
     """
     batch, length = input_ids.shape
     out = positions.long().unsqueeze(0).repeat(3, 1, 1)
@@ -36,7 +42,8 @@ def mrope_position_ids(
     device = input_ids.device
     grids = torch.as_tensor([list(g) for g in token_grids], dtype=torch.long, device=device)
     counts = grids.prod(-1)
-    flat_image = (input_ids == image_pad_id).flatten().nonzero().squeeze(-1)
+    pad_ids = torch.as_tensor([image_pad_id] if isinstance(image_pad_id, int) else list(image_pad_id), device=device)
+    flat_image = torch.isin(input_ids, pad_ids).flatten().nonzero().squeeze(-1)
     if flat_image.numel() != int(counts.sum()):
         raise ValueError(f"{len(token_grids)} images of {int(counts.sum())} tokens for {flat_image.numel()} image positions")
     offsets = torch.cumsum(counts, 0) - counts  # index of each image's first token among the image tokens
@@ -56,6 +63,10 @@ def mrope_position_ids(
     local = torch.arange(flat_image.numel(), device=device) - offsets.repeat_interleave(counts)
     t, h, w = (grids[:, k].repeat_interleave(counts) for k in range(3))
     base = shifted.flatten()[starts].repeat_interleave(counts)
-    offsets_thw = torch.stack([local // (h * w), (local // w) % h, local % w])
+    frame = local // (h * w)
+    if time_intervals is not None:  # float32 steps truncated, as transformers computes them
+        step = torch.as_tensor(list(time_intervals), dtype=torch.float32, device=device).repeat_interleave(counts)
+        frame = (frame * step).long()
+    offsets_thw = torch.stack([frame, (local // w) % h, local % w])
     out.view(3, -1)[:, flat_image] = base + offsets_thw
     return out
