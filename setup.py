@@ -44,6 +44,7 @@ setup(
         "gradio",  # python -m lavis.web
         "fastapi",  # python -m lavis.serve (OpenAI-compatible API)
         "uvicorn",
+        "av",  # PyAV: video decoding in the data workers (qwen2_vl_video)
     ],
     extras_require={"dev": ["pytest", "ruff", "hypothesis", "openai", "selenium", "import-linter>=2.0"]},
 )
