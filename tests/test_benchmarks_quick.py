@@ -33,6 +33,8 @@ EXPECTED = {
     "eval_gap.py": (["caption/CIDEr", "vqa/accuracy", "grounding/accuracy", "untrained", "blind prior", "trained"], ()),
     "adapter_tokens.py": (["vision patches", "adapter tokens", "within/across"], ()),
     "serve.py": (["batching on (8)", "batching off (1)", "batching on / off"], ()),
+    "balance.py": (["padded, batch_size", "padded, budget", "packed, budget", "padded: vision max/mean",
+                    "packed: vision max/mean"], ()),
     # four launches of 1-2 processes each (FSDP and DDP under torchrun): about a minute
     "distributed.py": (["(a) per-rank memory", "(b) step time", "median step", "wall time"], (pytest.mark.distributed,)),
 }

@@ -20,7 +20,8 @@ from lavis.common.registry import KINDS, Registry, RegistryError, registry
 # --------------------------------------------------------------------------- registry
 
 KIND_LIST = (
-    "model, vision_encoder, adapter, llm, builder, processor, task, eval_task, runner, strategy, lr_scheduler, freeze_policy, logger"
+    "model, vision_encoder, adapter, llm, builder, processor, task, eval_task, runner, strategy, lr_scheduler, freeze_policy, logger, "
+    "synthetic_world"
 )
 
 

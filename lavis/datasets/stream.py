@@ -5,6 +5,13 @@ sources by ``ratio`` from its own seeded sequence, so the whole stream is a pure
 seed, the number of ranks and workers, and a small cursor state. Each batch carries the state
 reached after it; the runner keeps the state of the last batch it consumed from each worker, and
 a resumed run continues exactly where the interrupted one stopped.
+
+A batch holds ``batch_size`` samples (packed: rows), or, with a budget (``batch_tokens``,
+``batch_patches``), as many samples as fit it: samples are taken in stream order until the next one
+would push the batch over either budget; that sample is held over and opens the next batch. A held-over
+sample is never part of the state: the state a batch carries is the one *before* the held-over sample
+was drawn, so a stream resumed from it draws that sample again (the processor is a pure function of
+the record), and the batches that follow are the same, bit for bit, as without the interruption.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from lavis.datasets.builders.base import StreamingSource
 from lavis.processors.errors import SkipSample
+from lavis.processors.native_image import PatchImages
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +155,35 @@ class Drawn:
     source: str = ""
 
 
+def vision_patches(pixel_values: torch.Tensor | PatchImages | None) -> int:
+    """The vision encoder's work in a sample's or a batch's images, in patches: native-resolution images
+    (:class:`PatchImages`) count their patches; fixed-size images (a ``[n, 3, H, W]`` tensor, the Qwen-VL
+    path, where every image costs the same) count 1 each, so that ``batch_patches`` is an image budget there."""
+    if pixel_values is None:
+        return 0
+    if isinstance(pixel_values, PatchImages):
+        return int(pixel_values.patches.shape[0])
+    return int(pixel_values.shape[0])
+
+
+def sample_cost(sample: dict[str, Any]) -> tuple[int, int]:
+    """A processed sample's ``(text tokens, vision patches)``, what the batch budgets count."""
+    return len(sample["input_ids"]), vision_patches(sample.get("pixel_values"))
+
+
 @dataclass
 class StreamConfig:
+    """How the stream batches: ``batch_size`` samples (rows when ``pack``) per batch, unless a budget is set.
+
+    ``batch_tokens``: text tokens per batch, counted as the batch's tensor holds them: padded, rows x the
+    longest sample (padding included); packed, it sets the rows (``batch_tokens // max_len`` rows of
+    ``max_len``). Null: ``batch_size x max_len``. ``batch_patches``: vision patches per batch (see
+    :func:`vision_patches`), across all rows; null: none. With either set, a padded batch is no longer
+    ``batch_size`` samples: it takes samples until the next would exceed a budget; a packed batch closes
+    its rows also when the next sample's patches would exceed ``batch_patches``. A batch always takes its
+    first sample, so a sample over a budget on its own is a batch of its own (never dropped).
+    """
+
     batch_size: int
     max_len: int
     pack: bool
@@ -158,6 +193,23 @@ class StreamConfig:
     max_consecutive_skips: int = 32
     states: dict[int, dict] = field(default_factory=dict)  # per worker identity: where to start
     worker_offset: int = 0  # rotates worker identities so a resumed loader continues the round-robin
+    batch_tokens: int | None = None
+    batch_patches: int | None = None
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether batches are cut by budget rather than by ``batch_size``."""
+        return self.batch_tokens is not None or self.batch_patches is not None
+
+    @property
+    def token_budget(self) -> int:
+        """Text tokens per batch: ``batch_tokens``, or ``batch_size x max_len``."""
+        return self.batch_tokens if self.batch_tokens is not None else self.batch_size * self.max_len
+
+    @property
+    def rows(self) -> int:
+        """Rows of a packed batch."""
+        return max(1, self.batch_tokens // self.max_len) if self.batch_tokens is not None else self.batch_size
 
 
 class BatchStream(IterableDataset):
@@ -186,7 +238,10 @@ class BatchStream(IterableDataset):
         identity, worker, num_workers = self._identity()
         state = self.cfg.states.get(identity, {"draws": 0, "cursors": {}})
         walker = _Walker(self, worker, num_workers, state)
-        batch_of = walker.packed_batch if self.cfg.pack else walker.padded_batch
+        if self.cfg.pack:
+            batch_of = walker.packed_batch
+        else:
+            batch_of = walker.budget_batch if self.cfg.budgeted else walker.padded_batch
         while True:
             try:
                 batch = batch_of()
@@ -245,23 +300,52 @@ class _Walker:
                         skipped,
                     ) from None
 
+    def next_item(self) -> Drawn:
+        """The held-over sample if there is one, else a new draw."""
+        item = self.pending or self.draw()
+        self.pending = None
+        return item
+
     def padded_batch(self) -> dict[str, Any]:
         drawn = [self.draw() for _ in range(self.cfg.batch_size)]
         batch = self.stream.collate([d.sample for d in drawn])
         return with_skips(batch, [s for d in drawn for s in d.skipped])
 
-    def packed_batch(self) -> dict[str, Any]:
-        """Greedy packing: fill a row until the next sample does not fit, ``batch_size`` rows."""
-        rows: list[list[Drawn]] = [[]]
-        length = 0
+    def budget_batch(self) -> dict[str, Any]:
+        """A padded batch by budget: samples in stream order until the next one would take the batch over
+        ``token_budget`` (rows x longest sample) or ``batch_patches``; that one is held over for the next batch."""
+        drawn: list[Drawn] = []
+        longest = patches = 0
         while True:
-            item = self.pending or self.draw()
-            self.pending = None
-            n = len(item.sample["input_ids"])
+            item = self.next_item()
+            n, p = sample_cost(item.sample)
+            if drawn and ((len(drawn) + 1) * max(longest, n) > self.cfg.token_budget or self._over_patches(patches + p)):
+                self.pending = item
+                break
+            drawn.append(item)
+            longest, patches = max(longest, n), patches + p
+        batch = self.stream.collate([d.sample for d in drawn])
+        return with_skips(batch, [s for d in drawn for s in d.skipped])
+
+    def _over_patches(self, patches: int) -> bool:
+        return self.cfg.batch_patches is not None and patches > self.cfg.batch_patches
+
+    def packed_batch(self) -> dict[str, Any]:
+        """Greedy packing: fill a row until the next sample does not fit, ``rows`` rows; with ``batch_patches``,
+        the batch also closes when the next sample's patches would take it over that budget."""
+        rows: list[list[Drawn]] = [[]]
+        length = patches = 0
+        while True:
+            item = self.next_item()
+            n, p = sample_cost(item.sample)
+            if rows[0] and self._over_patches(patches + p):
+                self.pending = item
+                break
+            patches += p
             if length + n <= self.cfg.max_len:
                 rows[-1].append(item)
                 length += n
-            elif len(rows) < self.cfg.batch_size:
+            elif len(rows) < self.cfg.rows:
                 rows.append([item])
                 length = n
             else:

@@ -23,7 +23,7 @@ from lavis.common.optim import build_optimizer
 from lavis.common.precision import autocast
 from lavis.common.registry import registry
 from lavis.datasets.loader import worker_batches
-from lavis.datasets.stream import BatchStream, Source, StreamConfig, UnusableData
+from lavis.datasets.stream import BatchStream, Source, StreamConfig, UnusableData, vision_patches
 from lavis.models import Processors, build_model
 from lavis.models.vlm import VisionLanguageModel, canonical_name
 from lavis.processors.conversation import IGNORE_INDEX
@@ -82,6 +82,20 @@ class StepStats:
     grad_norm: torch.Tensor | None
     skip_records: list[dict[str, str]]  # this rank's skips (dataset, record id, reason, detail)
     stop: bool  # a rank was asked to stop (SIGTERM): every rank stops after this step
+    tokens_per_rank: tuple[int, ...] = ()  # each rank's input (non-padding) tokens in this step
+    patches_per_rank: tuple[int, ...] = ()  # each rank's vision patches in this step (see vision_patches)
+
+
+def max_over_mean(counts: tuple[int, ...] | list[int]) -> float | None:
+    """The slowest rank's work over the mean (1.0: perfectly balanced); None when no rank had any."""
+    total = sum(counts)
+    return max(counts) * len(counts) / total if total else None
+
+
+def window_mean(values: list[float | None]) -> float | None:
+    """The mean of the defined values (None when there are none)."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -194,14 +208,22 @@ class IterRunner:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += out.loss_sum.detach().double()
         local_non_finite = (~torch.isfinite(loss_sum)).double()
+        # Each rank's tokens and patches in a slot of its own (zeros elsewhere): the sum over ranks gathers
+        # them all in the same collective, which gives the slowest rank as well as the totals.
+        world, rank = strategy.world_size, strategy.rank
+        per_rank = [0] * (2 * world)
+        per_rank[rank] = sum(b["num_input_tokens"] for b in micro_batches)
+        per_rank[world + rank] = sum(vision_patches(b.get("pixel_values")) for b in micro_batches)
         # The step's one wait for the device: the totals decide, the same on every rank, whether to go on.
-        total_loss, non_finite, stop, input_tokens, samples = strategy.sum_over_ranks([
+        total_loss, non_finite, stop, samples, *gathered = strategy.sum_over_ranks([
             loss_sum,
             local_non_finite,
             float(self._stop_requested),
-            sum(b["num_input_tokens"] for b in micro_batches),
             sum(b["num_samples"] for b in micro_batches),
+            *per_rank,
         ])
+        tokens_per_rank = tuple(int(v) for v in gathered[:world])
+        patches_per_rank = tuple(int(v) for v in gathered[world:])
         if non_finite:
             ranks = [r for r, bad in enumerate(strategy.all_gather_object(bool(local_non_finite))) if bad]
             self.optimizer.zero_grad(set_to_none=True)
@@ -224,11 +246,13 @@ class IterRunner:
         return StepStats(
             loss_sum=total_loss,
             target_tokens=target_tokens,
-            input_tokens=int(input_tokens),
+            input_tokens=sum(tokens_per_rank),
             samples=int(samples),
             grad_norm=grad_norm,
             skip_records=[s for b in micro_batches for s in b["skip_records"]],
             stop=bool(stop),
+            tokens_per_rank=tokens_per_rank,
+            patches_per_rank=patches_per_rank,
         )
 
     # ------------------------------------------------------------------ data
@@ -252,6 +276,8 @@ class IterRunner:
                 world_size=self.strategy.world_size,
                 states=dict(self.data_states),
                 worker_offset=self.batches_seen % self.num_data_workers,
+                batch_tokens=self.run.batch_tokens,
+                batch_patches=self.run.batch_patches,
             ),
         )
         batches = worker_batches(stream, self.run.num_workers, self.device.type == "cuda", self.run.seed)
@@ -388,6 +414,12 @@ class IterRunner:
 
     # ------------------------------------------------------------------ the loop
 
+    @staticmethod
+    def _new_window() -> dict[str, Any]:
+        """What the steps since the last ``metrics.jsonl`` record add up."""
+        return {"loss": 0.0, "tokens": 0, "input_tokens": 0, "samples": 0, "start": time.perf_counter(),
+                "text_balance": [], "vision_balance": []}
+
     def metrics_writer(self, resume_step: int | None) -> MetricsWriter | NullMetricsWriter:
         """``metrics.jsonl`` with the experiment loggers of ``run.wandb`` and ``run.tensorboard``, on the
         main process; the other ranks log nothing. ``resume_step``: the step a resumed run continues from."""
@@ -435,6 +467,9 @@ class IterRunner:
                 self.global_batch, run.batch_size, run.grad_accum, self.strategy.world_size, run.strategy.type,
                 "; rows packed to run.max_len" if run.pack else "",
             )
+            if run.batch_tokens is not None or run.batch_patches is not None:
+                log.info("micro-batches cut by budget, per rank: run.batch_tokens=%s, run.batch_patches=%s (batch_size does "
+                         "not apply%s)", run.batch_tokens, run.batch_patches, "" if run.pack else " to the samples")
         metrics = self.metrics_writer(self.step if resume is not None else None)
         skip_log = SkipLog(self.output_dir / "skipped.jsonl", self.step if resume is not None else None) if self.is_main else None
         if skip_log is not None and resume is None:  # what the builders could not use, at step 0
@@ -447,7 +482,7 @@ class IterRunner:
         # The bar only on an interactive terminal; logs and CI get one line per log_every steps instead.
         show_bar = self.is_main and sys.stderr.isatty()
         bar = tqdm(total=run.max_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not show_bar)
-        window = {"loss": 0.0, "tokens": 0, "input_tokens": 0, "samples": 0, "start": time.perf_counter()}
+        window = self._new_window()
         first: dict[str, Any] = {}
         last: dict[str, Any] = {}
         started = time.perf_counter()
@@ -467,6 +502,8 @@ class IterRunner:
                 window["tokens"] += stats.target_tokens
                 window["input_tokens"] += stats.input_tokens
                 window["samples"] += stats.samples
+                window["text_balance"].append(max_over_mean(stats.tokens_per_rank))
+                window["vision_balance"].append(max_over_mean(stats.patches_per_rank))
                 bar.update(1)
                 if self.step % run.log_every == 0 or self.step == run.max_steps:
                     elapsed = time.perf_counter() - window["start"]
@@ -479,6 +516,9 @@ class IterRunner:
                         "grad_norm": float(stats.grad_norm) if stats.grad_norm is not None else None,
                         "tokens_per_s": window["input_tokens"] / elapsed,
                         "samples_per_s": window["samples"] / elapsed,
+                        # the slowest rank's work over the mean, per step, averaged over the steps since the last record
+                        "text_tokens_max_over_mean": window_mean(window["text_balance"]),
+                        "vision_patches_max_over_mean": window_mean(window["vision_balance"]),
                         "skipped": sum(skipped.values()),
                         "skipped_by_reason": dict(skipped),
                         "time": time.time(),
@@ -489,7 +529,7 @@ class IterRunner:
                     if not show_bar and self.is_main:
                         log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f",
                                  self.step, run.max_steps, last["loss"], lr, last["tokens_per_s"])
-                    window = {"loss": 0.0, "tokens": 0, "input_tokens": 0, "samples": 0, "start": time.perf_counter()}
+                    window = self._new_window()
                 if self.evaluator is not None and (self.step % run.eval_every == 0 or self.step == run.max_steps):
                     self.evaluate(metrics)
                 if self.step % run.save_every == 0 or self.step == run.max_steps or stop:

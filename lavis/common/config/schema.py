@@ -193,6 +193,11 @@ class RunConfig:
     best_mode: Literal["max", "min"]
     wandb: WandbConfig
     tensorboard: TensorBoardConfig
+    # Micro-batches by budget (per rank; lavis.datasets.stream.StreamConfig): text tokens (padded: rows x the
+    # longest sample; packed: rows of max_len) and vision patches (native images' patches, fixed-size images 1
+    # each); null and null: batch_size samples (rows) per micro-batch.
+    batch_tokens: int | None = None
+    batch_patches: int | None = None
 
 
 @dataclass

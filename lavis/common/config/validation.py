@@ -68,6 +68,7 @@ def build_config(resolved: dict[str, Any]) -> Config:
     for key in ("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "save_every", "keep_last", "eval_batch_size"):
         if getattr(run, key) < 1:
             raise ConfigError(f"run.{key} must be >= 1, got {getattr(run, key)}")
+    _check_budgets(run)
     if run.dist_timeout_s <= 0:
         raise ConfigError(f"run.dist_timeout_s must be > 0, got {run.dist_timeout_s}")
     if run.world_size_hint is not None and run.world_size_hint < 1:
@@ -110,6 +111,18 @@ def _check_schedule(run: RunConfig) -> None:
             f"run.warmup_steps ({run.warmup_steps}) is not below run.max_steps ({run.max_steps}): the run would end "
             "before the learning rate reaches run.lr; lower run.warmup_steps"
         )
+
+
+def _check_budgets(run: RunConfig) -> None:
+    """``run.batch_tokens`` must hold one sample of ``run.max_len`` tokens (one packed row); ``run.batch_patches``
+    must be positive. Null is always valid (no budget)."""
+    if run.batch_tokens is not None and run.batch_tokens < run.max_len:
+        raise ConfigError(
+            f"run.batch_tokens ({run.batch_tokens}) is below run.max_len ({run.max_len}): a micro-batch must hold a "
+            f"sample of max_len tokens (packed: one row); set run.batch_tokens to at least {run.max_len}, or null"
+        )
+    if run.batch_patches is not None and run.batch_patches < 1:
+        raise ConfigError(f"run.batch_patches must be >= 1 or null (no vision budget), got {run.batch_patches}")
 
 
 def _check_freeze_strategy(freeze: FreezeConfig, strategy: ComponentConfig) -> None:
