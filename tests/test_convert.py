@@ -220,6 +220,12 @@ def test_the_converted_directory_loads_itself_wherever_it_lies(tmp_path, convert
         model, _ = lavis.load_model(out, device="cpu")
         with torch.no_grad():
             assert (model(ids, pixel_values=pixels).logits - expected).abs().max().item() < 1e-5
+    # lavis.export reads the moved directory where it lies too (its config's files named through it)
+    from lavis.interop.export import export
+
+    exported, _ = lavis.load_model(export(out, tmp_path / "exported"), device="cpu")
+    with torch.no_grad():
+        assert (exported(ids, pixel_values=pixels).logits - expected).abs().max().item() < 1e-5
     query = fixture["query"].replace(fixture["image"], str(FIXTURE / fixture["image"]))
     response, _ = model.chat(query, max_new_tokens=fixture["max_new_tokens"])
     assert response == processors.tokenizer.decode(fixture["generated_ids"])

@@ -33,6 +33,7 @@ Both merge LoRA adapters first.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -47,6 +48,7 @@ from safetensors.torch import save_file
 from lavis.common import checkpoint as ckpt
 from lavis.common.config import load_config
 from lavis.interop.output import check_output, model_inputs, staged_output
+from lavis.models.loading import model_config
 from lavis.tracking.logging import setup_logging
 
 log = logging.getLogger("lavis.export")
@@ -96,7 +98,7 @@ def export(
     config = config_of(file)
     if config is None:
         raise FileNotFoundError(f"{source}: no config.yaml in the checkpoint or its run")
-    raw = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+    raw = copy.deepcopy(model_config(config).raw)  # a converted directory's files named where it lies now
     if format == "hf" and is_native(raw):
         check_native_for_hf(config)  # before the gathering: a model to-hf cannot write is named now
     source_meta = ckpt.read_meta(file.parent) if (file.parent / ckpt.META_NAME).is_file() else {}
@@ -166,7 +168,7 @@ def whole_model_state(source: str | Path, config: Path, merge_lora: bool) -> tup
     from lavis.models.vlm import canonical_name
     from lavis.models.weights import load_trained
 
-    cfg = load_config(config)
+    cfg = model_config(config)
     model, _ = build_model(dataclasses.replace(cfg.model, load_from=None))
     as_built = load_trained(model, str(source))
     from_files = {name for name in model.COMPONENTS if getattr(cfg.model, name).params.get("pretrained")}
@@ -196,7 +198,6 @@ def check_native_for_hf(config: Path) -> None:
     """Refuse, before anything is gathered, a native model that ``to-hf`` cannot write (e.g. a tokenizer that is
     not a transformers one), naming the source's config."""
     from lavis.interop.convert.hf_qwen2_vl import check_components
-    from lavis.models.loading import model_config
 
     try:
         check_components(model_config(config), config)
