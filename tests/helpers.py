@@ -8,6 +8,7 @@ import runpy
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REFERENCE, REPO
@@ -159,3 +160,30 @@ def write_ai2d(root: Path) -> None:
     }.items():
         (root / "questions" / f"{image}.json").write_text(json.dumps({"imageName": image, "questions": questions}))
     (root / "ai2d_test_ids.csv").write_text("10\n9\n")
+
+
+# ---------------------------------------- tiny videos (test_video_processor, test_native_resolution)
+
+def moving_squares(n: int, width: int = 64, height: int = 48) -> np.ndarray:
+    """``n`` frames ``[n, H, W, 3]`` uint8 of a red square moving over a grey background."""
+    frames = np.full((n, height, width, 3), 40, np.uint8)
+    for i in range(n):
+        x = (i * 3) % (width - 16)
+        frames[i, 10:26, x:x + 16] = (250, 30, 30)
+        frames[i, 30:40, :, 2] = (i * 7) % 256  # a band whose blue changes each frame
+    return frames
+
+
+def write_video(path: Path, frames: np.ndarray, rate: int, codec: str = "libx264", options: dict | None = None) -> Path:
+    """``frames`` as a video file at ``rate`` frames a second (yuv420p)."""
+    import av
+
+    with av.open(str(path), "w", options=options or {}) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

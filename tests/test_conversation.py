@@ -452,7 +452,7 @@ def test_unknown_label_policy_lists_the_valid_ones(tok):
 def test_label_policy_is_a_run_key_given_to_the_encoder(load_sft, tok):
     from lavis.tasks.sft import LanguageModelingTask
 
-    model, processors = SimpleNamespace(image_tokens=N), SimpleNamespace(tokenizer=tok, image=None)
+    model, processors = SimpleNamespace(image_tokens=N), SimpleNamespace(tokenizer=tok, image=None, video=None)
     for option, policy in (((), "assistant"), (("run.label_policy=qwen_vl_finetune",), "qwen_vl_finetune")):
         cfg = load_sft(*option)
         assert cfg.run.label_policy == policy

@@ -112,3 +112,34 @@ def test_a_to_hf_directory_loads_in_transformers_with_the_same_logits(models, tm
     theirs, _, _ = both_inputs(processor, ours, "two images of different sizes")
     with torch.no_grad():
         assert torch.equal(again(**theirs).logits, reference(**theirs).logits)
+
+
+def test_a_video_prompt_equals_transformers(models):
+    """A video given as decoded frames (so the decoder is not part of the comparison): the same ids, patches,
+    grid and 3-D positions (Qwen2.5-VL's time-aligned ones), logits within 1e-4, the same 12 greedy tokens."""
+    reference, processor, ours = models
+    frames = torch.randint(0, 256, (4, 56, 84, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    theirs = processor(text=[text], videos=[frames], return_tensors="pt", do_sample_frames=False)
+    ours.processors.video.frames_fps = 24.0  # transformers' rate for frames given without metadata
+    try:
+        ids, pixels = encode_chat(ours, [{"role": "user", "content": "<video>clip</video>What moves?"}], images={"clip": frames},
+                                  read_files=False)
+    finally:
+        ours.processors.video.frames_fps = None
+    assert ids == theirs["input_ids"][0].tolist()
+    assert torch.equal(pixels.grid_thw, theirs["video_grid_thw"])
+    assert (pixels.patches - theirs["pixel_values_videos"]).abs().max() < 1e-5
+    input_ids = torch.tensor([ids])
+    mask = torch.ones_like(input_ids)
+    expected = reference.model.get_rope_index(theirs["input_ids"], theirs["mm_token_type_ids"], video_grid_thw=theirs["video_grid_thw"],
+                                              second_per_grid_ts=theirs.get("second_per_grid_ts"),
+                                              attention_mask=theirs["attention_mask"])[0]
+    assert torch.equal(ours.llm_position_ids(input_ids, mask, None, pixels), expected)
+    with torch.no_grad():
+        assert (ours(input_ids=input_ids, attention_mask=mask, pixel_values=pixels).logits - reference(**theirs).logits).abs().max() < 1e-4
+        want = reference.generate(**theirs, max_new_tokens=12, do_sample=False)[0, len(ids):]
+    pad = ours.processors.tokenizer.pad_id
+    got = ours.generate(*left_pad([ids], pad), pixels, max_new_tokens=12, stop_ids=(), pad_id=pad)[0]
+    assert got.tolist() == want.tolist()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import moving_squares, write_video
 from PIL import Image
 
 from lavis.datasets.collate import PackCollator, PadCollator
@@ -27,6 +28,8 @@ NATIVE = (
     "model.image_processor.type=qwen2_vl_image",
     "model.image_processor.min_pixels=3136",   # 56 x 56: 4 tokens at least
     "model.image_processor.max_pixels=50176",  # 224 x 224: 64 tokens at most
+    "model.video_processor.min_pixels=3136",   # per frame, as the images
+    "model.video_processor.max_pixels=12544",  # 112 x 112 per frame: 16 tokens per temporal patch at most
     "model.freeze.vision=trainable",
 )
 # (width, height): wide, tall, one below min_pixels (scaled up), one over max_pixels (scaled down), square
@@ -43,8 +46,9 @@ def native(load_sft, tmp_path):
         Image.fromarray(pixels).save(tmp_path / name)
     cfg = load_sft(*NATIVE)
     model, proc = build_model(cfg.model)
+    write_video(tmp_path / "clip.mp4", moving_squares(10), rate=4)  # 2.5 s at 4 fps: 4 frames kept (2 fps, even), 2 temporal patches
     encoder = ConversationEncoder(proc.tokenizer, model.image_tokens, cfg.model.system_message, max_len=4096)
-    return model, proc, SampleProcessor(encoder, proc.image, truncate=False)
+    return model, proc, SampleProcessor(encoder, proc.image, truncate=False, video_processor=proc.video)
 
 
 def conversation(images: list[str], question: str, answer: str, root) -> dict:
@@ -158,13 +162,18 @@ def _loss_and_grads(model, batch):
 
 
 def test_packed_equals_unpacked_under_mrope(native, tmp_path):
-    """Images of different sizes, several in one sample and text-only samples: packed rows give the
-    padded batch's loss and every gradient (1e-5)."""
+    """Images of different sizes, several in one sample, a video beside an image, and text-only samples:
+    packed rows give the padded batch's loss and every gradient (1e-5)."""
     model, proc, samples = native
     model.train()
-    rows = [samples(r) for r in records(tmp_path)]
+    video = {"messages": [{"role": "user", "content": "<video>clip.mp4</video><img>small.png</img>Where does the square go?"},
+                          {"role": "assistant", "content": "To the right."}], "image_root": str(tmp_path)}
+    rows = [samples(r) for r in records(tmp_path) + [video]]
+    assert rows[5]["pixel_values"].grid_thw[0, 0] == 2 and rows[5]["pixel_values"].second_per_grid[0] == 1.25  # 2 / 1.6 fps
+    pads = torch.isin(rows[5]["input_ids"], torch.tensor([proc.tokenizer.img_pad_id, proc.tokenizer.vid_pad_id])).sum()
+    assert pads == sum(model.image_tokens(grid) for grid in rows[5]["pixel_values"].grid_thw)  # the video's 8 and the image's
     padded = PadCollator(proc.tokenizer.pad_id)(rows)
-    packed = PackCollator(proc.tokenizer.pad_id)([[rows[0], rows[2], rows[1]], [rows[3], rows[4]]])
+    packed = PackCollator(proc.tokenizer.pad_id)([[rows[0], rows[2], rows[1]], [rows[3], rows[5], rows[4]]])
     loss, tokens, grads = _loss_and_grads(model, padded)
     loss_p, tokens_p, grads_p = _loss_and_grads(model, packed)
     assert tokens == tokens_p

@@ -170,7 +170,7 @@ def test_ablation_builds_and_trains(adapter, load_sft, small_world):
 
 def test_patch_merger_config_keys_and_odd_grid(load_sft):
     cfg = load_sft("model.adapter.type=patch_merger", "model.adapter.norm=rmsnorm")
-    assert cfg.model.adapter.params == {"merge_size": 2, "norm": "rmsnorm"}  # num_queries dropped
+    assert cfg.model.adapter.params == {"merge_size": 2, "norm": "rmsnorm", "pretrained": None}  # num_queries dropped
     cfg = load_sft("model.adapter.type=patch_merger", "model.adapter.merge_size=3")  # 8x8 patches
     model, _ = build_model(cfg.model)
     with pytest.raises(ValueError, match=r"8x8 .*model\.vision\.image_size.*merge_size=3"):

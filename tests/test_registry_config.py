@@ -253,7 +253,7 @@ RUN_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(RunConfig)))
         ("run.max_step=5", f"unknown key 'run.max_step' (did you mean 'max_steps'?); valid keys: {RUN_KEYS}"),
         ("run.warmup=5", f"unknown key 'run.warmup' (did you mean 'warmup_steps'?); valid keys: {RUN_KEYS}"),
         ("model.archh=x", ("unknown key 'model.archh' (did you mean 'arch'?); valid keys: "
-         "adapter, arch, freeze, image_processor, llm, load_from, override, system_message, tokenizer, vision")),
+         "adapter, arch, freeze, image_processor, llm, load_from, override, system_message, tokenizer, video_processor, vision")),
         ("model.freeze.vison=frozen", "unknown key 'model.freeze.vison' (did you mean 'vision'?); valid keys: adapter, llm, vision"),
         ("model.adapter.num_querys=16", ("unknown key 'model.adapter.num_querys' (did you mean 'num_queries'?); "
          "valid keys: num_heads, num_queries")),

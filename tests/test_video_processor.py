@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import moving_squares, write_video
 from PIL import Image
 
 from lavis.common.config.merging import CONFIG_ROOT
@@ -35,29 +36,6 @@ YAML = CONFIG_ROOT / "processors" / "qwen2_vl_video.yaml"
 # float rounding of the normalisation differs (measured 2.4e-7)
 ATOL = 1e-5
 SMALL = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 24)  # 64 x 48 frames -> 56 x 56 or so: fast
-
-
-def moving_squares(n: int, width: int = 64, height: int = 48) -> np.ndarray:
-    """``n`` frames ``[n, H, W, 3]`` uint8 of a red square moving over a grey background."""
-    frames = np.full((n, height, width, 3), 40, np.uint8)
-    for i in range(n):
-        x = (i * 3) % (width - 16)
-        frames[i, 10:26, x:x + 16] = (250, 30, 30)
-        frames[i, 30:40, :, 2] = (i * 7) % 256  # a band whose blue changes each frame
-    return frames
-
-
-def write_video(path: Path, frames: np.ndarray, rate: int, codec: str = "libx264", options: dict | None = None) -> Path:
-    """``frames`` as a video file at ``rate`` frames a second (yuv420p)."""
-    with av.open(str(path), "w", options=options or {}) as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for array in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def decode_all(path: Path) -> np.ndarray:
@@ -95,7 +73,11 @@ def test_defaults_are_transformers_and_qwen_vl_utils_defaults():
 
 
 def test_yaml_builds_the_registered_processor_with_the_defaults():
-    cfg = yaml.safe_load(YAML.read_text())
+    """The default YAML, resolved as a config resolves it (its patch sizes follow model.image_processor's, here
+    absent: the defaults), builds the registered processor with the class's defaults."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.create({"v": yaml.safe_load(YAML.read_text())}), resolve=True)["v"]
     cls = registry.get("processor", cfg.pop("type"))
     assert cls is Qwen2VLVideoProcessor
     built, default = cls(**cfg), Qwen2VLVideoProcessor()

@@ -26,6 +26,7 @@ class Processors:
 
     tokenizer: object
     image: object
+    video: object | None = None
 
 
 def build_component(kind: str, component, **context):
@@ -59,17 +60,19 @@ def build_model(cfg, meta: bool = False) -> tuple[VisionLanguageModel, Processor
     arch = registry.get("model", cfg.arch)
     image_pad_id = tokenizer.img_pad_id if tokenizer is not None else -1
     model = arch(vision, adapter, language_model, image_pad_id=image_pad_id, image_size=getattr(vision, "image_size", None))
+    model.video_pad_id = tokenizer.vid_pad_id if tokenizer is not None else image_pad_id
     image_processor = build_component("processor", cfg.image_processor)
-    check_components(cfg, model, image_processor)
+    video_processor = build_component("processor", cfg.video_processor)
+    check_components(cfg, model, image_processor, video_processor)
     if cfg.load_from and not meta:
         load_stage_checkpoint(model, cfg.load_from)
     policies = {name: build_component("freeze_policy", getattr(cfg.freeze, name)) for name in model.COMPONENTS}
     model.apply_freeze(policies, meta=meta)
     model.apply_activation_checkpointing()
-    return model, Processors(tokenizer=tokenizer, image=image_processor)
+    return model, Processors(tokenizer=tokenizer, image=image_processor, video=video_processor)
 
 
-def check_components(cfg, model: VisionLanguageModel, image_processor) -> None:
+def check_components(cfg, model: VisionLanguageModel, image_processor, video_processor=None) -> None:
     """The components fit together: the image processor gives what the vision encoder takes (a fixed
     size, or native-resolution patches of its patch and merge sizes), and an M-RoPE LLM gets image
     tokens on a grid. Each mismatch is a ValueError naming both keys, before anything runs."""
@@ -79,10 +82,11 @@ def check_components(cfg, model: VisionLanguageModel, image_processor) -> None:
         wants = "native-resolution patches (e.g. qwen2_vl_image)" if native else "fixed-size images (e.g. clip_image)"
         raise ValueError(f"model.vision ({cfg.vision.type}) takes {wants}; model.image_processor is {cfg.image_processor.type}")
     if native:
-        for key in ("patch_size", "temporal_patch_size", "merge_size"):
-            if getattr(image_processor, key) != getattr(encoder, key):
-                raise ValueError(f"model.image_processor.{key} ({getattr(image_processor, key)}) != the vision encoder's "
-                                 f"({getattr(encoder, key)}, model.vision.config)")
+        for section, processor in (("image_processor", image_processor), ("video_processor", video_processor)):
+            for key in ("patch_size", "temporal_patch_size", "merge_size"):
+                if processor is not None and hasattr(processor, key) and getattr(processor, key) != getattr(encoder, key):
+                    raise ValueError(f"model.{section}.{key} ({getattr(processor, key)}) != the vision encoder's "
+                                     f"({getattr(encoder, key)}, model.vision.config)")
         if getattr(adapter, "takes_windows", False) and adapter.merge_size != encoder.merge_size:
             raise ValueError(f"model.adapter.merge_size ({adapter.merge_size}) != the vision encoder's spatial_merge_size "
                              f"({encoder.merge_size}): the processor orders patches in windows of the latter")

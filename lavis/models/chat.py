@@ -23,6 +23,7 @@ from lavis.processors.conversation import (
     ConversationEncoder,
     image_reference,
     pictures,
+    video_reference,
 )
 from lavis.processors.errors import SkipSample
 from lavis.processors.image import load_image
@@ -68,7 +69,8 @@ def encode_chat(
     Every text is encoded as Qwen-VL's chat encodes it: only the image and box tokens (``<img>``,
     ``<ref>``, ``<box>``, ...: ``IMAGE_SPECIALS``) are special, so ``<|im_start|>``, ``<|im_end|>`` and
     ``<|endoftext|>`` written in a message are plain text and cannot end or open a turn.
-    ``images``: pictures already in memory, by the path their ``<img>`` names; others are read from
+    ``images``: pictures (and videos: decoded frames ``[T, H, W, 3]``) already in memory, by the path their
+    ``<img>`` (``<video>``) names; others are read from
     disk, unless ``read_files`` is False (then they are a ValueError). A stray image token in the text
     is a ValueError, a missing or unreadable image a FileNotFoundError, each naming it.
     """
@@ -78,13 +80,18 @@ def encode_chat(
     encoder = ConversationEncoder(tokenizer, model.image_tokens, system_message or model.system_message, 1 << 30,
                                   allowed_special=IMAGE_SPECIALS)
 
-    def picture(path: str):
+    video_processor = getattr(model.processors, "video", None)  # attach_processors takes any tokenizer + image pair
+
+    def picture(path: str, video: bool = False):
+        if video and video_processor is None:
+            raise ValueError(f"{video_reference(path)}: this model has no video processor")
         if images and path in images:
-            return image_processor(images[path])
+            return video_processor(images[path]) if video else image_processor(images[path])
         if not read_files:
-            raise ValueError(f"{image_reference(path)} names no picture of the request: pictures are sent, not read from disk")
+            raise ValueError(f"{(video_reference if video else image_reference)(path)} names no picture of the request: "
+                             "pictures are sent, not read from disk")
         try:
-            return image_processor(load_image(path))
+            return video_processor(path) if video else image_processor(load_image(path))
         except SkipSample as err:
             raise FileNotFoundError(str(err)) from None
 

@@ -91,6 +91,7 @@ class VisionLanguageModel(nn.Module):
         self.adapter = adapter
         self.llm = llm
         self.image_pad_id = image_pad_id
+        self.video_pad_id = image_pad_id  # a tokenizer's own video pad: set by build_model
         self.image_size = image_size
         self.freeze_policies: dict[str, FreezePolicy] = {name: Trainable() for name in self.COMPONENTS}
         # Run the visual path in every forward, with or without images (set by sharding strategies).
@@ -150,7 +151,21 @@ class VisionLanguageModel(nn.Module):
         if any(grid is None for grid in grids):
             raise ValueError(f"model.llm takes 3-D positions, and model.adapter ({type(self.adapter).__name__}) gives "
                              "its image tokens no grid")
-        return mrope_position_ids(input_ids, position_ids, grids, self.image_pad_id)
+        return mrope_position_ids(input_ids, position_ids, grids, self.pad_ids, self.time_intervals(pixel_values))
+
+    @property
+    def pad_ids(self) -> list[int]:
+        """The pad tokens of image and video spans."""
+        return list(dict.fromkeys((self.image_pad_id, self.video_pad_id)))
+
+    def time_intervals(self, pixel_values: torch.Tensor | PatchImages | None) -> list[float] | None:
+        """Each item's temporal position step: 1, except a video's under a vision encoder with
+        ``tokens_per_second`` (Qwen2.5-VL's time-aligned positions: tokens_per_second x seconds per
+        temporal patch); None when all are 1."""
+        rate = getattr(self.vision, "tokens_per_second", None)
+        if not isinstance(pixel_values, PatchImages) or pixel_values.second_per_grid is None or not rate:
+            return None
+        return [rate * s if s > 0 else 1.0 for s in pixel_values.second_per_grid.tolist()]
 
     @property
     def components(self) -> dict[str, nn.Module]:
@@ -271,7 +286,7 @@ class VisionLanguageModel(nn.Module):
         embeds = self.llm.get_input_embeddings()(input_ids)
         if num_images(pixel_values) > 0:
             feats = self.encode_images(pixel_values).flatten(0, -2).to(embeds.dtype)
-            image_mask = input_ids == self.image_pad_id
+            image_mask = torch.isin(input_ids, torch.tensor(self.pad_ids, device=input_ids.device))
             expected = int(image_mask.sum())
             if feats.shape[0] != expected:
                 raise ValueError(

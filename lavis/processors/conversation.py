@@ -31,11 +31,20 @@ from lavis.processors.tokenizer import IMG_END, IMG_START, AllowedSpecial, TextT
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 IMAGE_SPAN = re.compile(rf"{IMG_START}(.*?){IMG_END}", re.S)
+VIDEO_START, VIDEO_END = "<video>", "</video>"
+# An image or a video where it goes in a text: group 1 an image's path, group 2 a video's.
+VISUAL_SPAN = re.compile(rf"{IMG_START}(.*?){IMG_END}|{VIDEO_START}(.*?){VIDEO_END}", re.S)
 
 
 def image_reference(path: str) -> str:
     """``<img>path</img>``: where an image goes in a text (the one place this form is written)."""
     return f"{IMG_START}{path}{IMG_END}"
+
+
+def video_reference(path: str) -> str:
+    """``<video>path</video>``: where a video goes in a text (a file, or a directory of frames: the video
+    processor's to read). Its span is ``<img>`` + the video's pad tokens + ``</img>``."""
+    return f"{VIDEO_START}{path}{VIDEO_END}"
 
 
 def pictures(paths: Iterable[str], first: int = 1) -> str:
@@ -70,8 +79,9 @@ class EncodedText:
         return self
 
 
-# The images of a text being encoded: its path -> the processed image (``grid``: its patch grid at native resolution).
-ImageLoader = Callable[[str], Any]
+# The images and videos of a text being encoded: (path, video) -> the processed item (``grid``: its patch grid at
+# native resolution).
+ImageLoader = Callable[[str, bool], Any]
 
 
 class ConversationEncoder:
@@ -79,9 +89,10 @@ class ConversationEncoder:
 
     ``num_image_tokens``: the ``<imgpad>`` tokens of every image (a fixed-size model), or a function of
     an image's grid ``(t, h, w)`` (a native-resolution model: the model's ``image_tokens``). The encode
-    methods take ``images``, a function that processes an image given its path: each image of the
-    text is processed as its span is written (kept in ``EncodedText.processed``), which a
-    native-resolution model needs to know the span's length.
+    methods take ``images``, a function that processes an image or a video given its path and whether
+    it is a video (``<video>path</video>``): each one of the text is processed as its span is written
+    (kept in ``EncodedText.processed``), which a native-resolution model needs to know the span's
+    length. A video's span holds the tokenizer's video pads.
 
     ``allowed_special``: the special tokens read in the turns' content ("all": training data, as
     Qwen-VL's ``finetune.py``); the others' strings there are encoded as plain text. Conversations
@@ -107,7 +118,7 @@ class ConversationEncoder:
         self.allowed_special = allowed_special
         self._newline = tokenizer.encode("\n")
         self._role_ids = {role: tokenizer.encode(role) for role in ROLES}
-        self._image_token_ids = {tokenizer.img_start_id, tokenizer.img_end_id, tokenizer.img_pad_id}
+        self._image_token_ids = set(tokenizer.image_span_ids)
 
     def _encode_plain(self, text: str) -> list[int]:
         ids = self.tok.encode(text) if self.allowed_special == "all" else self.tok.encode(text, self.allowed_special)
@@ -116,9 +127,12 @@ class ConversationEncoder:
             raise SkipSample("stray_image_token", f"image token outside an <img>path</img> span in {text!r}")
         return ids
 
-    def _image_tokens(self, path: str, images: ImageLoader | None, out: EncodedText) -> int:
+    def _image_tokens(self, path: str, images: ImageLoader | None, out: EncodedText, video: bool) -> int:
+        if video and isinstance(self.num_image_tokens, int):
+            raise SkipSample("video_unsupported", f"{video_reference(path)}: a fixed-size model takes no video "
+                                                  "(a native-resolution vision encoder does: qwen2_vl_vit)")
         if images is not None:
-            out.processed.append(images(path))
+            out.processed.append(images(path, video))
         if isinstance(self.num_image_tokens, int):
             return self.num_image_tokens
         if images is None:
@@ -129,13 +143,15 @@ class ConversationEncoder:
         """Plain text with ``<img>path</img>`` spans; image pads are never supervised."""
         out = EncodedText()
         pos = 0
-        for match in IMAGE_SPAN.finditer(text):
+        for match in VISUAL_SPAN.finditer(text):
             if match.start() > pos:
                 out.add_tokens(self._encode_plain(text[pos : match.start()]), supervised)
             start = len(out.input_ids)
-            path = match.group(1).strip()
-            pads = self._image_tokens(path, images, out)
-            out.add_tokens([self.tok.img_start_id] + [self.tok.img_pad_id] * pads + [self.tok.img_end_id], supervised=False)
+            video = match.group(2) is not None
+            path = (match.group(2) if video else match.group(1)).strip()
+            pads = self._image_tokens(path, images, out, video)
+            pad_id = self.tok.vid_pad_id if video else self.tok.img_pad_id
+            out.add_tokens([self.tok.img_start_id] + [pad_id] * pads + [self.tok.img_end_id], supervised=False)
             out.images.append(path)
             out.image_spans.append((start, len(out.input_ids)))
             pos = match.end()

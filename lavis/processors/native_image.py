@@ -28,12 +28,15 @@ class NativeImage(NamedTuple):
 
 
 class PatchImages(NamedTuple):
-    """Native-resolution images of a sample or a batch, as the model takes them (``pixel_values``):
-    every image's patches concatenated in order (``patches`` ``[N, D]``) and each image's grid
-    (``grid_thw`` ``[n, 3]``, long). Collate concatenates them with :func:`cat_images`."""
+    """Native-resolution images and videos of a sample or a batch, as the model takes them (``pixel_values``):
+    every item's patches concatenated in the order they appear in the text (``patches`` ``[N, D]``), each
+    item's grid (``grid_thw`` ``[n, 3]``, long) and, for videos, the seconds one temporal patch spans
+    (``second_per_grid`` ``[n]``, float32; 0 for an image; None: images only). Collate concatenates them
+    with :func:`cat_images`."""
 
     patches: torch.Tensor
     grid_thw: torch.Tensor
+    second_per_grid: torch.Tensor | None = None
 
     @property
     def num_images(self) -> int:
@@ -42,8 +45,16 @@ class PatchImages(NamedTuple):
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
            non_blocking: bool = False) -> PatchImages:
         """On ``device``; ``dtype`` applies to the patches only (the grids stay long)."""
+        seconds = None if self.second_per_grid is None else self.second_per_grid.to(device=device, non_blocking=non_blocking)
         return PatchImages(self.patches.to(device=device, dtype=dtype, non_blocking=non_blocking),
-                           self.grid_thw.to(device=device, non_blocking=non_blocking))
+                           self.grid_thw.to(device=device, non_blocking=non_blocking), seconds)
+
+    @property
+    def seconds(self) -> torch.Tensor:
+        """``second_per_grid``, zeros (images) when absent."""
+        if self.second_per_grid is None:
+            return torch.zeros(self.num_images, dtype=torch.float32, device=self.grid_thw.device)
+        return self.second_per_grid
 
 
 def cat_images(parts: Sequence[torch.Tensor | PatchImages]) -> torch.Tensor | PatchImages:
@@ -51,7 +62,9 @@ def cat_images(parts: Sequence[torch.Tensor | PatchImages]) -> torch.Tensor | Pa
     stacked along the first axis, native-resolution ones (:class:`PatchImages`) patch lists and grids
     concatenated."""
     if parts and isinstance(parts[0], PatchImages):
-        return PatchImages(torch.cat([p.patches for p in parts]), torch.cat([p.grid_thw for p in parts]))
+        videos = any(p.second_per_grid is not None for p in parts)
+        return PatchImages(torch.cat([p.patches for p in parts]), torch.cat([p.grid_thw for p in parts]),
+                           torch.cat([p.seconds for p in parts]) if videos else None)
     return torch.cat(list(parts))
 
 
@@ -143,12 +156,14 @@ class Qwen2VLImageProcessor:
         """Values per flattened patch: channels x temporal_patch_size x patch_size**2."""
         return 3 * self.temporal_patch_size * self.patch_size**2
 
-    def batch(self, images: list[NativeImage]) -> PatchImages:
-        """Processed images of a sample, in order -> one :class:`PatchImages` (possibly of no image)."""
+    def batch(self, images: list) -> PatchImages:
+        """Processed images (and videos: ``NativeVideo``) of a sample, in order -> one :class:`PatchImages`
+        (possibly of none)."""
         if not images:
             return PatchImages(torch.zeros(0, self.patch_dim), torch.zeros(0, 3, dtype=torch.long))
-        return PatchImages(torch.cat([image.patches for image in images]),
-                           torch.tensor([image.grid for image in images], dtype=torch.long))
+        seconds = [float(getattr(item, "second_per_grid", 0.0)) for item in images]
+        return PatchImages(torch.cat([item.patches for item in images]), torch.tensor([item.grid for item in images], dtype=torch.long),
+                           torch.tensor(seconds, dtype=torch.float32) if any(seconds) else None)
 
     def num_image_tokens(self, grid: Sequence[int] | torch.Tensor) -> int:
         """The LLM tokens (``<|image_pad|>``) of an image with this grid: ``t*h*w // merge_size**2``."""

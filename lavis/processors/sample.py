@@ -19,21 +19,30 @@ class SampleProcessor:
 
     Records are conversations (``{"messages": [{"role", "content"}]}``, ChatML) or prompt/target
     pairs (``{"prompt", "target"}``, the pretraining formats). Images come from
-    ``image_root``/path, or from ``image_bytes[path]`` for records read out of shards.
+    ``image_root``/path, or from ``image_bytes[path]`` for records read out of shards; videos
+    (``<video>path</video>``) from ``image_root``/path, through ``video_processor``.
     ``truncate``: cut samples longer than ``max_len`` (see ``ConversationEncoder.truncate``);
     otherwise they are returned whole for the caller to drop.
     """
 
-    def __init__(self, encoder: ConversationEncoder, image_processor: Callable, truncate: bool = True) -> None:
+    def __init__(self, encoder: ConversationEncoder, image_processor: Callable, truncate: bool = True,
+                 video_processor: Callable | None = None) -> None:
         self.encoder = encoder
         self.image_processor = image_processor
+        self.video_processor = video_processor
         self.truncate = truncate
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         root = Path(record.get("image_root") or "")
         in_memory = record.get("image_bytes") or {}
 
-        def process(path: str):
+        def process(path: str, video: bool = False):
+            if video:
+                if self.video_processor is None:
+                    raise SkipSample("video_unsupported", f"{path}: no video processor (model.video_processor)")
+                if path in in_memory:
+                    raise SkipSample("video_unsupported", f"{path}: videos are read from files, not from shards")
+                return self.video_processor(self._resolve(root, path))
             return self.image_processor(
                 load_image(path, in_memory[path]) if path in in_memory else load_image(self._resolve(root, path))
             )

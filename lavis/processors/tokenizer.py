@@ -31,6 +31,9 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     ENDOFTEXT, IM_START, IM_END, REF_START, REF_END, BOX_START, BOX_END,
     QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD,
 )
+# A video's pad token: Qwen-VL has none (its models take no video); a tokenizer that has one names it through
+# ``hf_tokenizer``'s ``special_tokens`` (Qwen2-VL: ``<|video_pad|>``), else videos take the image pad.
+VID_PAD = "<vidpad>"
 # Qwen-VL's ``tokenizer.IMAGE_ST``: the only special tokens its chat reads in user, system and history
 # text (``make_context`` encodes them with ``allowed_special=set(IMAGE_ST)``); ``<|im_start|>``,
 # ``<|im_end|>`` and ``<|endoftext|>`` written there are plain text, so a message cannot end its turn.
@@ -51,11 +54,16 @@ class TextTokenizer:
         self.eod_id = ids[ENDOFTEXT]
         self.im_start_id, self.im_end_id = ids[IM_START], ids[IM_END]
         self.img_start_id, self.img_end_id, self.img_pad_id = ids[IMG_START], ids[IMG_END], ids[IMG_PAD]
+        self.vid_pad_id = self.video_pad_id()
         self.pad_id = self.eod_id
         self.stop_ids = (self.im_end_id, self.eod_id)
         # Only the prompt builds image spans; generated text that held one could not be fed back.
-        self.image_span_ids = (self.img_start_id, self.img_end_id, self.img_pad_id)
-        self.special_ids = frozenset(ids.values())
+        self.image_span_ids = tuple(dict.fromkeys((self.img_start_id, self.img_end_id, self.img_pad_id, self.vid_pad_id)))
+        self.special_ids = frozenset(ids.values()) | {self.vid_pad_id}
+
+    def video_pad_id(self) -> int:
+        """The pad token of a video's span: the image pad unless the tokenizer has a video pad of its own."""
+        return self.token_id(IMG_PAD)
 
     def decode_without_specials(self, ids: list[int]) -> str:
         """``decode`` with special tokens left out, as transformers' ``skip_special_tokens=True``."""
@@ -81,7 +89,7 @@ class TextTokenizer:
 QWEN2_VL_SPECIAL_TOKENS = {
     IMG_START: "<|vision_start|>", IMG_END: "<|vision_end|>", IMG_PAD: "<|image_pad|>",
     REF_START: "<|object_ref_start|>", REF_END: "<|object_ref_end|>", BOX_START: "<|box_start|>", BOX_END: "<|box_end|>",
-    QUAD_START: "<|quad_start|>", QUAD_END: "<|quad_end|>",
+    QUAD_START: "<|quad_start|>", QUAD_END: "<|quad_end|>", VID_PAD: "<|video_pad|>",
 }
 
 
@@ -107,10 +115,10 @@ class HFTokenizer(TextTokenizer):
             self.hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
         vocab = self.hf.get_vocab()
         self.names = dict(special_tokens or {})
-        unknown = [k for k in self.names if k not in SPECIAL_TOKENS]
+        unknown = [k for k in self.names if k not in SPECIAL_TOKENS + (VID_PAD,)]
         if unknown:
             raise ValueError(f"model.tokenizer.special_tokens: {unknown} are not the framework's special tokens "
-                             f"({', '.join(SPECIAL_TOKENS)})")
+                             f"({', '.join(SPECIAL_TOKENS + (VID_PAD,))})")
         absent = [v for v in self.names.values() if v not in vocab]
         if absent:
             raise ValueError(f"model.tokenizer.special_tokens: {absent} are not tokens of {path}")
@@ -150,6 +158,9 @@ class HFTokenizer(TextTokenizer):
 
     def token_id(self, token: str) -> int:
         return self.hf.convert_tokens_to_ids(self.names.get(token, token))
+
+    def video_pad_id(self) -> int:
+        return self.token_id(VID_PAD) if VID_PAD in self.names else self.img_pad_id
 
     def __len__(self) -> int:
         return len(self.hf)

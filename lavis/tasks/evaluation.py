@@ -180,6 +180,7 @@ class Evaluator:
         self.lockstep = bool(strategy is not None and strategy.sharded and strategy.world_size > 1)
         self.tokenizer = processors.tokenizer
         self.image_processor = processors.image
+        self.video_processor = processors.video
         # Prompts are never cut: an evaluation sample must be seen whole.
         self.encoder = ConversationEncoder(
             processors.tokenizer, model.image_tokens, cfg.model.system_message, max_len=1 << 30
@@ -308,8 +309,8 @@ class Evaluator:
         text = self.prompt_text(task, sample)
         root = Path(sample.image_root or "")
 
-        def images(path: str):
-            return self.image_processor(load_image(root / path))
+        def images(path: str, video: bool = False):
+            return self.video_processor(root / path) if video else self.image_processor(load_image(root / path))
 
         if task.chat:
             messages = [{"role": "user", "content": text}]

@@ -35,7 +35,7 @@ class LanguageModelingTask:
             processors.tokenizer, model.image_tokens, self.cfg.model.system_message, run.max_len, run.label_policy
         )
         # Packed runs drop over-long samples whole; padded runs cut them at the end.
-        return SampleProcessor(encoder, processors.image, truncate=not run.pack)
+        return SampleProcessor(encoder, processors.image, truncate=not run.pack, video_processor=processors.video)
 
     def build_sources(self) -> list[Source]:
         """Every configured dataset, read and validated now (a bad annotation file fails at start)."""

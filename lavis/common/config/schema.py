@@ -31,6 +31,7 @@ MODEL_COMPONENTS = {
     "llm": "llm",
     "tokenizer": "processor",
     "image_processor": "processor",
+    "video_processor": "processor",
 }
 # Constructor arguments the framework supplies itself (never user keys).
 CONTEXT_ARGS = {"adapter": ("vision_width", "llm_hidden_size")}
@@ -82,6 +83,7 @@ class ModelConfig:
     llm: ComponentConfig
     tokenizer: ComponentConfig
     image_processor: ComponentConfig
+    video_processor: ComponentConfig
     freeze: FreezeConfig
     system_message: str
     load_from: str | None

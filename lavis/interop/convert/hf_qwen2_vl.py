@@ -227,6 +227,19 @@ def image_processor_values(src: Path) -> dict[str, Any]:
     return values
 
 
+def video_processor_values(src: Path) -> dict[str, Any]:
+    """``qwen2_vl_video``'s keys: from video_preprocessor_config.json when the release has one, else from
+    preprocessor_config.json, as transformers' Qwen2VLVideoProcessor reads them (a Qwen2-VL release's videos
+    take the images' pixel budget per frame); the frame rate and counts when given."""
+    path = src / "video_preprocessor_config.json"
+    content = read_json(path if path.is_file() else src / PREPROCESSOR_CONFIG)
+    size = content.get("size") if isinstance(content.get("size"), dict) else {}
+    values = {"min_pixels": content.get("min_pixels", size.get("shortest_edge")),
+              "max_pixels": content.get("max_pixels", size.get("longest_edge")),
+              **{key: content.get(key) for key in ("image_mean", "image_std", "fps", "min_frames", "max_frames")}}
+    return {key: value for key, value in values.items() if value is not None}
+
+
 def check_tokenizer(src: Path) -> None:
     if not (src / "tokenizer_config.json").is_file() or not (
             (src / "tokenizer.json").is_file() or ((src / "vocab.json").is_file() and (src / "merges.txt").is_file())):
@@ -244,6 +257,7 @@ def from_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     hf = hf_config_object(config, src)
     check_tokenizer(src)
     image_values = image_processor_values(src)
+    video_values = video_processor_values(src)
     state = load_original(src)
     layout = detect_layout(list(state), src)
     ours = to_ours(state, layout, src)
@@ -255,7 +269,7 @@ def from_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
             if (src / name).is_file():
                 shutil.copyfile(src / name, staging / name)
         shutil.copyfile(src / "config.json", staging / HF_CONFIG)
-        write_hf_model_config(staging, out, hf, dtype, image_values)
+        write_hf_model_config(staging, out, hf, dtype, image_values, video_values)
         (staging / "meta.json").write_text(json.dumps(
             {"weights": "converted", "weights_file": WEIGHTS_FILE, "converted_from": str(src.absolute()),
              "located_keys": ["model.tokenizer.path"], "hf_layout": layout}, indent=2) + "\n")
@@ -264,11 +278,12 @@ def from_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def write_hf_model_config(staging: Path, out: Path, hf, dtype: torch.dtype, image_values: dict[str, Any]) -> None:
+def write_hf_model_config(staging: Path, out: Path, hf, dtype: torch.dtype, image_values: dict[str, Any],
+                          video_values: dict[str, Any]) -> None:
     """``config.yaml``: configs/default.yaml with the three components at the checkpoint's architecture (inline
     configs, no pretrained files: the weights are OUT's model.safetensors), its tokenizer (``model.tokenizer.path``,
     which :func:`lavis.models.loading.model_config` sets to the directory the config lies in, per meta.json's
-    ``located_keys``) and its image processor; validated by loading it back."""
+    ``located_keys``) and its image and video processors; validated by loading it back."""
     from omegaconf import OmegaConf
 
     from lavis.common.config import load_config
@@ -284,6 +299,7 @@ def write_hf_model_config(staging: Path, out: Path, hf, dtype: torch.dtype, imag
         "llm": {"type": COMPONENT_TYPES["llm"], "config": text_config, "pretrained": None, "dtype": dtype_name},
         "tokenizer": {"type": "hf_tokenizer", "path": str(Path(out).absolute()), "special_tokens": dict(QWEN2_VL_SPECIAL_TOKENS)},
         "image_processor": {"type": "qwen2_vl_image", **image_values},
+        "video_processor": {"type": "qwen2_vl_video", **video_values},
     }
     options = [f"model.{key}={json.dumps(block)}" for key, block in blocks.items()]
     options += [f"model.system_message={json.dumps(SYSTEM_MESSAGE)}", "model.load_from=null"]

@@ -102,6 +102,8 @@ class Qwen2VLViT(ViTBlocks, nn.Module):
         self.width = int(getattr(vision_config, width_field))
         self.patch_size = int(vision_config.patch_size)
         self.temporal_patch_size = int(vision_config.temporal_patch_size)
+        # Qwen2.5-VL: a video's temporal positions step tokens_per_second x seconds per temporal patch (None: 1 each)
+        self.tokens_per_second = getattr(vision_config, "tokens_per_second", None) if model_type == "qwen2_5_vl" else None
         self.in_features = int(vision_config.in_channels) * self.temporal_patch_size * self.patch_size**2
         if pretrained and torch.get_default_device().type != "meta":  # meta: shapes only, no weights read
             self.load_pretrained(pretrained)
