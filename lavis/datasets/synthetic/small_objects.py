@@ -2,7 +2,7 @@
 
 The shapes world (:mod:`lavis.datasets.synthetic.world`) draws one or two big shapes on a 128x128
 picture: squashed to the tiny preset's 64x64 they stay legible. Here every picture is wide (256x80),
-tall (80x256) or square (128x128) and holds 3-5 shapes a handful of pixels across (side 6-10 px,
+tall (80x256) or square (128x128) and holds 2-4 shapes a handful of pixels across (side 8-12 px,
 distinct colours, random shapes), spread along the picture's long side. The questions need the small
 shapes' form and order, which a fixed-size encoder squashing 256x80 to 64x64 (4x along the long side)
 blurs into a row of coloured dots, while a native-resolution encoder sees them whole:
@@ -10,17 +10,22 @@ blurs into a row of coloured dots, while a native-resolution encoder sees them w
 =============  ===================================================  ==================
 ``end``        What colour is the shape at the far right?           a colour
 ``shape``      What shape is the green one?                         circle/square/triangle
-``count_kind`` How many triangles are there?                        0-5
-``count``      How many shapes are there?                           3-5 (a control)
+``count_kind`` How many triangles are there?                        0-4
+``count``      How many shapes are there?                           2-4 (a control)
 =============  ===================================================  ==================
+
+Every training conversation also holds, at a random place among its questions, a dense turn that names
+every shape in order (``list``: "List the shapes from left to right." -> "a red circle, a blue triangle and
+a green square"): caption-like supervision for a vision side trained from scratch (without it no row of the
+ablation learned to look at the pictures). The evaluation asks the four question types only.
 
 ``root/`` (the same on-disk formats as the world's, read by the same builders and evaluations):
 
   ``WORLD.json``                   marker, written last: ``{"world": "small_objects", version, seed, sizes}``
   ``images/{split}/{i:06d}.png``   the pictures
   ``scenes_{split}.json``          scene metadata (``world.Scene.to_dict()``, the world's own class)
-  ``sft_{split}.json``             Qwen-VL conversations, one record per picture, 2-3 question turns
-                                   (``qwen_vl_conversation``)
+  ``sft_{split}.json``             Qwen-VL conversations, one record per picture: 2-3 questions and the
+                                   list turn (``qwen_vl_conversation``)
   ``vqa_questions_{split}.json``   VQAv2 questions (2 per picture, of different types) ...
   ``vqa_annotations_{split}.json`` ... and annotations (10 answers each)  -> ``vqa``, image_pattern
                                    ``images/{split}/{image_id:06d}.png`` (image_id = picture index)
@@ -42,6 +47,7 @@ from lavis.datasets.synthetic.world import (
     SHAPES,
     Obj,
     Scene,
+    _article,
     _marker_matches,
     _qwen_record,
     _write_json,
@@ -50,19 +56,20 @@ from lavis.datasets.synthetic.world import (
 )
 
 NAME = "small_objects"
-VERSION = 1
+VERSION = 4
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZES: dict[str, int] = {"train": 4000, "val": 200, "test": 300}
 # (width, height) of each kind of picture, and how often it is drawn.
 CANVASES: dict[str, tuple[int, int]] = {"wide": (256, 80), "tall": (80, 256), "square": (128, 128)}
 CANVAS_WEIGHTS: dict[str, float] = {"wide": 0.4, "tall": 0.4, "square": 0.2}
-MIN_OBJECTS, MAX_OBJECTS = 3, 5
-MIN_SIDE, MAX_SIDE = 6, 10  # pixels: sizes vary so that a squashed shape's amount of colour does not tell its form
+MIN_OBJECTS, MAX_OBJECTS = 2, 4
+MIN_SIDE, MAX_SIDE = 8, 12  # pixels: sizes vary so that a squashed shape's amount of colour does not tell its form
 GAP = 3  # minimum gap in pixels between two shapes along the long side (their spans there never overlap)
 EDGE = 2  # shapes stay this many pixels inside the picture
 VQA_QUESTIONS_PER_IMAGE = 2
 VQA_ANSWERS = 10
-MIN_TURNS, MAX_TURNS = 2, 3  # question turns per training conversation
+MIN_TURNS, MAX_TURNS = 2, 3  # question turns per training conversation (besides the list turn)
+LIST_PROB = 1.0  # how often a training conversation holds the list turn (at a random place among its questions)
 
 QUESTION_TYPES: tuple[str, ...] = ("end", "shape", "count_kind", "count")
 # The two ends of each axis: x (wide pictures, and some square ones) and y (tall ones, and the other square ones).
@@ -72,7 +79,10 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "shape": ("What shape is the {colour} one?", "Which shape is {colour}?"),
     "count_kind": ("How many {shape}s are there?", "How many small {shape}s are there?"),
     "count": ("How many shapes are there?", "How many small shapes are in the picture?"),
+    "list": ("List the shapes from {first} to {last}.",),
 }
+# The words of each axis' direction in the list turn.
+LIST_WORDS: dict[str, tuple[str, str]] = {"x": ("left", "right"), "y": ("top", "bottom")}
 ANSWER_VOCAB: dict[str, tuple[str, ...]] = {
     "end": COLOUR_NAMES,
     "shape": SHAPES,
@@ -149,17 +159,27 @@ def make_question(rng: random.Random, scene: Scene, qtype: str) -> tuple[str, st
         question, answer = template.format(shape=shape), str(sum(o.shape == shape for o in scene.objects))
     elif qtype == "count":
         question, answer = template, str(len(scene.objects))
+    elif qtype == "list":
+        axis = _axis(scene)
+        ordered = sorted(scene.objects, key=lambda o: o.bbox[0 if axis == "x" else 1])
+        first, last = LIST_WORDS[axis]
+        phrases = [f"{_article(o.colour)} {o.colour} {o.shape}" for o in ordered]
+        question, answer = template.format(first=first, last=last), ", ".join(phrases[:-1]) + " and " + phrases[-1]
     else:
         raise ValueError(f"unknown question type {qtype!r}; types: {', '.join(QUESTION_TYPES)}")
     return question, answer, {"task": "vqa", "qtype": qtype, "answer": answer}
 
 
 def build_sft_records(scenes: list[Scene], seed: int, split: str) -> list[dict[str, Any]]:
-    """Qwen-VL conversations, one per scene (record ``i`` about picture ``i``): 2-3 turns of different types."""
+    """Qwen-VL conversations, one per scene (record ``i`` about picture ``i``): 2-3 questions of different types
+    and (with probability ``LIST_PROB``) the list turn at a random place among them, so that a first turn is
+    mostly a short question, as in the evaluation."""
     rng = random.Random(f"lavis-small-objects-sft:{split}:{seed}")
     records = []
     for i, scene in enumerate(scenes):
         qtypes = rng.sample(QUESTION_TYPES, rng.randint(MIN_TURNS, MAX_TURNS))
+        if rng.random() < LIST_PROB:
+            qtypes.insert(rng.randint(0, len(qtypes)), "list")
         turns = [make_question(rng, scene, qtype) for qtype in qtypes]
         records.append(_qwen_record(f"{split}-{i:06d}", [scene.image], turns, {"task": "vqa", "scenes": [i]}))
     return records

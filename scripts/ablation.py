@@ -1,0 +1,107 @@
+"""The resolution ablation (README, "Resolution ablation"): train the rows of ``projects/ablations/``, evaluate
+each on the small-objects test split and print one table: VQA accuracy (overall and per question type) and the
+image tokens per sample (mean over the test pictures, as the row's own image processor and adapter give them).
+
+    python scripts/ablation.py                       # train the three rows (one after the other), evaluate, print
+    python scripts/ablation.py --skip-train          # evaluate the runs already in outputs/ablations/, print
+    python scripts/ablation.py --options run.max_steps=4 run.warmup_steps=0    # a quick trial of the chain
+
+``make ablation`` runs the first. Run from the repository root (the projects' data and output paths are relative
+to it); ``--options`` go to every training, as ``make demo``'s ``DEMO_OPTIONS`` do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROWS: dict[str, str] = {
+    "resampler_fixed": "resampler, fixed 64x64",
+    "merger_fixed": "patch merger, fixed 64x64",
+    "merger_native": "patch merger, native resolution",
+}
+PROJECTS = Path("projects") / "ablations"
+EVAL_PROJECT = PROJECTS / "eval.yaml"
+WORLD = Path("data") / "small_objects"  # as in projects/ablations/*.yaml
+QTYPES = ("end", "shape", "count_kind", "count")
+
+
+def train(row: str, options: list[str]) -> float:
+    """Train one row (an earlier run in its output_dir is moved aside); its wall time in seconds."""
+    start = time.time()
+    cmd = [sys.executable, "train.py", "--cfg-path", str(PROJECTS / f"{row}.yaml"), "--options", "run.overwrite=true", *options]
+    subprocess.run(cmd, check=True)
+    return time.time() - start
+
+
+def evaluate(row: str) -> Path:
+    """Evaluate one row's run with eval.yaml; the path of its ``vqa.json``."""
+    run = Path("outputs") / "ablations" / row
+    cmd = [sys.executable, "evaluate.py", "--cfg-path", str(EVAL_PROJECT), "--options", f"model.load_from={run}",
+           "run.overwrite=true"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    print(out, end="")
+    marker = "predictions and metrics: "
+    line = next(line for line in out.splitlines() if line.startswith(marker))
+    return Path(line[len(marker):].split("/<name>.json")[0]) / "vqa.json"
+
+
+def image_tokens(row: str) -> float:
+    """Mean image tokens per test picture of a trained row: its model's count (fixed size), or its grid's (native)."""
+    from PIL import Image
+
+    from lavis import load_model
+
+    model, processors = load_model(Path("outputs") / "ablations" / row, device="cpu")
+    per_image = model.image_tokens
+    with open(WORLD / "scenes_test.json", encoding="utf-8") as f:
+        images = [scene["image"] for scene in json.load(f)]
+    if not callable(per_image):
+        return float(per_image)
+    counts = [per_image(processors.image(Image.open(WORLD / image).convert("RGB")).grid) for image in images]
+    return sum(counts) / len(counts)
+
+
+def accuracies(vqa_json: Path) -> dict[str, float]:
+    """VQA accuracy overall (the evaluation's) and per question type (the annotations' ``question_type``)."""
+    from lavis.tasks.metrics import vqa_accuracy
+
+    with open(vqa_json, encoding="utf-8") as f:
+        results = json.load(f)
+    with open(WORLD / "vqa_annotations_test.json", encoding="utf-8") as f:
+        qtype = {str(a["question_id"]): a["question_type"] for a in json.load(f)["annotations"]}
+    scores: dict[str, list[float]] = defaultdict(list)
+    for sample in results["predictions"]:
+        scores[qtype[sample["id"]]].append(vqa_accuracy(sample["prediction"], sample["answers"]))
+    table = {q: sum(s) / len(s) for q, s in scores.items()}
+    table["all"] = float(results["metrics"]["accuracy"])
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-train", action="store_true", help="evaluate the runs already in outputs/ablations/")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="which rows (default: all)")
+    parser.add_argument("--options", nargs="*", default=[], help="--options for every training (e.g. a quick trial)")
+    args = parser.parse_args(argv)
+    times = {row: None if args.skip_train else train(row, args.options) for row in args.rows}
+    lines = [
+        "| row | image tokens / sample | VQA accuracy | end colour | shape | count of a kind | count | train time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in args.rows:
+        acc, tokens = accuracies(evaluate(row)), image_tokens(row)
+        per_type = " | ".join(f"{acc[q]:.3f}" if q in acc else "-" for q in QTYPES)
+        took = "-" if times[row] is None else f"{times[row]:.0f} s"
+        lines.append(f"| {ROWS[row]} (`{row}`) | {tokens:.1f} | {acc['all']:.3f} | {per_type} | {took} |")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
