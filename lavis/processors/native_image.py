@@ -75,6 +75,16 @@ def num_images(pixel_values: torch.Tensor | PatchImages | None) -> int:
     return pixel_values.num_images if isinstance(pixel_values, PatchImages) else int(pixel_values.shape[0])
 
 
+def check_processor_sizes(owner: str, min_pixels: int, max_pixels: int, **positive: int) -> None:
+    """A native processor's sizes: each of ``positive`` a positive integer, ``min_pixels <= max_pixels``;
+    a ValueError naming ``owner`` and the key otherwise."""
+    for key, value in {**positive, "min_pixels": min_pixels, "max_pixels": max_pixels}.items():
+        if int(value) < 1:
+            raise ValueError(f"{owner}: {key} must be a positive integer, got {value}")
+    if min_pixels > max_pixels:
+        raise ValueError(f"{owner}: min_pixels ({min_pixels}) > max_pixels ({max_pixels})")
+
+
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Qwen2-VL's target size for a ``height`` x ``width`` picture: each side a multiple of ``factor``
     (the side rounded to the nearest multiple), then, when the area is over ``max_pixels`` (under
@@ -127,12 +137,8 @@ class Qwen2VLImageProcessor:
         image_std: Sequence[float] = CLIP_STD,
         exif_transpose: bool = True,
     ) -> None:
-        for key, value in (("patch_size", patch_size), ("temporal_patch_size", temporal_patch_size),
-                           ("merge_size", merge_size), ("min_pixels", min_pixels), ("max_pixels", max_pixels)):
-            if int(value) < 1:
-                raise ValueError(f"qwen2_vl_image: {key} must be a positive integer, got {value}")
-        if min_pixels > max_pixels:
-            raise ValueError(f"qwen2_vl_image: min_pixels ({min_pixels}) > max_pixels ({max_pixels})")
+        check_processor_sizes("qwen2_vl_image", min_pixels, max_pixels, patch_size=patch_size,
+                              temporal_patch_size=temporal_patch_size, merge_size=merge_size)
         self.patch_size = int(patch_size)
         self.temporal_patch_size = int(temporal_patch_size)
         self.merge_size = int(merge_size)

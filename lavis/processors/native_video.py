@@ -20,7 +20,7 @@ from PIL import Image
 from lavis.common.registry import registry
 from lavis.processors.errors import SkipSample
 from lavis.processors.image import CLIP_MEAN, CLIP_STD, exif_transpose, load_image
-from lavis.processors.native_image import smart_resize
+from lavis.processors.native_image import check_processor_sizes, smart_resize
 
 # A video file, its frames as image files (or PIL images), or decoded uint8 frames [T, H, W, 3] / [T, 3, H, W].
 VideoInput = str | Path | Sequence[str | Path | Image.Image] | torch.Tensor | np.ndarray
@@ -112,16 +112,12 @@ class Qwen2VLVideoProcessor:
         image_mean: Sequence[float] = CLIP_MEAN,
         image_std: Sequence[float] = CLIP_STD,
     ) -> None:
-        for key, value in (("patch_size", patch_size), ("temporal_patch_size", temporal_patch_size),
-                           ("merge_size", merge_size), ("min_frames", min_frames), ("max_frames", max_frames),
-                           ("min_pixels", min_pixels), ("max_pixels", max_pixels)):
-            if int(value) < 1:
-                raise ValueError(f"qwen2_vl_video: {key} must be a positive integer, got {value}")
+        check_processor_sizes("qwen2_vl_video", min_pixels, max_pixels, patch_size=patch_size,
+                              temporal_patch_size=temporal_patch_size, merge_size=merge_size, min_frames=min_frames,
+                              max_frames=max_frames)
         for key, value in (("fps", fps), ("frames_fps", frames_fps), ("total_pixels", total_pixels)):
             if value is not None and not value > 0:
                 raise ValueError(f"qwen2_vl_video: {key} must be positive, got {value}")
-        if min_pixels > max_pixels:
-            raise ValueError(f"qwen2_vl_video: min_pixels ({min_pixels}) > max_pixels ({max_pixels})")
         if min_frames > max_frames:
             raise ValueError(f"qwen2_vl_video: min_frames ({min_frames}) > max_frames ({max_frames})")
         self.patch_size = int(patch_size)

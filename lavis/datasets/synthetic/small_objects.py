@@ -52,7 +52,7 @@ from lavis.datasets.synthetic.world import (
     _qwen_record,
     _write_json,
     ensure_generated,
-    render,
+    write_scenes,
 )
 
 NAME = "small_objects"
@@ -214,11 +214,7 @@ def write_small_objects(out: Path, seed: int, sizes: dict[str, int]) -> None:
     out = Path(out)
     for split, n in sizes.items():
         scenes = generate_scenes(seed, n, split)
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        for scene in scenes:
-            render(scene).save(out / scene.image, compress_level=1)
-        _write_json(out / f"scenes_{split}.json", [s.to_dict() for s in scenes])
-        _write_json(out / f"sft_{split}.json", build_sft_records(scenes, seed, split))
+        write_scenes(out, scenes, build_sft_records(scenes, seed, split), split)
         questions, annotations = vqa_files(scenes, seed, split)
         _write_json(out / f"vqa_questions_{split}.json", questions)
         _write_json(out / f"vqa_annotations_{split}.json", annotations)

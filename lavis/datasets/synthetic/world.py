@@ -438,15 +438,20 @@ def _write_json(path: Path, obj) -> None:
         json.dump(obj, f, ensure_ascii=False)
 
 
+def write_scenes(out: Path, scenes: list[Scene], sft_records: list[dict], split: str) -> None:
+    """One split's pictures (``images/{split}/``), ``scenes_{split}.json`` and ``sft_{split}.json`` into ``out``."""
+    (out / "images" / split).mkdir(parents=True, exist_ok=True)
+    for scene in scenes:
+        render(scene).save(out / scene.image, compress_level=1)
+    _write_json(out / f"scenes_{split}.json", [s.to_dict() for s in scenes])
+    _write_json(out / f"sft_{split}.json", sft_records)
+
+
 def write_world(out: Path, seed: int, sizes: dict[str, int]) -> None:
     """Write a complete world into ``out`` (marker last).  Not atomic; see :func:`ensure_world`."""
     for split, n in sizes.items():
         scenes = generate_scenes(seed, n, split)
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        for scene in scenes:
-            render(scene).save(out / scene.image, compress_level=1)
-        _write_json(out / f"scenes_{split}.json", [s.to_dict() for s in scenes])
-        _write_json(out / f"sft_{split}.json", build_sft_records(scenes, seed, split))
+        write_scenes(out, scenes, build_sft_records(scenes, seed, split), split)
         _write_json(out / f"llava_{split}.json", build_llava_records(scenes, seed, split))
     # Local import: formats imports this module.
     from lavis.datasets.synthetic.formats import write_formats
