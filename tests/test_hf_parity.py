@@ -143,3 +143,29 @@ def test_a_video_prompt_equals_transformers(models):
     pad = ours.processors.tokenizer.pad_id
     got = ours.generate(*left_pad([ids], pad), pixels, max_new_tokens=12, stop_ids=(), pad_id=pad)[0]
     assert got.tolist() == want.tolist()
+
+
+def test_the_serving_engine_batches_native_resolution_requests(models, tmp_path):
+    """lavis.serve / lavis.web's engine on a converted Qwen2-VL-family model: requests with pictures of
+    different sizes, a video and none, batched together, answer as each does alone."""
+    from lavis.serving.engine import ChatEngine, SamplingOptions
+
+    _, _, ours = models
+    for k, size in enumerate([(90, 60), (60, 130)]):
+        picture(size, k).save(tmp_path / f"p{k}.png")
+    from helpers import moving_squares, write_video
+
+    write_video(tmp_path / "clip.mp4", moving_squares(8), rate=4)
+    conversations = [[{"role": "user", "content": text}] for text in (
+        f"<img>{tmp_path / 'p0.png'}</img>What is it?", f"<img>{tmp_path / 'p1.png'}</img><img>{tmp_path / 'p0.png'}</img>Compare.",
+        "No picture here.", f"<video>{tmp_path / 'clip.mp4'}</video>What moves?")]
+    options = SamplingOptions(max_new_tokens=6)
+    answers = {}
+    for batch_size in (1, 4):
+        engine = ChatEngine(ours, max_batch_size=batch_size, batch_window_s=0.2)
+        try:
+            answers[batch_size] = [c.result(timeout=120) for c in [engine.submit(conv, options) for conv in conversations]]
+            assert max(engine.batch_sizes) == batch_size
+        finally:
+            engine.close()
+    assert answers[4] == answers[1]
