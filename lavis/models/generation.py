@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lavis.models.positions import position_ids_from_mask  # noqa: F401  (part of this module's API)
+from lavis.models.positions import position_ids_from_mask
 
 
 def left_pad(samples: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +118,7 @@ def generate(
         out = model.llm.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
-            position_ids=model.llm_position_ids(input_ids, attention_mask, None, pixel_values),
+            position_ids=model.llm_position_ids(input_ids, attention_mask, position_ids_from_mask(attention_mask), pixel_values),
             **options,
         )
     finally:

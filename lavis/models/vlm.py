@@ -136,17 +136,17 @@ class VisionLanguageModel(nn.Module):
     def llm_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                          position_ids: torch.Tensor | None = None,
                          pixel_values: torch.Tensor | PatchImages | None = None) -> torch.Tensor | None:
-        """The LLM's position ids: ``position_ids`` as given for a 1-D LLM, else from the attention mask
-        (``[B, L]``: attended tokens counted, pads at 0) or ``0..L-1``; for an M-RoPE LLM, the
-        ``[3, B, L]`` ids of :func:`~lavis.models.positions.mrope_position_ids` over those (``[3, B, L]``
-        ``position_ids`` are used as given)."""
+        """The LLM's position ids. A 1-D LLM gets ``position_ids`` as given (None: its own). An M-RoPE LLM
+        gets the ``[3, B, L]`` ids of :func:`~lavis.models.positions.mrope_position_ids` over the 1-D
+        positions: ``position_ids``, else from the attention mask (``[B, L]``: attended tokens counted,
+        pads at 0), else ``0..L-1``; ``[3, B, L]`` ``position_ids`` are used as given."""
+        if self.position_dims == 1 or (position_ids is not None and position_ids.dim() == 3):
+            return position_ids
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = position_ids_from_mask(attention_mask)
-            elif self.position_dims == 3:
+            else:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        if self.position_dims == 1 or position_ids.dim() == 3:  # 3-D ids given: the caller's
-            return position_ids
         grids = self.token_grids(pixel_values)
         if any(grid is None for grid in grids):
             raise ValueError(f"model.llm takes 3-D positions, and model.adapter ({type(self.adapter).__name__}) gives "

@@ -72,15 +72,21 @@ def rename(name: str, rules: tuple[tuple[str, str], ...]) -> str | None:
     return None
 
 
-def to_ours(state: dict[str, torch.Tensor], layout: str, source: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors by our names (``vision.model.*``, ``adapter.*``, ``llm.*``)."""
-    ours, unknown = {}, []
+def renamed(state: dict[str, torch.Tensor], rules) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` under the names ``rules`` give (see :func:`rename`), and the names they give none."""
+    out, unknown = {}, []
     for name, tensor in state.items():
-        new = rename(name, LAYOUTS[layout])
+        new = rename(name, rules)
         if new is None:
             unknown.append(name)
         else:
-            ours[new] = tensor
+            out[new] = tensor
+    return out, unknown
+
+
+def to_ours(state: dict[str, torch.Tensor], layout: str, source: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors by our names (``vision.model.*``, ``adapter.*``, ``llm.*``)."""
+    ours, unknown = renamed(state, LAYOUTS[layout])
     if unknown:
         raise ConversionError(f"{source}: {len(unknown)} tensors have no place in the {layout} layout, e.g. {unknown[:5]}; {EXPECTED_HF}")
     return ours
@@ -88,14 +94,7 @@ def to_ours(state: dict[str, torch.Tensor], layout: str, source: Path) -> dict[s
 
 def to_hf_names(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
     """Our tensors by the checkpoint names of ``layout`` (the inverse of :func:`to_ours`)."""
-    inverse = tuple((ours, theirs) for theirs, ours in LAYOUTS[layout])
-    out, unknown = {}, []
-    for name, tensor in state.items():
-        new = rename(name, inverse)
-        if new is None:
-            unknown.append(name)
-        else:
-            out[new] = tensor
+    out, unknown = renamed(state, tuple((ours, theirs) for theirs, ours in LAYOUTS[layout]))
     if unknown:
         raise ConversionError(f"our model has tensors Qwen2-VL's layout has no place for: {unknown[:5]}")
     return out
