@@ -7,6 +7,7 @@ Videos are decoded with PyAV (``av``, imported when a file is read), in the data
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,8 +23,24 @@ from lavis.processors.errors import SkipSample
 from lavis.processors.image import CLIP_MEAN, CLIP_STD, exif_transpose, load_image
 from lavis.processors.native_image import check_processor_sizes, smart_resize
 
-# A video file, its frames as image files (or PIL images), or decoded uint8 frames [T, H, W, 3] / [T, 3, H, W].
+# A video file, a directory of its frames, its frames as image files (or PIL images), or decoded uint8 frames
+# [T, H, W, 3] / [T, 3, H, W].
 VideoInput = str | Path | Sequence[str | Path | Image.Image] | torch.Tensor | np.ndarray
+# The files of a directory of frames that are frames (case ignored); the others (a .txt, .DS_Store) are not read.
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def natural_key(name: str) -> list[str | int]:
+    """Sort key putting ``frame_2.jpg`` before ``frame_10.jpg`` (digit runs compared as numbers)."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def frame_files(directory: Path) -> list[Path]:
+    """The frames of a directory: its image files (:data:`FRAME_SUFFIXES`, hidden files left out) in natural
+    order (:func:`natural_key`), so ``1.jpg, 2.jpg, 10.jpg`` and ``0001.jpg, 0002.jpg`` are both in time order."""
+    files = [p for p in directory.iterdir()
+             if p.suffix.lower() in FRAME_SUFFIXES and not p.name.startswith(".") and p.is_file()]
+    return sorted(files, key=lambda p: natural_key(p.name))
 
 
 class NativeVideo(NamedTuple):
@@ -69,11 +86,13 @@ class Qwen2VLVideoProcessor:
     ``Qwen2VLVideoProcessor``'s):
 
     - input: a video file (any container PyAV reads), a list of its frames as image files (LLaVA-Video's
-      and Qwen2-VL's data form; PIL images are taken too), or decoded uint8 frames ``[T, H, W, 3]`` /
-      ``[T, 3, H, W]`` (channels last when the last axis is 3). A file's rate is its stream's average rate
-      (as transformers reads it); a frame list or tensor is taken to be at ``frames_fps`` frames a second
-      (the call's argument, else the key; None: at ``fps``, i.e. already sampled, so every frame is kept
-      up to ``max_frames``, an odd last one dropped by the rule below as it would be in a file).
+      and Qwen2-VL's data form; PIL images are taken too), a directory of them (:func:`frame_files`: its
+      images in natural order), or decoded uint8 frames ``[T, H, W, 3]`` / ``[T, 3, H, W]`` (channels
+      last when the last axis is 3). A file's rate is its stream's average rate (as transformers reads
+      it); frames are taken to be at ``frames_fps`` frames a second (the call's argument, else the key;
+      None: at ``fps``, i.e. already sampled, so every frame is kept up to ``max_frames``, an odd last
+      one dropped by the rule below as it would be in a file). A call's ``fps`` (a record's per-video
+      rate) replaces the key's for that video.
     - sampling: :func:`sample_frame_indices` (transformers' rule, exactly), ``fps`` frames a second,
       ``min_frames`` to ``max_frames``, a multiple of ``temporal_patch_size``. Only the kept frames are
       converted and resized (a file is decoded up to its last kept frame and the others dropped; of a frame
@@ -88,11 +107,11 @@ class Qwen2VLVideoProcessor:
       ``merge_size`` x ``merge_size`` window contiguous, windows row-major), each patch flattened as
       (channel, frame, row, column). Returns a :class:`NativeVideo`.
 
-    Bad input is a :class:`SkipSample`: ``missing_video`` (the file, or a kept frame of a list, is not
-    there), ``corrupt_video`` (PyAV cannot open or decode it, it ends before its last kept frame, or a kept
-    frame image cannot be read), ``empty_video`` (no frames, no video stream, an empty file), and
-    ``bad_video_size`` (frames whose longer side is over 200 times the shorter one). A video longer than
-    ``max_frames`` allows is sampled down, never refused.
+    Bad input is a :class:`SkipSample`: ``missing_video`` (the file or directory, or any frame file of a
+    list, kept or not, is not there), ``corrupt_video`` (PyAV cannot open or decode it, it ends before its
+    last kept frame, or a kept frame image cannot be read), ``empty_video`` (no frames, no video stream, an
+    empty file, a directory without frame images), and ``bad_video_size`` (frames whose longer side is over
+    200 times the shorter one). A video longer than ``max_frames`` allows is sampled down, never refused.
     """
 
     native_resolution = True
@@ -148,9 +167,10 @@ class Qwen2VLVideoProcessor:
         t, h, w = (int(x) for x in grid)
         return t * h * w // self.merge_size**2
 
-    def sample_indices(self, total_frames: int, video_fps: float) -> list[int]:
-        """The frames kept of ``total_frames`` at ``video_fps`` (:func:`sample_frame_indices`)."""
-        return sample_frame_indices(total_frames, video_fps, self.fps, self.min_frames, self.max_frames,
+    def sample_indices(self, total_frames: int, video_fps: float, fps: float | None = None) -> list[int]:
+        """The frames kept of ``total_frames`` at ``video_fps``, sampled at ``fps`` (default: the key's;
+        :func:`sample_frame_indices`)."""
+        return sample_frame_indices(total_frames, video_fps, fps or self.fps, self.min_frames, self.max_frames,
                                     self.temporal_patch_size)
 
     def frame_max_pixels(self, num_frames: int) -> int:
@@ -171,17 +191,24 @@ class Qwen2VLVideoProcessor:
         except SkipSample as err:
             raise SkipSample("bad_video_size", f"video frames: {err}") from None
 
-    def __call__(self, video: VideoInput, frames_fps: float | None = None) -> NativeVideo:
-        """A video file, a frame list, or decoded uint8 frames -> :class:`NativeVideo`. ``frames_fps``: the
-        rate of a frame list's or tensor's frames (default: the ``frames_fps`` key, else ``fps``)."""
-        if isinstance(video, (str, Path)):
-            frames, indices, total, rate = self._read_file(Path(video))
+    def __call__(self, video: VideoInput, frames_fps: float | None = None, fps: float | None = None) -> NativeVideo:
+        """A video file, a directory of frames, a frame list, or decoded uint8 frames -> :class:`NativeVideo`.
+        ``frames_fps``: the rate of a directory's, list's or tensor's frames (default: the ``frames_fps`` key,
+        else ``fps``); ``fps``: the rate to sample at (default: the key's)."""
+        fps = fps or self.fps
+        if isinstance(video, (str, Path)) and not Path(video).is_dir():
+            frames, indices, total, rate = self._read_file(Path(video), fps)
         else:
-            rate = frames_fps or self.frames_fps or self.fps
+            rate = frames_fps or self.frames_fps or fps
             if isinstance(video, (torch.Tensor, np.ndarray)):
-                frames, indices, total = self._sample_tensor(torch.as_tensor(video), rate)
+                frames, indices, total = self._sample_tensor(torch.as_tensor(video), rate, fps)
+            elif isinstance(video, (str, Path)):
+                frames_in = frame_files(Path(video))
+                if not frames_in:
+                    raise SkipSample("empty_video", f"no frame images ({', '.join(FRAME_SUFFIXES)}) in directory {video}")
+                frames, indices, total = self._read_frame_list(frames_in, rate, fps)
             else:
-                frames, indices, total = self._read_frame_list(list(video), rate)
+                frames, indices, total = self._read_frame_list(list(video), rate, fps)
         sampled_fps = len(indices) / total * rate  # transformers' VideoMetadata.sampled_fps
         pixels = (frames.float() / 255.0 - self.mean) / self.std
         grid_t = -(-len(indices) // self.temporal_patch_size)
@@ -218,7 +245,7 @@ class Qwen2VLVideoProcessor:
         assert out is not None
         return out
 
-    def _sample_tensor(self, frames: torch.Tensor, rate: float) -> tuple[torch.Tensor, list[int], int]:
+    def _sample_tensor(self, frames: torch.Tensor, rate: float, fps: float) -> tuple[torch.Tensor, list[int], int]:
         if frames.dtype != torch.uint8 or frames.dim() != 4 or 3 not in (frames.shape[1], frames.shape[-1]):
             raise ValueError(f"qwen2_vl_video: decoded frames must be uint8 [T, H, W, 3] or [T, 3, H, W], "
                              f"got {frames.dtype} {list(frames.shape)}")
@@ -226,13 +253,17 @@ class Qwen2VLVideoProcessor:
             frames = frames.permute(0, 3, 1, 2)
         if frames.shape[0] == 0:
             raise SkipSample("empty_video", "a video of no frames")
-        indices = self.sample_indices(frames.shape[0], rate)
+        indices = self.sample_indices(frames.shape[0], rate, fps)
         return self._resized((frames[i] for i in indices), len(indices)), indices, frames.shape[0]
 
-    def _read_frame_list(self, paths: list, rate: float) -> tuple[torch.Tensor, list[int], int]:
+    def _read_frame_list(self, paths: list, rate: float, fps: float) -> tuple[torch.Tensor, list[int], int]:
         if not paths:
             raise SkipSample("empty_video", "a frame list of no frames")
-        indices = self.sample_indices(len(paths), rate)
+        # every file checked, kept or not: a list with a gap would put its frames at the wrong times
+        gap = next((i for i, p in enumerate(paths) if not isinstance(p, Image.Image) and not Path(p).is_file()), None)
+        if gap is not None:
+            raise SkipSample("missing_video", f"video frame {gap} of {len(paths)} not found: {paths[gap]}")
+        indices = self.sample_indices(len(paths), rate, fps)
         return self._resized((self._load_frame(paths[i]) for i in indices), len(indices)), indices, len(paths)
 
     @staticmethod
@@ -249,7 +280,7 @@ class Qwen2VLVideoProcessor:
         image = exif_transpose(image)
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
-    def _read_file(self, path: Path) -> tuple[torch.Tensor, list[int], int, float]:
+    def _read_file(self, path: Path, fps: float) -> tuple[torch.Tensor, list[int], int, float]:
         """Decode the kept frames of a video file: (frames ``[n, 3, h, w]`` resized, their indices, the
         video's frame count, its rate)."""
         import av  # PyAV: only where a video file is read
@@ -273,8 +304,8 @@ class Qwen2VLVideoProcessor:
                 elif container.duration:  # in microseconds
                     rate = total / (container.duration / 1e6)
                 else:
-                    rate = self.fps  # no rate known: take the frames as already at fps
-                indices = self.sample_indices(total, rate)
+                    rate = fps  # no rate known: take the frames as already at fps
+                indices = self.sample_indices(total, rate, fps)
                 return self._resized(_decode_frames(container, stream, indices, path), len(indices)), indices, total, rate
         except SkipSample:
             raise

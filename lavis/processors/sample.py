@@ -20,7 +20,11 @@ class SampleProcessor:
     Records are conversations (``{"messages": [{"role", "content"}]}``, ChatML) or prompt/target
     pairs (``{"prompt", "target"}``, the pretraining formats). Images come from
     ``image_root``/path, or from ``image_bytes[path]`` for records read out of shards; videos
-    (``<video>path</video>``) from ``image_root``/path, through ``video_processor``.
+    (``<video>path</video>``) from ``image_root``/path (a file or a directory of frames), through
+    ``video_processor``. A record's ``videos`` mapping, written by the builders, is consulted first:
+    ``{name: {"frames"?: [paths], "fps"?: float, "frames_fps"?: float}}`` reads the ``<video>name</video>``
+    span from those frame files (relative to ``image_root``) and passes ``fps`` / ``frames_fps`` to the
+    video processor; a name without ``frames`` is itself the path.
     ``truncate``: cut samples longer than ``max_len`` (see ``ConversationEncoder.truncate``);
     otherwise they are returned whole for the caller to drop.
     """
@@ -35,6 +39,7 @@ class SampleProcessor:
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         root = Path(record.get("image_root") or "")
         in_memory = record.get("image_bytes") or {}
+        videos = record.get("videos") or {}
 
         def process(path: str, video: bool = False):
             if video:
@@ -42,7 +47,10 @@ class SampleProcessor:
                     raise SkipSample("video_unsupported", f"{path}: no video processor (model.video_processor)")
                 if path in in_memory:
                     raise SkipSample("video_unsupported", f"{path}: videos are read from files, not from shards")
-                return self.video_processor(self._resolve(root, path))
+                entry = videos.get(path) or {}
+                frames = entry.get("frames")
+                source = self._resolve(root, path) if frames is None else [self._resolve(root, f) for f in frames]
+                return self.video_processor(source, **{k: entry[k] for k in ("fps", "frames_fps") if k in entry})
             return self.image_processor(
                 load_image(path, in_memory[path]) if path in in_memory else load_image(self._resolve(root, path))
             )
