@@ -1,6 +1,7 @@
 """python -m lavis.serve, the OpenAI-compatible API: the official openai client against a real uvicorn
 server (plain and streamed answers, concurrent requests in one batch, pictures as paths, file:// and
-data URLs, limits, keys and errors), the command itself, and the request parsing on its own."""
+data URLs, videos on a native-resolution model, limits, keys and errors), the command itself, and the
+request parsing on its own."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -24,9 +26,12 @@ import openai
 import pytest
 import uvicorn
 from conftest import REPO
+from helpers import moving_squares, write_video
+from hf_qwen2_vl import tiny_checkpoint
 from PIL import Image
 
 import lavis
+from lavis.interop.convert.hf_qwen2_vl import from_hf
 from lavis.serving.api.app import create_app, default_model_name, main
 from lavis.serving.api.images import decode_base64_image, local_image_path
 from lavis.serving.api.limits import ServerSettings
@@ -247,6 +252,101 @@ def test_invalid_requests_get_400_in_openais_shape(server, client, image):
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
 
 
+# ------------------------------------------------------------------- videos (video_url parts)
+
+
+VIDEO_QUESTION = "What moves?"
+
+
+@pytest.fixture(scope="module")
+def video_model(tmp_path_factory):
+    """A tiny random Qwen2-VL (transformers' layout, converted by from-hf): a native-resolution model with a
+    video processor."""
+    root = tmp_path_factory.mktemp("qwen2_vl")
+    model, _ = lavis.load_model(from_hf(tiny_checkpoint(root / "hf", "qwen2_vl"), root / "ours"), device="cpu")
+    assert model.processors.video is not None
+    return model
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    """A 2-second mp4 (8 frames at 4 a second) of a square moving, in a directory of its own (the image root)."""
+    return write_video(tmp_path_factory.mktemp("videos") / "clip.mp4", moving_squares(8), rate=4)
+
+
+@pytest.fixture(scope="module")
+def video_engine(video_model):
+    """The server's engine: videos come with the request, never read from a path in the text."""
+    engine = ChatEngine(video_model, max_batch_size=4, batch_window_s=BATCH_WINDOW_S, read_image_files=False)
+    yield engine
+    engine.close()
+
+
+def video_settings(clip: Path, **limits) -> ServerSettings:
+    return ServerSettings(max_request_bytes=1 << 20, default_max_tokens=POSITIONS, image_root=clip.parent, **limits)
+
+
+def ask_video(url: str, question: str = VIDEO_QUESTION) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": question}]}]
+
+
+def test_a_video_url_is_answered_as_the_engine_answers_the_same_video_prompt(video_model, video_engine, clip, tmp_path,
+                                                                             monkeypatch):
+    direct = ChatEngine(video_model)  # reads <video>path</video> from disk, as lavis.chat does
+    try:
+        expected = direct.submit([{"role": "user", "content": f"Video 1: <video>{clip}</video>\n{VIDEO_QUESTION}"}],
+                                 SamplingOptions(max_new_tokens=8))
+        expected.result(timeout=120)
+    finally:
+        direct.close()
+    uploads = tmp_path / "uploads"  # where the server writes a data URL's video for PyAV
+    uploads.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(uploads))
+    with serving(create_app(video_engine, "tiny-qwen2-vl", video_settings(clip))) as url:
+        client = openai_client(url, api_key="none")
+        for video_url in (data_url(clip.read_bytes(), "video/mp4"), clip.as_uri(), clip.name):
+            answer = client.chat.completions.create(model="tiny-qwen2-vl", messages=ask_video(video_url), temperature=0,
+                                                    max_tokens=8)
+            assert answer.choices[0].message.content == expected.text
+            assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (expected.prompt_tokens,
+                                                                                    len(expected.tokens))
+    assert list(uploads.iterdir()) == []  # the uploaded video's file is removed once the request is encoded
+
+
+def test_too_large_too_long_and_undecodable_videos_are_refused_naming_the_limit_or_the_reason(video_engine, clip):
+    size = clip.stat().st_size
+    for limits, match in [({"max_video_bytes": size - 1}, f"over the {size - 1}-byte limit \\(--max-video-bytes\\)"),
+                          ({"max_video_seconds": 1.5}, r"2\.0 s, over the 1\.5-second limit \(--max-video-seconds\)")]:
+        with serving(create_app(video_engine, "tiny-qwen2-vl", video_settings(clip, **limits))) as url:
+            client = openai_client(url, api_key="none")
+            for video_url in (data_url(clip.read_bytes(), "video/mp4"), clip.as_uri()):
+                with pytest.raises(openai.APIStatusError, match=match) as raised:
+                    greedy(client, ask_video(video_url))
+                assert raised.value.status_code == 413 and raised.value.body["code"] == "video_too_large"
+    with serving(create_app(video_engine, "tiny-qwen2-vl", video_settings(clip))) as url:
+        client = openai_client(url, api_key="none")
+        with pytest.raises(openai.BadRequestError, match=r"video 1: cannot be decoded \(corrupt_video: ") as raised:
+            greedy(client, ask_video(data_url(b"not a video at all", "video/mp4")))
+        assert raised.value.body["code"] == "invalid_video" and "lavis-video-" not in raised.value.message
+        with pytest.raises(openai.BadRequestError, match="data:video/<type>;base64"):
+            greedy(client, ask_video(data_url(clip.read_bytes(), "image/png")))
+        with pytest.raises(openai.BadRequestError, match="not a video within the image root"):
+            greedy(client, ask_video("/etc/hostname"))
+
+
+def test_a_model_without_a_video_processor_refuses_a_video_naming_the_key(client, scripted, clip):
+    # Qwen-VL's fixed-size encoder: the default model.video_processor is there, but used by native-resolution models only
+    with pytest.raises(openai.BadRequestError, match=r"'tiny-chat' takes no video: it is a fixed-size model: its "
+                                                      r"model\.video_processor is used with") as raised:
+        greedy(client, ask_video(data_url(clip.read_bytes(), "video/mp4")))
+    assert raised.value.body["code"] == "video_unsupported"
+    scripted.engine.model = SimpleNamespace(processors=SimpleNamespace(video=None), native_resolution=True)
+    with pytest.raises(openai.BadRequestError, match=r"'scripted' takes no video: its config's model\.video_processor "
+                                                      r"is null"):
+        scripted.client.chat.completions.create(model="scripted", messages=ask_video(clip.as_uri()))
+    assert scripted.engine.submitted == []
+
+
 # ------------------------------------------------------------- with a scripted engine (no model)
 
 
@@ -407,9 +507,29 @@ def test_pictures_are_numbered_through_the_conversation_in_qwen_vls_format():
     assert prompt.image_urls == {"image1": "a.png", "image2": "data:image/png;base64,AAAA", "image3": "file:///tmp/c.png"}
 
 
+def test_videos_are_numbered_apart_from_pictures_in_their_own_lines():
+    prompt = build_prompt(messages(
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}},
+                                     {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}},
+                                     {"type": "text", "text": "What moves?"}]},
+        {"role": "assistant", "content": "The square."},
+        {"role": "user", "content": [{"type": "video_url", "video_url": {"url": "file:///tmp/b.mp4"}},
+                                     {"type": "image_url", "image_url": {"url": "c.png"}}, {"type": "text", "text": "And?"}]},
+    ))
+    assert [m["content"] for m in prompt.messages] == [
+        "Picture 1: <img>image1</img>\nVideo 1: <video>video1</video>\nWhat moves?",
+        "The square.",
+        "Video 2: <video>video2</video>\nPicture 2: <img>image2</img>\nAnd?",
+    ]
+    assert prompt.image_urls == {"image1": "a.png", "image2": "c.png"}
+    assert prompt.video_urls == {"video1": "data:video/mp4;base64,AAAA", "video2": "file:///tmp/b.mp4"}
+
+
 @pytest.mark.parametrize("raw, match", [
     ({"role": "user", "content": "Picture 1: <img>/etc/passwd</img>\nRead it."}, "image_url parts"),
+    ({"role": "user", "content": "<video>/data/secret.mp4</video>What moves?"}, "video_url parts"),
     ({"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]}, "user messages only"),
+    ({"role": "system", "content": [{"type": "video_url", "video_url": {"url": "a.mp4"}}]}, "videos go in user messages"),
 ])
 def test_prompts_that_would_read_files_by_themselves_or_misplace_pictures_are_refused(raw, match):
     with pytest.raises(APIError, match=match):
@@ -443,6 +563,10 @@ def test_image_urls_are_decoded_within_limits():
     assert raised.value.status == 413
     with pytest.raises(APIError, match="data:image"):
         decode_base64_image("data:text/plain;base64,eA==", 50)
+    assert decode_base64_image(data_url(b"12345", "video/mp4"), 5, "video") == b"12345"
+    with pytest.raises(APIError, match=r"video is over the 4-byte limit \(--max-video-bytes\)") as raised:
+        decode_base64_image(data_url(b"12345", "video/webm"), 4, "video")
+    assert raised.value.code == "video_too_large"
     assert local_image_path("file:///data/my%20cat.png") == Path("/data/my cat.png")
     assert local_image_path("pictures/cat.png") == Path("pictures/cat.png")
     assert local_image_path("https://example.com/cat.png") is None

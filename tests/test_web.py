@@ -18,9 +18,12 @@ import urllib.request
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO
+from helpers import moving_squares, write_video
+from hf_qwen2_vl import tiny_checkpoint
 from PIL import Image, ImageChops
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
@@ -30,9 +33,10 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 import lavis
+from lavis.interop.convert.hf_qwen2_vl import from_hf
 from lavis.serving.boxes import PALETTE, draw_boxes
-from lavis.serving.engine import SamplingOptions
-from lavis.serving.web import BadInput, Conversation, stream_answer
+from lavis.serving.engine import ChatEngine, SamplingOptions
+from lavis.serving.web import BadInput, Conversation, build_demo, stream_answer
 
 pytestmark = pytest.mark.integration
 
@@ -208,6 +212,88 @@ def test_a_failed_or_abandoned_generation_commits_nothing():
     assert conversation.history == []
     list(stream_answer(engine, conversation, "Hello?", GREEDY))
     assert conversation.history == [("Hello?", "Fine.")]
+
+
+# ---------------------------------------------------------------------------------------------
+# videos (a model with a video processor)
+
+
+def video_file(directory: Path, name: str = "clip.mp4") -> str:
+    """A 2-second mp4 (8 frames at 4 a second) of a square moving."""
+    return str(write_video(directory / name, moving_squares(8), rate=4))
+
+
+def test_an_uploaded_video_goes_with_the_next_query_numbered_apart_from_pictures(tmp_path):
+    picture, video = picture_file(tmp_path, "a.png"), video_file(tmp_path)
+    engine = FakeEngine(FakeCompletion(["The ", "square."]))
+    conversation = Conversation()
+    conversation.add_upload(picture)
+    conversation.add_upload(video)
+    *_, (query, response) = stream_answer(engine, conversation, "What moves?", GREEDY)
+    assert query == f"Picture 1: <img>{picture}</img>\nVideo 1: <video>{video}</video>\nWhat moves?"
+    _, _, images = engine.submitted[0]
+    assert images[video] == video  # the video processor reads the uploaded file
+    assert same_pixels(images[picture], Image.open(picture))
+    assert conversation.history == [(query, "The square.")]
+
+    again = video_file(tmp_path, "again.mp4")
+    conversation.add_upload(again)
+    assert conversation.query("And now?") == f"Video 2: <video>{again}</video>\nAnd now?"
+    assert conversation.latest_picture() == picture  # boxes are drawn on pictures, never on a video
+    assert conversation.chat_messages() == [
+        {"role": "user", "content": {"path": picture}},
+        {"role": "user", "content": {"path": video}},
+        {"role": "user", "content": "What moves?"},
+        {"role": "assistant", "content": "The square."},
+        {"role": "user", "content": {"path": again}},
+    ]
+
+
+def test_bad_videos_or_a_model_without_video_are_refused_and_leave_the_conversation_as_it_was(tmp_path):
+    video = video_file(tmp_path)
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_text("not a video")
+    conversation = Conversation()
+    with pytest.raises(BadInput, match=r"clip\.mp4: this model takes no video \(its config's model\.video_processor is "
+                                       r"null\)"):
+        conversation.add_upload(video, no_video="its config's model.video_processor is null")
+    with pytest.raises(BadInput, match=r"garbage\.mp4 is not a video PyAV can read \(corrupt_video\)") as refused:
+        conversation.add_upload(str(garbage))
+    assert str(tmp_path) not in str(refused.value)
+    with pytest.raises(BadInput, match=r"clip\.mp4 is too long: 2\.0 s, over the 1\.5-second limit"):
+        conversation.add_upload(video, max_seconds=1.5)
+    assert conversation == Conversation()
+    with pytest.raises(BadInput, match="<video>…</video> in a message is not accepted"):
+        next(stream_answer(FakeEngine(), conversation, f"<video>{video}</video>What moves?", GREEDY))
+
+
+@pytest.fixture(scope="module")
+def video_model(tmp_path_factory):
+    """A tiny random Qwen2-VL converted by from-hf: a native-resolution model with a video processor."""
+    root = tmp_path_factory.mktemp("qwen2_vl")
+    return lavis.load_model(from_hf(tiny_checkpoint(root / "hf", "qwen2_vl"), root / "ours"), device="cpu")[0]
+
+
+def test_the_demo_answers_an_uploaded_video_as_the_engine_answers_the_video_prompt(video_model, tmp_path):
+    video = video_file(tmp_path)
+    engine = ChatEngine(video_model, read_image_files=False)  # as the demo serves: uploads only
+    try:
+        upload = next(b for b in build_demo(engine).blocks.values() if getattr(b, "elem_id", None) == "upload")
+        assert upload.file_types == ["image", "video"]
+        conversation = Conversation()
+        conversation.add_upload(video)
+        *_, (query, response) = stream_answer(engine, conversation, "What moves?", GREEDY)
+    finally:
+        engine.close()
+    direct = ChatEngine(video_model)  # <video>path</video> read from disk
+    try:
+        expected = direct.submit([{"role": "user", "content": f"Video 1: <video>{video}</video>\nWhat moves?"}], GREEDY)
+        assert response == expected.result(timeout=120)
+    finally:
+        direct.close()
+    fixed_size = SimpleNamespace(max_length=None, max_batch_size=1)  # no model: takes no video
+    upload = next(b for b in build_demo(fixed_size).blocks.values() if getattr(b, "elem_id", None) == "upload")
+    assert upload.file_types == ["image"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from lavis.processors.conversation import (
     ConversationEncoder,
     image_reference,
     pictures,
+    video_reference,
 )
 from lavis.processors.errors import SkipSample
 from lavis.processors.image import load_image
@@ -50,9 +51,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalSample:
-    """One prompt to answer: its images, the text after them, and what the metric compares against.
+    """One prompt to answer: its videos and images, the text after them, and what the metric compares against.
 
     ``options``: continuations to rank by loss (multiple choice); empty for generation tasks.
+    ``videos``: the ``<video>`` span names (a file or a directory of frames under ``image_root``, or a
+    name in ``video_sources``: the record's ``videos`` mapping, ``{name: {"frames"?, "fps"?, "frames_fps"?}}``).
     """
 
     id: str
@@ -61,6 +64,8 @@ class EvalSample:
     image_root: str
     reference: dict[str, Any]
     options: list[str] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)
+    video_sources: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class EvalTask:
@@ -72,7 +77,8 @@ class EvalTask:
     ``prompt``: the text after the image, formatted with the record's fields (e.g. ``{question}``).
     ``chat``: wrap it as a ChatML user turn (``Picture 1: <img>…</img>\\n{prompt}``, system message
     and assistant prefix) for chat models; otherwise the raw ``<img>…</img>{prompt}`` of Qwen-VL's
-    own evaluation. ``max_samples``: evaluate only the first N samples (e.g. during training).
+    own evaluation. Videos follow the pictures: ``<video>…</video>`` (chat: ``Video 1: <video>…</video>\\n``,
+    as the conversation builders write them). ``max_samples``: evaluate only the first N samples (e.g. during training).
     """
 
     metric_names: tuple[str, ...] = ()
@@ -199,8 +205,23 @@ class Evaluator:
                 samples = samples[: task.max_samples]
             if not samples:
                 raise ConfigError(f"evaluation.{name}: the data holds no samples")
+            self._check_videos(name, samples)
             self.tasks[name], self.samples[name] = task, samples
             log.info("evaluation %s (%s on %s): %d samples", name, entry.task, entry.builder, len(samples))
+
+    def _check_videos(self, name: str, samples: list[EvalSample]) -> None:
+        """Samples with videos need a model that reads them: a ConfigError naming the way out otherwise."""
+        sample = next((s for s in samples if s.videos), None)
+        if sample is None:
+            return
+        holds = f"evaluation.{name}: its records ask about videos (record {sample.id!r}: <video>{sample.videos[0]}</video>)"
+        if not getattr(self.model, "native_resolution", False):
+            raise ConfigError(f"{holds}, and this model's vision encoder (model.vision) takes fixed-size images: a video "
+                              "needs a native-resolution model (model.vision: qwen2_vl_vit, model.image_processor: "
+                              "qwen2_vl_image) with a model.video_processor (qwen2_vl_video)")
+        if self.video_processor is None:
+            raise ConfigError(f"{holds}, and the model has no video processor: set model.video_processor "
+                              "({type: qwen2_vl_video}) or leave these records out")
 
     @property
     def device(self) -> torch.device:
@@ -301,16 +322,22 @@ class Evaluator:
     def prompt_text(task: EvalTask, sample: EvalSample) -> str:
         """The text the model is asked (a chat task's user turn, inside ChatML when encoded)."""
         if task.chat:
-            return pictures(sample.images) + sample.text
-        return "".join(image_reference(path) for path in sample.images) + sample.text
+            videos = "".join(f"Video {n}: {video_reference(name)}\n" for n, name in enumerate(sample.videos, 1))
+            return pictures(sample.images) + videos + sample.text
+        return "".join(map(image_reference, sample.images)) + "".join(map(video_reference, sample.videos)) + sample.text
 
     def _encode(self, task: EvalTask, sample: EvalSample) -> tuple[list[int], torch.Tensor | PatchImages]:
-        """The sample's prompt ids and its images as the model takes them."""
+        """The sample's prompt ids and its images (and videos) as the model takes them."""
         text = self.prompt_text(task, sample)
         root = Path(sample.image_root or "")
 
         def images(path: str, video: bool = False):
-            return self.video_processor(root / path) if video else self.image_processor(load_image(root / path))
+            if not video:
+                return self.image_processor(load_image(root / path))
+            source = sample.video_sources.get(path) or {}
+            frames = source.get("frames")
+            rates = {key: source[key] for key in ("fps", "frames_fps") if key in source}
+            return self.video_processor(root / path if frames is None else [root / f for f in frames], **rates)
 
         if task.chat:
             messages = [{"role": "user", "content": text}]

@@ -16,7 +16,8 @@ class MultipleChoiceTask(EvalTask):
     """Scores each option letter as the continuation of the prompt (``" A"``, ``" B"``, ...; without the
     space at the start of a chat answer) and picks the lowest mean token loss, as Qwen-VL scores
     ScienceQA, MMBench and SEED-Bench. Records of the ``multiple_choice`` builder or of a released
-    benchmark's (``scienceqa``, ``mmbench``, ``seed_bench``, ``ai2d``). Nothing is generated.
+    benchmark's (``scienceqa``, ``mmbench``, ``seed_bench``, ``ai2d``). Nothing is generated. A record's
+    ``video`` (MVBench-style video questions) is asked about as ``<video>path</video>`` before the prompt.
 
     Records that carry a ``circular_group`` (MMBench's rotations of one question) are scored by
     circular evaluation: ``accuracy`` is the share of groups answered right in every rotation, and
@@ -40,6 +41,8 @@ class MultipleChoiceTask(EvalTask):
                 EvalSample(
                     id=record["id"],
                     images=[record["image"]] if record.get("image") else [],
+                    videos=[record["video"]] if record.get("video") else [],
+                    video_sources=record.get("videos") or {},
                     text=self.prompt.format(
                         hint=record["hint"], question=record["question"], options=options_text(record["choices"])
                     ),

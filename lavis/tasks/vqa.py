@@ -1,8 +1,10 @@
-"""VQA evaluation: VQAv2 accuracy with the official answer normalisation and 10-choose-9 averaging, or,
-for questions without answers (VQAv2 test-dev), the results file of the evaluation server."""
+"""VQA evaluation: VQAv2 accuracy with the official answer normalisation and 10-choose-9 averaging (or
+another answer metric: ANLS, relaxed accuracy, exact or normalised match), or, for questions without
+answers (VQAv2 test-dev), the results file of the evaluation server. Questions about a picture or a video."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -12,14 +14,27 @@ from lavis.common.registry import registry
 from lavis.datasets.builders.base import AnnotationError, require_dict
 from lavis.datasets.builders.vqa import vqav2_section
 from lavis.tasks.evaluation import EvalSample, EvalTask
-from lavis.tasks.metrics import anls, exact_match, relaxed_accuracy, vqa_score
+from lavis.tasks.metrics import anls, exact_match, normalize_vqa_answer, relaxed_accuracy, vqa_score
+
+
+def normalized_match(prediction: str, answers: list[str]) -> float:
+    """1 if the answer equals a reference once both are normalised as VQAv2's evaluation normalises answers
+    (case, punctuation, articles, number words: ``"Two dogs."`` matches ``"2 dogs"``): the accuracy of
+    open-ended video QA (MSVD-QA, MSRVTT-QA, ActivityNet-QA), whose questions have one reference answer."""
+    answer = normalize_vqa_answer(prediction)
+    return float(any(answer == normalize_vqa_answer(a) for a in answers))
+
 
 # The answer metrics: their name in the results and their per-question score (answer, references).
 ANSWER_METRICS = {
     "anls": ("anls", anls),  # DocVQA, InfographicsVQA
     "relaxed_accuracy": ("relaxed_accuracy", relaxed_accuracy),  # ChartQA
     "exact_match": ("accuracy", exact_match),  # GQA, OCR-VQA, AI2D
+    "normalized_match": ("accuracy", normalized_match),  # open-ended video QA: MSVD-QA, MSRVTT-QA, ActivityNet-QA
 }
+VQA_CONSENSUS = 3  # vqa_accuracy: an answer is fully right when this many humans gave it
+
+log = logging.getLogger(__name__)
 
 
 @registry.register("eval_task", "vqa")
@@ -28,7 +43,12 @@ class VQATask(EvalTask):
     JSONL; or of a released benchmark: ``textvqa``, ``gqa``, ``docvqa``, ``chartqa``, ``ocrvqa``) and
     scores it against all reference answers with ``metric``: ``vqa_accuracy`` (VQAv2, OK-VQA, TextVQA,
     VizWiz), ``anls`` (DocVQA), ``relaxed_accuracy`` (ChartQA) or ``exact_match`` (GQA, OCR-VQA, AI2D),
-    each as Qwen-VL's eval_mm computes it. Qwen-VL's prompt: ``{question} Answer:``.
+    each as Qwen-VL's eval_mm computes it, or ``normalized_match`` (open-ended video QA, one reference
+    answer each: :func:`normalized_match`). Qwen-VL's prompt: ``{question} Answer:``. A record's
+    ``video`` is asked about as ``<video>path</video>`` before the prompt (a model with a video processor).
+
+    ``vqa_accuracy`` needs several human answers (3 agreeing score 1); records that all have fewer
+    than 3 could never score 1 (one answer always scores 0): a warning names ``normalized_match``.
 
     Questions without answers (the ``vqa`` builder's VQAv2 layout with ``ann_path: null``, e.g.
     test-dev) are not scored: the metrics count the ``answered`` questions and the evaluation writes
@@ -49,7 +69,7 @@ class VQATask(EvalTask):
         num_beams: int = 1,
         max_samples: int | None = None,
         min_new_tokens: int = 1,
-        metric: Literal["vqa_accuracy", "anls", "relaxed_accuracy", "exact_match"] = "vqa_accuracy",
+        metric: Literal["vqa_accuracy", "anls", "relaxed_accuracy", "exact_match", "normalized_match"] = "vqa_accuracy",
         submission_questions_path: str | None = None,
     ) -> None:
         super().__init__(prompt, chat, max_new_tokens, num_beams, max_samples, min_new_tokens)
@@ -67,20 +87,23 @@ class VQATask(EvalTask):
         self._check_answered(records)
         out = []
         for record in records:
+            media = "video" if record.get("video") is not None else "image"
             if self.unanswered:
-                self.require(record, "image", "question", "question_id", builder_hint="vqa (ann_path: null)")
-                reference = {"image": record["image"], "question": record["question"], "question_id": record["question_id"]}
+                self.require(record, media, "question", "question_id", builder_hint="vqa (ann_path: null)")
+                reference = {media: record[media], "question": record["question"], "question_id": record["question_id"]}
             else:
-                self.require(record, "image", "question", "answers", builder_hint="vqa")
-                reference = {"image": record["image"], "question": record["question"], "answers": record["answers"],
+                self.require(record, media, "question", "answers", builder_hint="vqa")
+                reference = {media: record[media], "question": record["question"], "answers": record["answers"],
                              **({"answer_type": record["answer_type"]} if "answer_type" in record else {})}
             out.append(
                 EvalSample(
                     id=record["id"],
-                    images=[record["image"]],
+                    images=[record["image"]] if media == "image" else [],
                     text=self.prompt.format(question=record["question"]),
                     image_root=record.get("image_root", ""),
                     reference=reference,
+                    videos=[record["video"]] if media == "video" else [],
+                    video_sources=record.get("videos") or {},
                 )
             )
         if self.unanswered and self.submission_questions_path is not None:
@@ -98,6 +121,14 @@ class VQATask(EvalTask):
                 "evaluate them as two entries"
             )
         self.unanswered = bool(records) and not answered
+        if answered and self.metric == "vqa_accuracy" and all(len(r["answers"]) < VQA_CONSENSUS for r in answered):
+            log.warning(
+                "%s: metric vqa_accuracy counts an answer right when %d of the humans' answers agree with it, and these "
+                "records have at most %d reference answer(s) each (record %r: %r), so no answer can score 1 (with one "
+                "answer, every answer scores 0); set metric: normalized_match (one reference answer: open-ended video QA, "
+                "MSVD-QA, MSRVTT-QA) or exact_match", self.registry_name, VQA_CONSENSUS,
+                max(len(r["answers"]) for r in answered), answered[0].get("id"), answered[0]["answers"],
+            )
         if self.unanswered:
             self.metric_names = ("answered",)
         elif self.submission_questions_path is not None:

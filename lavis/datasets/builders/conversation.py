@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import posixpath
 import re
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -25,8 +24,8 @@ from lavis.datasets.builders.base import (
     as_paths,
     describe_record,
     read_annotations,
-    require_str,
 )
+from lavis.datasets.builders.media import span_path, video_source
 from lavis.processors.boxes import box_problems
 from lavis.processors.conversation import ROLES, image_reference, pictures, video_reference
 from lavis.processors.native_video import FRAME_SUFFIXES
@@ -50,36 +49,6 @@ def _conversations(path: str, index: int, record: Any, roles: dict[str, str]) ->
     if not any(m["role"] == "assistant" for m in messages):
         raise AnnotationError(f"{where}: no assistant turn to learn from")
     return messages
-
-
-def span_path(where: str, value: Any, what: str) -> str:
-    """A path fit for an ``<img>``/``<video>`` span (a ``file://`` prefix, qwen-vl-utils' local form, dropped)."""
-    path = require_str(where, value, what).removeprefix("file://")
-    if not path or any(c in path for c in "<>\n"):
-        raise AnnotationError(f"{where}: {what} {path!r} is empty or contains '<', '>' or a newline")
-    return path
-
-
-def video_source(where: str, video: Any, number: int, sources: dict[str, dict[str, Any]], fps: Any = None) -> str:
-    """The ``<video>`` span name of one video: a path (a file or a directory of frames) as it is; a list of frame
-    files ``{their directory}#{number}``, its frames put in ``sources[name]``. ``fps`` is qwen-vl-utils' per-video
-    key: the rate a file is sampled at; for frames, the rate they were taken at, every frame kept."""
-    if isinstance(video, str):
-        name, entry = span_path(where, video, "the video path"), {}
-    elif isinstance(video, list):
-        frames = [span_path(where, frame, "a video frame path") for frame in video]
-        name = f"{(posixpath.dirname(frames[0]) if frames else '') or 'frames'}#{number}"
-        entry = {"frames": frames}
-    else:
-        raise AnnotationError(f"{where}: a video is a path or a list of frame paths, got {type(video).__name__}")
-    if fps is not None:
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
-            raise AnnotationError(f"{where}: a video's fps must be a positive number, got {fps!r}")
-        entry.update(fps=float(fps), **({"frames_fps": float(fps)} if "frames" in entry else {}))
-    if entry:
-        if sources.setdefault(name, entry) != entry:
-            raise AnnotationError(f"{where}: video {name!r} is given twice with different fps (copy the file)")
-    return name
 
 
 def place_visuals(where: str, messages: list[dict[str, str]], images: list[str], videos: list[str],

@@ -177,15 +177,20 @@ def read_tsv(path: str, required: tuple[str, ...]) -> list[dict[str, str]]:
     return rows
 
 
-SEED_IMAGE_TYPES = range(1, 10)  # question_type_id 1-9 are image questions; 10-12 are video
+# question_type_id 1-9 are image questions. 10-12 (action recognition, action prediction, procedure understanding)
+# are video questions, skipped: their videos are not in SEED-Bench's release (Something-Something v2, EPIC-KITCHENS-100
+# and Breakfast, each from its own source) and 11-12 ask about a segment of a long video (its "segment"), which a
+# <video> span does not cut. Video multiple choice is read by the multiple_choice builder (MVBench's task JSON).
+SEED_IMAGE_TYPES = range(1, 10)
 
 
 @registry.register("builder", "seed_bench")
 class SEEDBenchBuilder(ReleasedMCBuilder):
     """SEED-Bench (``SEED-Bench.json``: ``{"questions": [{"question_id", "question", "choice_a" ..
     "choice_d", "answer": "A", "data_id", "question_type_id"}], "question_type": {name: id}}``): the
-    image questions (types 1-9), images ``data_id`` under ``image_root``. Accuracy is also given per
-    question type (SEED-Bench's evaluation dimensions)."""
+    image questions (types 1-9), images ``data_id`` under ``image_root``; the video questions (10-12) are
+    left out (see :data:`SEED_IMAGE_TYPES`). Accuracy is also given per question type (SEED-Bench's
+    evaluation dimensions)."""
 
     released_at = "https://huggingface.co/datasets/AILab-CVC/SEED-Bench (SEED-Bench.json, SEED-Bench-image)"
 

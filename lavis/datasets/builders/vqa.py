@@ -1,8 +1,8 @@
-"""VQA builder: VQAv2's question + annotation files, or a simple JSON/JSONL of image/question/answers.
+"""VQA builder: VQAv2's question + annotation files, or a simple JSON/JSONL of image (or video)/question/answers.
 
 Every question becomes Qwen-VL's stage-2 VQA sample (DESIGN §7)::
 
-    prompt  "<img>{path}</img>{question} Answer:"
+    prompt  "<img>{path}</img>{question} Answer:"      (a video: "<video>{path}</video>{question} Answer:")
     target  " {answer}"
 
 The answer is ``multiple_choice_answer`` when the record has one, otherwise the most frequent of its
@@ -33,26 +33,32 @@ from lavis.datasets.builders.base import (
     require_dict,
     require_str,
 )
+from lavis.datasets.builders.media import media_reference, record_media
 from lavis.processors.conversation import image_reference
 
 ANSWER_PROMPT = " Answer:"
 
 
 def vqa_record(
-    rid: str, image: str, question: str, answers: list[str], answer: str, answer_type: str | None = None
+    rid: str, image: str | None, question: str, answers: list[str], answer: str, answer_type: str | None = None,
+    video: str | None = None, videos: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A training sample (target: ``answer``) plus the fields evaluation reads (all human ``answers``,
-    and VQAv2's ``answer_type``, yes/no, number or other, when the annotations give it)."""
+    and VQAv2's ``answer_type``, yes/no, number or other, when the annotations give it). A question about
+    a ``video`` holds it (``"video"``, a ``<video>`` span; a frame list's frames in ``videos``) instead of
+    an image."""
     record = {
         "id": rid,
-        "prompt": image_reference(image) + question + ANSWER_PROMPT,
+        "prompt": media_reference(image, video) + question + ANSWER_PROMPT,
         "target": f" {answer}",
-        "image": image,
+        **({"video": video} if video is not None else {"image": image}),
         "question": question,
         "answers": answers,
     }
     if answer_type is not None:
         record["answer_type"] = str(answer_type)
+    if videos:
+        record["videos"] = videos
     return record
 
 
@@ -101,7 +107,12 @@ class VQABuilder:
     * Simple (``question_path`` unset): ``ann_path`` is JSONL (or a JSON list) of ``{"image",
       "question", "answers": [str, ...]}``; ``"answer"`` (a string or a list, as in LAVIS's VQA
       JSON) and ``"multiple_choice_answer"`` are accepted too. Record id: ``id``, else
-      ``question_id``, else the line index.
+      ``question_id``, else the line index. Video QA: ``"video"`` instead of ``"image"`` (a video
+      file, a directory of its frames or a list of frame files, under ``image_root``), or, for
+      records with neither, ``video_pattern`` formatted with the record's fields (e.g.
+      ``"video{video_id}.mp4"`` for MSRVTT-QA's ``{"video_id", "question", "answer"}``). Open-ended
+      video QA, one answer per question (MSVD-QA, MSRVTT-QA, ActivityNet-QA), is scored with the
+      ``vqa`` task's ``metric: normalized_match``.
     """
 
     def __init__(
@@ -111,6 +122,7 @@ class VQABuilder:
         question_path: str | list[str] | None = None,
         split: str = "train",
         image_pattern: str = "COCO_{split}2014_{image_id:012d}.jpg",
+        video_pattern: str | None = None,
     ) -> None:
         self.ann_paths = None if ann_path is None else as_paths(ann_path)
         self.question_paths = None if question_path is None else as_paths(question_path)
@@ -126,6 +138,10 @@ class VQABuilder:
         self.image_root = image_root
         self.split = split
         self.image_pattern = image_pattern
+        if video_pattern is not None and self.question_paths is not None:
+            raise ConfigError("vqa: video_pattern names the videos of the simple layout (question_path unset); "
+                              "VQAv2's questions name images (image_pattern)")
+        self.video_pattern = video_pattern
         try:
             image_pattern.format(split=split, image_id=0)
         except (KeyError, IndexError, ValueError) as err:
@@ -148,11 +164,11 @@ class VQABuilder:
         if isinstance(data, dict):
             kind = "annotations" if "annotations" in data else "questions" if "questions" in data else None
             hint = f"; it looks like VQAv2 {kind}: set question_path and ann_path" if kind else ""
-            raise AnnotationError(f"{path}: expected a JSON list or JSONL of {{'image', 'question', 'answers'}}{hint}")
+            raise AnnotationError(f"{path}: expected a JSON list or JSONL of {{'image' (or 'video'), 'question', 'answers'}}{hint}")
         records = []
         for index, record in enumerate(data):
             where = describe_record(path, index, record, "id", "question_id")
-            require_dict(where, record, "image", "question")
+            require_dict(where, record, "question")
             answers = record.get("answers", record.get("answer"))
             if answers is None and record.get("multiple_choice_answer") is None:
                 raise AnnotationError(f"{where}: no answers; a VQA record needs 'answers'")
@@ -160,9 +176,20 @@ class VQABuilder:
             answer = choose_answer(where, texts, record.get("multiple_choice_answer"))
             rid = record.get("id", record.get("question_id", index))
             question = require_str(where, record["question"], "'question'")
-            image = image_path(where, record["image"])
-            records.append(vqa_record(str(rid), image, question, texts or [answer], answer, record.get("answer_type")))
+            image, video, videos = record_media(where, self._with_video(where, record))
+            records.append(vqa_record(str(rid), image, question, texts or [answer], answer, record.get("answer_type"),
+                                      video=video, videos=videos))
         return records
+
+    def _with_video(self, where: str, record: dict[str, Any]) -> dict[str, Any]:
+        """The record, with ``video_pattern``'s video when it names neither an image nor a video."""
+        if self.video_pattern is None or "image" in record or "video" in record:
+            return record
+        try:
+            return {**record, "video": self.video_pattern.format(**record)}
+        except (KeyError, IndexError, ValueError) as err:
+            raise AnnotationError(f"{where}: video_pattern {self.video_pattern!r} cannot be formatted with the record's "
+                                  f"fields ({sorted(record)}): {err!r}") from None
 
     def _vqav2(self, qpath: str, apath: str | None) -> list[dict[str, Any]]:
         data = read_json(qpath)

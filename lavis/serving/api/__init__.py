@@ -1,3 +1,4 @@
-"""The OpenAI-compatible API (``python -m lavis.serve``): schema, prompts, images, limits, streaming, app.
+"""The OpenAI-compatible API (``python -m lavis.serve``): schema, prompts, images, videos, limits, streaming,
+app.
 Imports lavis.serving.engine and below; inside, app imports the other modules and nothing imports app.
 """

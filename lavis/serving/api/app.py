@@ -46,6 +46,7 @@ from lavis.serving.api.streaming import (
     log_answer,
     stream_events,
 )
+from lavis.serving.api.videos import VideoFiles, load_video, video_unsupported, why_no_video
 from lavis.serving.engine import ChatEngine, Completion, SamplingOptions
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ DESCRIPTION = """An OpenAI-compatible API for a trained model, as Qwen-VL's ``op
 
     python -m lavis.serve --ckpt outputs/sft [--host 127.0.0.1] [--port 8000] [--api-key KEY]
                           [--max-batch-size 8] [--image-root DIR] [--allow-remote-images] [--device auto]
-                          [--model-name NAME]
+                          [--model-name NAME] [--max-video-bytes N] [--max-video-seconds S]
 
     from openai import OpenAI  # a server started with --image-root /data
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
@@ -69,7 +70,10 @@ DESCRIPTION = """An OpenAI-compatible API for a trained model, as Qwen-VL's ``op
 local path or a ``file://`` URL within ``--image-root`` (default: the working directory; relative paths
 from it), a ``data:image/...;base64,`` URL, or (with ``--allow-remote-images``) an ``http(s)://`` URL;
 each becomes ``Picture n: <img>imageN</img>\\n`` in its user turn (Qwen-VL's format) and goes to the
-model in memory. Every message's text, whatever its role, is encoded as Qwen-VL's chat does:
+model in memory. Video parts (``{"type": "video_url", "video_url": {"url": ...}}``, a model with
+``model.video_processor`` only) take the same URLs (``data:video/...;base64,``) and become
+``Video n: <video>videoN</video>\\n``; the model's video processor decodes them (PyAV) and samples their
+frames. Every message's text, whatever its role, is encoded as Qwen-VL's chat does:
 ``<|im_start|>``, ``<|im_end|>`` and ``<|endoftext|>`` in it are plain text. Concurrent requests are
 generated together in batches by :class:`lavis.serving.ChatEngine`. Errors come in OpenAI's shape,
 ``{"error": {"message", "type", "code", "param"}}``.
@@ -93,10 +97,11 @@ class APIKeyCheck:
         await self.app(scope, receive, send)
 
 
-def submit(engine: ChatEngine, prompt: ChatPrompt, images: dict[str, Image.Image], options: SamplingOptions,
+def submit(engine: ChatEngine, prompt: ChatPrompt, images: dict[str, Image.Image | str], options: SamplingOptions,
            max_tokens_given: bool) -> Completion:
-    """Queue a conversation (blocking: it is tokenized and its pictures processed). Without a
-    requested token limit the default one shrinks to the room the model's context leaves."""
+    """Queue a conversation (blocking: it is tokenized and its pictures and videos processed; ``images``:
+    pictures, and the files of videos, by name). Without a requested token limit the default one shrinks
+    to the room the model's context leaves."""
     try:
         return engine.submit(prompt.messages, options, images=images)
     except ValueError:
@@ -156,15 +161,20 @@ def create_app(engine: ChatEngine, model_name: str, settings: ServerSettings | N
         options = sampling_options(request, settings.default_max_tokens)
         stop = StopMatcher(stop_strings(request.stop))
         prompt = build_prompt(request.messages)
-        images = {name: await run_in_threadpool(load_image, url, settings, number)
-                  for number, (name, url) in enumerate(prompt.image_urls.items(), 1)}
-        try:
-            completion = await run_in_threadpool(submit, engine, prompt, images, options,
-                                                 bool(request.max_tokens or request.max_completion_tokens))
-        except (ValueError, FileNotFoundError) as err:
-            raise APIError(400, str(err)) from None
-        except RuntimeError as err:  # the engine is closed: the server is shutting down
-            raise APIError(503, str(err), type="server_error") from None
+        if prompt.video_urls and (why := why_no_video(engine)):
+            raise video_unsupported(model_name, why)
+        images: dict[str, Image.Image | str] = {name: await run_in_threadpool(load_image, url, settings, number)
+                                                for number, (name, url) in enumerate(prompt.image_urls.items(), 1)}
+        with VideoFiles() as files:  # uploaded videos: removed once the conversation is encoded
+            for number, (name, url) in enumerate(prompt.video_urls.items(), 1):
+                images[name] = str(await run_in_threadpool(load_video, url, settings, files, number))
+            try:
+                completion = await run_in_threadpool(submit, engine, prompt, images, options,
+                                                     bool(request.max_tokens or request.max_completion_tokens))
+            except (ValueError, FileNotFoundError) as err:
+                raise APIError(400, files.scrub(str(err))) from None
+            except RuntimeError as err:  # the engine is closed: the server is shutting down
+                raise APIError(503, str(err), type="server_error") from None
         answer_id, answer_created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if request.stream:
             chunk = ChunkMaker(answer_id, answer_created, model_name)
@@ -220,16 +230,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="requests generated together (default: %(default)s; 1: batching off)")
     parser.add_argument("--batch-window-ms", type=float, default=10.0,
                         help="how long a request waits for others to join its batch (default: %(default)s)")
-    parser.add_argument("--allow-remote-images", action="store_true", help="fetch http(s):// image URLs (refused otherwise)")
+    parser.add_argument("--allow-remote-images", action="store_true",
+                        help="fetch http(s):// image and video URLs (refused otherwise)")
     parser.add_argument("--image-root", default=".",
-                        help="local image paths and file:// URLs are read only within this directory, relative paths "
-                             "from it (default: the working directory; 'none': local pictures refused)")
+                        help="local image and video paths and file:// URLs are read only within this directory, relative "
+                             "paths from it (default: the working directory; 'none': local pictures and videos refused)")
     parser.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
                         help="larger request bodies get a 413 (default: %(default)s)")
     parser.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes,
                         help="the most bytes of one picture: a data URL, a file or a download (default: %(default)s)")
     parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
                         help="the most width x height of one picture (default: %(default)s)")
+    parser.add_argument("--max-video-bytes", type=int, default=defaults.max_video_bytes,
+                        help="the most bytes of one video: a data URL, a file or a download (default: %(default)s)")
+    parser.add_argument("--max-video-seconds", type=float, default=defaults.max_video_seconds,
+                        help="the longest video, refused before decoding; the model's video processor samples at most "
+                             "its max_frames of one (default: %(default)s)")
     parser.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens,
                         help="the answer's token limit when a request sets none, within what the context leaves "
                              "(default: %(default)s)")
@@ -241,7 +257,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--image-root {args.image_root}: not a directory")
     else:
         args.image_root = Path(args.image_root).resolve()
-    for option in ("max_batch_size", "max_request_bytes", "max_image_bytes", "max_image_pixels", "default_max_tokens"):
+    for option in ("max_batch_size", "max_request_bytes", "max_image_bytes", "max_image_pixels", "max_video_bytes",
+                   "max_video_seconds", "default_max_tokens"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be >= 1")
     return args
@@ -268,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         max_request_bytes=args.max_request_bytes,
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
+        max_video_bytes=args.max_video_bytes,
+        max_video_seconds=args.max_video_seconds,
         default_max_tokens=args.default_max_tokens,
         image_root=args.image_root,
     )

@@ -1,5 +1,6 @@
 """Reading a request's pictures: local paths and ``file://`` URLs within the image root, base64
-``data:`` URLs, ``http(s)://`` ones only when allowed; over the byte or pixel limits: a 413."""
+``data:`` URLs, ``http(s)://`` ones only when allowed; over the byte or pixel limits: a 413. The byte
+readers take ``kind`` (``image`` or ``video``: :mod:`lavis.serving.api.videos` reads videos with them)."""
 
 from __future__ import annotations
 
@@ -22,19 +23,22 @@ log = logging.getLogger(__name__)
 REMOTE_SCHEMES = ("http", "https")
 
 
-def decode_base64_image(url: str, max_bytes: int) -> bytes:
-    """The bytes of a ``data:image/…;base64,…`` URL; 413 when over ``max_bytes``, 400 when malformed."""
+def decode_base64_image(url: str, max_bytes: int, kind: str = "image") -> bytes:
+    """The bytes of a ``data:image/…;base64,…`` URL (``data:video/…`` for a video); 413 when over
+    ``max_bytes``, 400 when malformed."""
     header, comma, payload = url.partition(",")
-    if not comma or not header.lower().startswith("data:image/") or not header.lower().endswith(";base64"):
-        raise APIError(400, "a data URL must look like data:image/<type>;base64,<data>", code="invalid_image_url")
+    if not comma or not header.lower().startswith(f"data:{kind}/") or not header.lower().endswith(";base64"):
+        raise APIError(400, f"a data URL must look like data:{kind}/<type>;base64,<data>", code=f"invalid_{kind}_url")
+    too_large = APIError(413, f"a data URL's {kind} is over the {max_bytes}-byte limit (--max-{kind}-bytes)",
+                         code=f"{kind}_too_large")
     if len(payload) * 3 // 4 > max_bytes + 2:
-        raise APIError(413, f"a data URL's image is over the {max_bytes}-byte limit", code="image_too_large")
+        raise too_large
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as err:
-        raise APIError(400, f"a data URL's base64 is malformed: {err}", code="invalid_image_url") from None
+        raise APIError(400, f"a data URL's base64 is malformed: {err}", code=f"invalid_{kind}_url") from None
     if len(data) > max_bytes:
-        raise APIError(413, f"a data URL's image is over the {max_bytes}-byte limit", code="image_too_large")
+        raise too_large
     return data
 
 
@@ -49,14 +53,15 @@ def local_image_path(url: str) -> Path | None:
     return Path(url) if scheme == "" else None
 
 
-def unreadable_image(number: int, where: str = "") -> APIError:
-    """The one answer for a picture that cannot be used, whatever the reason: it says neither whether a
-    path exists nor why it could not be read (the server logs that)."""
-    return APIError(400, f"image {number}: cannot be read (not an image{where})", code="invalid_image")
+def unreadable_image(number: int, where: str = "", kind: str = "image") -> APIError:
+    """The one answer for a picture (a video) that cannot be used, whatever the reason: it says neither
+    whether a path exists nor why it could not be read (the server logs that)."""
+    article = "an" if kind == "image" else "a"
+    return APIError(400, f"{kind} {number}: cannot be read (not {article} {kind}{where})", code=f"invalid_{kind}")
 
 
-def image_too_large(number: int, why: str) -> APIError:
-    return APIError(413, f"image {number} is too large: {why}", code="image_too_large")
+def image_too_large(number: int, why: str, kind: str = "image") -> APIError:
+    return APIError(413, f"{kind} {number} is too large: {why}", code=f"{kind}_too_large")
 
 
 def within_root(path: Path, root: Path | None) -> Path | None:
@@ -72,41 +77,54 @@ def within_root(path: Path, root: Path | None) -> Path | None:
     return resolved if resolved.is_relative_to(root) else None
 
 
-def read_local_image(path: Path, number: int, root: Path | None, max_bytes: int) -> bytes:
-    """A local picture's bytes when it is a file in ``root`` (413 when over ``max_bytes``); anything
-    else (outside the root, missing, not a file, unreadable) is the same 400."""
-    refused = unreadable_image(number, " within the image root")
+def local_file(path: Path, number: int, root: Path | None, max_bytes: int, kind: str = "image") -> Path:
+    """A local picture's (video's) file, its links followed, when it is a file in ``root`` of at most
+    ``max_bytes`` (413 beyond); anything else (outside the root, missing, not a file) is the same 400."""
+    refused = unreadable_image(number, " within the image root", kind)
     file = within_root(path, root)
     if file is None:
-        log.info("image %d: %s is not within the image root %s", number, path, root)
+        log.info("%s %d: %s is not within the image root %s", kind, number, path, root)
         raise refused
     try:
         if not file.is_file():
             raise FileNotFoundError(f"no file {file}")
-        if file.stat().st_size > max_bytes:
-            raise image_too_large(number, f"over the {max_bytes}-byte limit")
+        size = file.stat().st_size
+    except (OSError, ValueError) as err:
+        log.info("%s %d: cannot read %s: %s", kind, number, file, err)
+        raise refused from None
+    if size > max_bytes:
+        raise image_too_large(number, f"over the {max_bytes}-byte limit (--max-{kind}-bytes)", kind)
+    return file
+
+
+def read_local_image(path: Path, number: int, root: Path | None, max_bytes: int) -> bytes:
+    """A local picture's bytes when it is a file in ``root`` (413 when over ``max_bytes``); anything
+    else (outside the root, missing, not a file, unreadable) is the same 400."""
+    refused = unreadable_image(number, " within the image root")
+    file = local_file(path, number, root, max_bytes)
+    try:
         with open(file, "rb") as fh:
             data = fh.read(max_bytes + 1)
     except (OSError, ValueError) as err:
         log.info("image %d: cannot read %s: %s", number, file, err)
         raise refused from None
     if len(data) > max_bytes:
-        raise image_too_large(number, f"over the {max_bytes}-byte limit")
+        raise image_too_large(number, f"over the {max_bytes}-byte limit (--max-image-bytes)")
     return data
 
 
-def fetch_remote_image(url: str, number: int, max_bytes: int, timeout_s: float) -> bytes:
-    """An ``http(s)://`` picture's bytes, reading at most ``max_bytes`` (413 beyond) within ``timeout_s``
-    per network operation."""
+def fetch_remote_image(url: str, number: int, max_bytes: int, timeout_s: float, kind: str = "image") -> bytes:
+    """An ``http(s)://`` picture's (video's) bytes, reading at most ``max_bytes`` (413 beyond) within
+    ``timeout_s`` per network operation."""
     request = urllib.request.Request(url, headers={"User-Agent": "lavis-serve"})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             data = response.read(max_bytes + 1)
     except (urllib.error.URLError, OSError, ValueError) as err:
-        log.info("image %d: cannot fetch %s: %s", number, short_url(url), err)
-        raise APIError(400, f"image {number}: cannot be fetched from {short_url(url)}", code="invalid_image_url") from None
+        log.info("%s %d: cannot fetch %s: %s", kind, number, short_url(url), err)
+        raise APIError(400, f"{kind} {number}: cannot be fetched from {short_url(url)}", code=f"invalid_{kind}_url") from None
     if len(data) > max_bytes:
-        raise image_too_large(number, f"over the {max_bytes}-byte limit")
+        raise image_too_large(number, f"over the {max_bytes}-byte limit (--max-{kind}-bytes)", kind)
     return data
 
 

@@ -21,10 +21,14 @@ class ServerSettings:
     max_request_bytes: int = 20 * MiB
     max_image_bytes: int = 10 * MiB
     max_image_pixels: int = 4096 * 4096
+    # A video part (video_url): its bytes (a data URL, a file or a download) and its length; longer videos
+    # are refused before decoding (the video processor samples at most max_frames of a shorter one).
+    max_video_bytes: int = 64 * MiB
+    max_video_seconds: float = 600.0
     remote_image_timeout_s: float = 10.0
     default_max_tokens: int = 512
-    # Local paths and file:// URLs are read only within this directory (relative paths: from it); None:
-    # refused. The command's default is the working directory.
+    # Local paths and file:// URLs (pictures and videos) are read only within this directory (relative paths:
+    # from it); None: refused. The command's default is the working directory.
     image_root: Path | None = None
 
 

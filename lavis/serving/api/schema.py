@@ -41,7 +41,18 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(BaseModel):
+    url: str
+
+
+class VideoPart(BaseModel):
+    """A video (vLLM's and Qwen2-VL's servers' form): a ``data:video/…;base64,`` URL, a path or ``file://`` URL."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
