@@ -178,6 +178,25 @@ def test_a_later_block_option_replaces_an_earlier_short_form():
     assert (cfg.model.freeze.vision.type, cfg.model.freeze.vision.params["r"], cfg.model.freeze.vision.params["alpha"]) == ("lora", 4, 8)
 
 
+def test_the_video_processor_can_be_set_to_null_and_stays_so_in_the_run_config(tmp_path):
+    """``model.video_processor: null`` (a model that takes no video) is kept, not filled with the default; the
+    run's own config.yaml says so and loads back the same; a later layer may bring it back. Other components
+    cannot be null."""
+    from lavis.models import build_model
+
+    assert sft().model.video_processor.type == "qwen2_vl_video"
+    cfg = sft("model.video_processor=null")
+    assert cfg.model.video_processor is None
+    assert build_model(cfg.model)[1].video is None
+    saved = tmp_path / "config.yaml"
+    cfg.save(saved)
+    assert yaml.safe_load(saved.read_text())["model"]["video_processor"] is None
+    assert load_config(saved).model.video_processor is None
+    assert load_config(saved, ["model.video_processor={type: qwen2_vl_video}"]).model.video_processor.type == "qwen2_vl_video"
+    with pytest.raises(Exception, match="model.adapter"):
+        sft("model.adapter=null")
+
+
 def test_options_are_typed_as_yaml():
     cfg = sft(
         "run.lr=2e-5", "run.min_lr=1.0e-6", "run.max_steps=12", "run.warmup_steps=3", "run.betas=[0.9,0.95]", "run.clip_grad=null",

@@ -62,7 +62,7 @@ def build_model(cfg, meta: bool = False) -> tuple[VisionLanguageModel, Processor
     model = arch(vision, adapter, language_model, image_pad_id=image_pad_id, image_size=getattr(vision, "image_size", None))
     model.video_pad_id = tokenizer.vid_pad_id if tokenizer is not None else image_pad_id
     image_processor = build_component("processor", cfg.image_processor)
-    video_processor = build_component("processor", cfg.video_processor)
+    video_processor = None if cfg.video_processor is None else build_component("processor", cfg.video_processor)
     check_components(cfg, model, image_processor, video_processor)
     if cfg.load_from and not meta:
         load_stage_checkpoint(model, cfg.load_from)

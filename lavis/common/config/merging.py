@@ -14,6 +14,7 @@ from lavis.common.config.schema import (
     DEFAULTS_DIR,
     FREEZE_COMPONENTS,
     MODEL_COMPONENTS,
+    OPTIONAL_COMPONENTS,
     SECTIONS,
     SHORTHAND_BLOCKS,
     ConfigError,
@@ -133,6 +134,12 @@ def merge_layers(project: dict[str, Any], options: dict[str, Any]) -> dict[str, 
     merged["run"]["strategy"] = _merge_component("strategy", "run.strategy", run_base, run_proj, run_opt)
     model_base, model_proj, model_opt = (x.get("model") or {} for x in (base, project, options))
     for key, kind in MODEL_COMPONENTS.items():
+        if _set_to_null(key, model_proj, model_opt):
+            if key not in OPTIONAL_COMPONENTS:
+                raise ConfigError(f"model.{key} cannot be null: a model needs one; choose one of: "
+                                  f"{', '.join(registry.list(kind))} (only {', '.join(OPTIONAL_COMPONENTS)} may be null)")
+            merged["model"][key] = None
+            continue
         merged["model"][key] = _merge_component(
             kind, f"model.{key}", model_base.get(key), model_proj.get(key), model_opt.get(key)
         )
@@ -150,6 +157,12 @@ def merge_layers(project: dict[str, Any], options: dict[str, Any]) -> dict[str, 
         name: _merge_evaluation(name, eval_proj.get(name), eval_opt.get(name)) for name in _entries(eval_proj, eval_opt)
     }
     return merged
+
+
+def _set_to_null(key: str, project: dict[str, Any], options: dict[str, Any]) -> bool:
+    """Whether the last layer that names ``key`` sets it to null (``--options model.video_processor=null``)."""
+    layer = options if key in options else project
+    return key in layer and layer[key] is None
 
 
 def _with_logger_defaults(base: dict[str, Any]) -> dict[str, Any]:

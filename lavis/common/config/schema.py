@@ -33,6 +33,8 @@ MODEL_COMPONENTS = {
     "image_processor": "processor",
     "video_processor": "processor",
 }
+# Model components a config may set to null (``model.video_processor: null``: a model that takes no video).
+OPTIONAL_COMPONENTS = ("video_processor",)
 # Constructor arguments the framework supplies itself (never user keys).
 CONTEXT_ARGS = {"adapter": ("vision_width", "llm_hidden_size")}
 # Keys of a dataset entry that belong to the framework, not to the builder.
@@ -83,7 +85,7 @@ class ModelConfig:
     llm: ComponentConfig
     tokenizer: ComponentConfig
     image_processor: ComponentConfig
-    video_processor: ComponentConfig
+    video_processor: ComponentConfig | None  # null: the model takes no video
     freeze: FreezeConfig
     system_message: str
     load_from: str | None

@@ -18,6 +18,7 @@ from lavis.common.config.schema import (
     EVAL_KEYS,
     FREEZE_COMPONENTS,
     MODEL_COMPONENTS,
+    OPTIONAL_COMPONENTS,
     ComponentConfig,
     Config,
     ConfigError,
@@ -40,11 +41,14 @@ def _component(kind: str, block: dict[str, Any], where: str) -> ComponentConfig:
 def build_config(resolved: dict[str, Any]) -> Config:
     """Validate a merged, interpolation-resolved dict into a typed :class:`Config`."""
     model = dict(resolved["model"])
-    components = {key: _component(kind, model.pop(key), f"model.{key}") for key, kind in MODEL_COMPONENTS.items()}
+    blocks = {key: model.pop(key) for key in MODEL_COMPONENTS}
+    components = {key: _component(kind, blocks[key], f"model.{key}") for key, kind in MODEL_COMPONENTS.items()
+                  if blocks[key] is not None or key not in OPTIONAL_COMPONENTS}
     freeze = dict(model.pop("freeze"))
     check_keys(freeze, FREEZE_COMPONENTS, "model.freeze")
     policies = {key: vars(_component("freeze_policy", freeze[key], f"model.freeze.{key}")) for key in FREEZE_COMPONENTS}
-    model_cfg = to_dataclass(ModelConfig, {**model, **{k: vars(c) for k, c in components.items()}, "freeze": policies}, "model")
+    model_cfg = to_dataclass(ModelConfig, {**model, **{k: None for k in OPTIONAL_COMPONENTS}, **{k: vars(c) for k, c in components.items()},
+                                         "freeze": policies}, "model")
     datasets = {}
     for name, entry in (resolved.get("datasets") or {}).items():
         entry = dict(entry)
