@@ -187,3 +187,76 @@ def write_video(path: Path, frames: np.ndarray, rate: int, codec: str = "libx264
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+# ---------------------------------------- kill -9 and resume (test_training, test_balanced_batches)
+
+def finish(proc, log: Path, timeout: float = 180.0) -> int:
+    """``proc``'s exit status; fail (with its log) if it runs past ``timeout``."""
+    import subprocess
+
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"train.py did not finish in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def sigkill_at_first_checkpoint(procs: dict, outs: dict[int, Path], logs: dict[int, Path], timeout: float = 180.0) -> dict[int, int]:
+    """SIGKILL each of ``procs`` (train.py subprocesses, by key) once a checkpoint exists in its ``outs``
+    directory; the step of the last checkpoint each left, by key."""
+    import signal
+    import time
+
+    from lavis.common import checkpoint as ckpt
+
+    pending = set(procs)
+    deadline = time.monotonic() + timeout
+    while pending:
+        if time.monotonic() > deadline:
+            pytest.fail(f"no checkpoint in {timeout:.0f} s:\n{logs[min(pending)].read_text()[-3000:]}")
+        for key in sorted(pending):
+            if ckpt.list_checkpoints(outs[key]):
+                procs[key].send_signal(signal.SIGKILL)
+                assert procs[key].wait(timeout=30) == -signal.SIGKILL, f"{key}: not killed"
+                pending.discard(key)
+            elif procs[key].poll() is not None:
+                pytest.fail(f"{key}: exited with {procs[key].returncode}:\n{logs[key].read_text()[-3000:]}")
+        time.sleep(0.02)
+    return {key: int(ckpt.list_checkpoints(outs[key])[-1].name.split("_")[1]) for key in procs}
+
+
+def assert_same_end(straight: Path, resumed: Path, steps: int, what: str = "") -> tuple[dict, dict]:
+    """The runs in ``straight`` and ``resumed`` end at ``steps`` with the same weights, optimiser state (by
+    parameter name), data state, random state and per-step losses (every step logged once), bit for bit;
+    their final training states, for further checks."""
+    from safetensors.torch import load_file
+
+    from lavis.common import checkpoint as ckpt
+    from lavis.tracking.logging import read_metrics
+
+    final = [d / "checkpoints" / f"step_{steps:08d}" for d in (straight, resumed)]
+    wa, wb = (load_file(str(d / ckpt.WEIGHTS_NAME)) for d in final)
+    assert wa.keys() == wb.keys() and len(wa) > 20, what
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{what}: {len(different)} tensors differ after resume, e.g. {different[:3]}"
+
+    opt_a, opt_b = (torch.load(d / ckpt.OPTIMIZER_NAME, weights_only=True)["state"] for d in final)
+    assert opt_a.keys() == opt_b.keys() == wa.keys(), what  # keyed by parameter name
+    for name in opt_a:
+        assert torch.equal(opt_a[name]["exp_avg"], opt_b[name]["exp_avg"]), (what, name)
+        assert torch.equal(opt_a[name]["exp_avg_sq"], opt_b[name]["exp_avg_sq"]), (what, name)
+
+    sa, sb = (torch.load(d / ckpt.STATE_NAME, weights_only=True) for d in final)
+    assert sa["step"] == sb["step"] == steps, what
+    assert sa["data"] == sb["data"], what
+    for rank_a, rank_b in zip(sa["ranks"], sb["ranks"], strict=True):
+        assert rank_a["data_states"] == rank_b["data_states"] and rank_a["skipped"] == rank_b["skipped"], what
+        assert torch.equal(rank_a["rng"]["torch"], rank_b["rng"]["torch"]), what
+        assert rank_a["rng"]["python"] == rank_b["rng"]["python"] and rank_a["rng"]["numpy"] == rank_b["rng"]["numpy"], what
+
+    logged = [[(r["step"], r["loss"]) for r in read_metrics(d / "metrics.jsonl") if "loss" in r] for d in (straight, resumed)]
+    assert [s for s, _ in logged[1]] == list(range(1, steps + 1)), what  # no step logged twice
+    assert logged[0] == logged[1], what  # floats read back from JSON: equal only if equal to the last bit
+    return sa, sb

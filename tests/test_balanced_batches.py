@@ -1,18 +1,25 @@
 """Micro-batches by budget (``run.batch_tokens``, ``run.batch_patches``): the budgets hold, every sample is
 seen once per epoch in the reference walk's order, a stream resumed from any batch's state continues with
 the same batches bit for bit (padded and packed: the held-over sample is drawn again, not lost), bad values
-fail naming the key, and ``metrics.jsonl`` reports the ranks' balance on a native-resolution run."""
+fail naming the key, ``metrics.jsonl`` reports the ranks' balance on a native-resolution run, and such a run on
+images of many sizes, text and videos, killed with SIGKILL and resumed, ends bit for bit as an uninterrupted one."""
 
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import SFT_PROJECT, popen_train, sft_options
+from helpers import assert_same_end, finish, moving_squares, sigkill_at_first_checkpoint, write_video
+from PIL import Image
 from test_native_resolution import NATIVE
 from test_stream import ShuffledStream
 
-from lavis.common.config import ConfigError
+from lavis.common.config import ConfigError, load_config
 from lavis.datasets.builders.base import RecordDataset
 from lavis.datasets.collate import PackCollator, PadCollator
 from lavis.datasets.stream import BatchStream, Source, StreamConfig, sample_cost, vision_patches
@@ -293,3 +300,86 @@ def test_the_step_reduction_gathers_each_ranks_tokens_and_patches(load_sft, tmp_
     assert stats.tokens_per_rank == (100, mine[0]) and stats.patches_per_rank == (50, mine[1])
     assert stats.input_tokens == 100 + mine[0]
     assert max_over_mean(stats.patches_per_rank) == max(50, mine[1]) * 2 / (50 + mine[1])
+
+
+# --------------------------------------------------------------------------- kill -9 and resume
+
+
+def mixed_media(root: Path) -> Path:
+    """24 conversations under ``root``: a quarter text-only, two videos (8 and 12 frames: 2 and 3 temporal
+    patches), the others pictures of six sizes (20x24 to 300x220: 16 to 216 patches); the annotation file."""
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = [(150, 60), (50, 130), (20, 24), (300, 220), (64, 64), (112, 90)]
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"im{i}.png")
+    write_video(root / "short.mp4", moving_squares(8), rate=4)
+    write_video(root / "longer.mp4", moving_squares(12, 80, 64), rate=4)
+    records = []
+    for i in range(24):
+        if i % 4 == 0:
+            user = f"Say something, number {i}."
+        elif i % 8 == 3:
+            user = f"Video 1: <video>{'short' if i % 16 == 3 else 'longer'}.mp4</video>\nWhich way does it move?"
+        else:
+            user = f"Picture 1: <img>im{i % len(sizes)}.png</img>\nWhat is it? {i}"
+        records.append({"id": f"m{i}", "conversations": [{"from": "user", "value": user},
+                                                          {"from": "assistant", "value": "word " * (1 + i % 7)}]})
+    (root / "train.json").write_text(json.dumps(records))
+    return root / "train.json"
+
+
+@pytest.mark.integration
+def test_a_budgeted_native_run_killed_and_resumed_ends_bitwise_as_an_uninterrupted_one(small_world, tmp_path):
+    """Native resolution, batches cut by ``run.batch_tokens`` and ``run.batch_patches`` (2 to 8 samples), on
+    pictures of six sizes, text and two videos: runs B (num_workers 0 and 2, subprocesses) are SIGKILLed once
+    their first checkpoint exists and rerun with ``run.resume=auto``; they end with the uninterrupted runs' weights,
+    optimiser, data and random state and per-step losses, bit for bit. The held-over sample of each worker's
+    stream must be drawn again after the resume (attention dropout on: the random state must be restored too)."""
+    steps = 20
+    ann = mixed_media(tmp_path / "media")
+
+    def options(out: Path, workers: int, *extra: str) -> list[str]:
+        return sft_options(
+            small_world, out, *NATIVE, f"datasets.synthetic_sft.ann_path={ann}", f"datasets.synthetic_sft.image_root={ann.parent}",
+            "model.llm.config.attention_dropout=0.1", f"run.max_steps={steps}", "run.save_every=4", "run.keep_last=2",
+            "run.max_len=256", "run.batch_tokens=512", "run.batch_patches=300", f"run.num_workers={workers}", *extra,
+        )
+
+    workers = (0, 2)
+    outs = {w: tmp_path / f"b{w}" for w in workers}
+    logs = {w: tmp_path / f"b{w}.log" for w in workers}
+    procs = {w: popen_train(options(outs[w], w), logs[w]) for w in workers}
+    try:
+        killed_at = sigkill_at_first_checkpoint(procs, outs, logs)
+        for w in workers:
+            assert 4 <= killed_at[w] < steps, logs[w].read_text()[-3000:]
+            procs[w] = popen_train(options(outs[w], w, "run.resume=auto"), logs[w])
+
+        # Meanwhile, the uninterrupted runs; the first one's batches are looked at first (the same stream).
+        runner = build_runner(load_config(SFT_PROJECT, options(tmp_path / "a0", 0)))
+        batches = runner.data_iterator()
+        seen = [next(batches) for _ in range(steps)]
+        batches.close()
+        build_runner(load_config(SFT_PROJECT, options(tmp_path / "a0", 0))).train()
+        build_runner(load_config(SFT_PROJECT, options(tmp_path / "a2", 2))).train()
+
+        for w in workers:
+            assert finish(procs[w], logs[w]) == 0, logs[w].read_text()[-3000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    sizes = [b["num_samples"] for b in seen]
+    assert len(set(sizes)) >= 3  # the budgets cut batches of several sizes
+    grids = torch.cat([b["pixel_values"].grid_thw for b in seen])
+    assert (grids[:, 0] > 1).any() and len({tuple(g[1:]) for g in grids.tolist()}) >= 5  # videos; pictures of many sizes
+    assert any(b["pixel_values"].num_images < b["num_samples"] for b in seen)  # text-only samples
+    for w in workers:
+        assert f"resumed from {outs[w] / 'checkpoints' / f'step_{killed_at[w]:08d}'}" in logs[w].read_text()
+        sa, _ = assert_same_end(tmp_path / f"a{w}", outs[w], steps, f"num_workers={w}")
+        assert sa["ranks"][0]["skipped"] == {}
+        if w == 0:
+            assert sa["data"]["samples_seen"] == sum(sizes) > 24 * 2  # crosses two epochs

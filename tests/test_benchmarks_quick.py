@@ -35,6 +35,8 @@ EXPECTED = {
     "serve.py": (["batching on (8)", "batching off (1)", "batching on / off"], ()),
     "balance.py": (["padded, batch_size", "padded, budget", "packed, budget", "padded: vision max/mean",
                     "packed: vision max/mean"], ()),
+    "video_loader.py": (["one worker", "a step consumes", "train_step alone", "worker(s) keep up", "real training loop",
+                         "waiting for data"], ()),
     # four launches of 1-2 processes each (FSDP and DDP under torchrun): about a minute
     "distributed.py": (["(a) per-rank memory", "(b) step time", "median step", "wall time"], (pytest.mark.distributed,)),
 }

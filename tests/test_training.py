@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import KILLED_DURING_SAVE, REPO, SFT_PROJECT, popen_train, run_train, sft_options
+from helpers import assert_same_end, finish, sigkill_at_first_checkpoint
 from safetensors.torch import load_file
 
 from lavis.common import checkpoint as ckpt
@@ -64,15 +65,6 @@ def wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 180.
         time.sleep(poll)
 
 
-def finish(proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"train.py did not finish in {timeout}s:\n{log.read_text()[-3000:]}")
-
-
 # --------------------------------------------------------------------------- learning
 
 
@@ -88,6 +80,7 @@ def test_loss_falls_and_logged_lr_follows_the_schedule(load_sft, tmp_path):
     assert last == records[-1]
     for r in records:
         assert math.isfinite(r["loss"]) and r["skipped"] == 0
+        assert 0.0 <= r["data_wait_share"] <= 1.0  # the share of the window's time spent waiting for batches
         # the lr logged at step s is the one step s used (0-based optimiser step s - 1)
         assert r["lr"] == pytest.approx(linear_warmup_cosine(r["step"] - 1, 30, 3, 2e-3, 2e-4), rel=1e-12)
     first, final = records[0]["loss"], records[-1]["loss"]
@@ -138,23 +131,9 @@ def test_resume_after_sigkill_is_bitwise_identical(small_world, tmp_path):
     outs = {w: tmp_path / f"b{w}" for w in workers}
     logs = {w: tmp_path / f"b{w}.log" for w in workers}
     procs = {w: popen_train(options(outs[w], f"run.num_workers={w}"), logs[w]) for w in workers}
-    killed_at = {}
     try:
-        pending = set(workers)
-        deadline = time.monotonic() + 180
-        while pending:
-            if time.monotonic() > deadline:
-                pytest.fail(f"no checkpoint in 180 s:\n{logs[min(pending)].read_text()[-3000:]}")
-            for w in list(pending):
-                if ckpt.list_checkpoints(outs[w]):
-                    procs[w].send_signal(signal.SIGKILL)
-                    assert procs[w].wait(timeout=30) == -signal.SIGKILL, f"num_workers={w}: not killed"
-                    pending.discard(w)
-                elif procs[w].poll() is not None:
-                    pytest.fail(f"num_workers={w}: exited with {procs[w].returncode}:\n{logs[w].read_text()[-3000:]}")
-            time.sleep(0.02)
+        killed_at = sigkill_at_first_checkpoint(procs, outs, logs)
         for w in workers:
-            killed_at[w] = int(ckpt.list_checkpoints(outs[w])[-1].name.split("_")[1])
             assert 4 <= killed_at[w] < steps
             procs[w] = popen_train(options(outs[w], f"run.num_workers={w}", "run.resume=auto"), logs[w])
 
@@ -170,39 +149,14 @@ def test_resume_after_sigkill_is_bitwise_identical(small_world, tmp_path):
                 proc.kill()
                 proc.wait()
 
-    final = f"step_{steps:08d}"
     for w in workers:
         out_a, out_b = tmp_path / f"a{w}", outs[w]
-        wa = load_file(str(out_a / "checkpoints" / final / ckpt.WEIGHTS_NAME))
-        sa = torch.load(out_a / "checkpoints" / final / ckpt.STATE_NAME, weights_only=True)
-        ma = {r["step"]: r["loss"] for r in read_metrics(out_a / "metrics.jsonl")}
-        assert sorted(ma) == list(range(1, steps + 1))
-        assert step_dirs(out_a) == ["step_00000016", "step_00000020", "step_00000024"]
         resumed = f"resumed from {out_b / 'checkpoints' / f'step_{killed_at[w]:08d}'} at step {killed_at[w]}"
         assert resumed in logs[w].read_text()
-
-        wb = load_file(str(out_b / "checkpoints" / final / ckpt.WEIGHTS_NAME))
-        assert wa.keys() == wb.keys() and len(wa) > 50
-        different = [k for k in wa if not torch.equal(wa[k], wb[k])]
-        assert not different, f"num_workers={w}: {len(different)} tensors differ after resume, e.g. {different[:3]}"
-
-        sb = torch.load(out_b / "checkpoints" / final / ckpt.STATE_NAME, weights_only=True)
-        assert sa["step"] == sb["step"] == steps
-        assert sa["data"] == sb["data"] and sa["ranks"][0]["data_states"] == sb["ranks"][0]["data_states"]
+        # weights, optimiser, data and random state, and every step's loss, bit for bit
+        sa, _ = assert_same_end(out_a, out_b, steps, f"num_workers={w}")
         assert sa["data"]["samples_seen"] == steps * 4 and sa["ranks"][0]["skipped"] == {}  # 96 > 64: crosses an epoch
-        opt_a = torch.load(out_a / "checkpoints" / final / ckpt.OPTIMIZER_NAME, weights_only=True)["state"]
-        opt_b = torch.load(out_b / "checkpoints" / final / ckpt.OPTIMIZER_NAME, weights_only=True)["state"]
-        assert opt_a.keys() == opt_b.keys() == wa.keys()  # keyed by parameter name
-        for i in opt_a:
-            assert torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"])
-            assert torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"])
-
-        # The losses logged after the resume point are the uninterrupted run's, to the last bit.
-        records_b = read_metrics(out_b / "metrics.jsonl")
-        assert [r["step"] for r in records_b] == list(range(1, steps + 1))  # no step logged twice
-        mb = {r["step"]: r["loss"] for r in records_b}
-        assert [mb[s] for s in range(killed_at[w] + 1, steps + 1)] == [ma[s] for s in range(killed_at[w] + 1, steps + 1)]
-        assert step_dirs(out_b) == ["step_00000016", "step_00000020", "step_00000024"]
+        assert step_dirs(out_a) == step_dirs(out_b) == ["step_00000016", "step_00000020", "step_00000024"]
         assert hidden_dirs(out_b) == []  # the killed run's temporary directory (if any) was cleaned up
 
 

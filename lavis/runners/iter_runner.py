@@ -418,7 +418,7 @@ class IterRunner:
     def _new_window() -> dict[str, Any]:
         """What the steps since the last ``metrics.jsonl`` record add up."""
         return {"loss": 0.0, "tokens": 0, "input_tokens": 0, "samples": 0, "start": time.perf_counter(),
-                "text_balance": [], "vision_balance": []}
+                "data_wait": 0.0, "text_balance": [], "vision_balance": []}
 
     def metrics_writer(self, resume_step: int | None) -> MetricsWriter | NullMetricsWriter:
         """``metrics.jsonl`` with the experiment loggers of ``run.wandb`` and ``run.tensorboard``, on the
@@ -491,7 +491,10 @@ class IterRunner:
         try:
             while self.step < run.max_steps and not stop:
                 lr = self.set_lr(self.step)
-                stats = self.train_step([next(batches) for _ in range(run.grad_accum)])
+                waited = time.perf_counter()
+                micro_batches = [next(batches) for _ in range(run.grad_accum)]
+                window["data_wait"] += time.perf_counter() - waited
+                stats = self.train_step(micro_batches)
                 stop = stats.stop
                 self.step += 1
                 self.samples_seen += stats.samples
@@ -516,6 +519,8 @@ class IterRunner:
                         "grad_norm": float(stats.grad_norm) if stats.grad_norm is not None else None,
                         "tokens_per_s": window["input_tokens"] / elapsed,
                         "samples_per_s": window["samples"] / elapsed,
+                        # the share of the window's wall time spent blocked on the data loader (its workers behind)
+                        "data_wait_share": min(window["data_wait"] / elapsed, 1.0),
                         # the slowest rank's work over the mean, per step, averaged over the steps since the last record
                         "text_tokens_max_over_mean": window_mean(window["text_balance"]),
                         "vision_patches_max_over_mean": window_mean(window["vision_balance"]),
