@@ -1,8 +1,8 @@
 """Evaluation metrics for Qwen-VL-style benchmarks, each as the evaluator researchers publish with
 computes it: VQA accuracy (the VQA repository's vqaEval.py as LAVIS and Qwen-VL run it), grounding
 Acc@IoU (Qwen-VL's evaluate_grounding.py), captioning CIDEr/BLEU-4 (pycocoevalcap with its
-PTBTokenizer, which needs Java; a Java-free fallback tokenizer otherwise), and multiple-choice
-selection by lowest loss.
+PTBTokenizer, which needs Java; a Java-free fallback tokenizer otherwise), multiple-choice
+selection by lowest loss, and a CHAIR-style hallucination rate of captions of the synthetic world.
 """
 
 from __future__ import annotations
@@ -11,17 +11,21 @@ import logging
 import math
 import re
 import shutil
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Any
 
 from lavis.processors.boxes import denorm_box, iou, parse_boxes
 
 __all__ = [
     "anls",
+    "caption_hallucination",
     "caption_scores",
     "exact_match",
     "choose_option",
     "grounding_accuracy",
+    "hallucination_rate",
     "normalize_vqa_answer",
+    "object_mentions",
     "parse_first_box",
     "relaxed_accuracy",
     "tokenize_caption",
@@ -413,6 +417,64 @@ def caption_scores(
     cider, _ = Cider().compute_score(gts, res)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     return {"CIDEr": float(cider), "BLEU-4": float(bleu[3]), "count": len(res), "ptb": ptb}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hallucination in captions, CHAIR-style (Rohrbach et al. 2018), for the synthetic world: the objects a
+# caption names ("a red circle": a colour word followed by a shape word) that the scene does not hold.
+# ---------------------------------------------------------------------------------------------
+
+
+def _vocabulary(colours: Iterable[str] | None, shapes: Iterable[str] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if colours is None or shapes is None:
+        from lavis.datasets.synthetic.world import COLOUR_NAMES, SHAPES
+
+        colours, shapes = colours or COLOUR_NAMES, shapes or SHAPES
+    return tuple(colours), tuple(shapes)
+
+
+def object_mentions(caption: str, colours: Iterable[str] | None = None,
+                    shapes: Iterable[str] | None = None) -> list[tuple[str, str]]:
+    """The distinct ``(colour, shape)`` objects ``caption`` names, in order of first mention: a colour word
+    directly followed by a shape word (a plural too: "two red circles"), case-insensitive. The vocabulary
+    defaults to the synthetic world's colours and shapes."""
+    colours, shapes = _vocabulary(colours, shapes)
+    pattern = re.compile(rf"\b({'|'.join(map(re.escape, colours))})\s+({'|'.join(map(re.escape, shapes))})s?\b")
+    return list(dict.fromkeys((m[1], m[2]) for m in pattern.finditer(caption.lower())))
+
+
+def _scene_objects(scene: Any) -> set[tuple[str, str]]:
+    """``{(colour, shape)}`` of a world ``Scene``, its dict (``scenes_{split}.json``) or ``(colour, shape)`` pairs."""
+    objects = scene.get("objects") if isinstance(scene, Mapping) else getattr(scene, "objects", scene)
+    return {(o["colour"], o["shape"]) if isinstance(o, Mapping) else
+            (o.colour, o.shape) if hasattr(o, "colour") else tuple(o) for o in objects}
+
+
+def hallucination_rate(caption: str, scene: Any, colours: Iterable[str] | None = None,
+                       shapes: Iterable[str] | None = None) -> float:
+    """The share of the objects ``caption`` names (:func:`object_mentions`) that ``scene`` does not hold (a
+    ``Scene``, its dict as ``scenes_{split}.json`` stores it, or ``(colour, shape)`` pairs): CHAIR_i of one
+    caption. 0.0 for a caption that names none."""
+    mentioned = object_mentions(caption, colours, shapes)
+    if not mentioned:
+        return 0.0
+    present = _scene_objects(scene)
+    return sum(m not in present for m in mentioned) / len(mentioned)
+
+
+def caption_hallucination(captions: Iterable[tuple[str, Any]], colours: Iterable[str] | None = None,
+                          shapes: Iterable[str] | None = None) -> dict[str, float | int]:
+    """CHAIR over ``(caption, scene)`` pairs: ``CHAIR_i`` (absent objects named / objects named, over all
+    captions), ``CHAIR_s`` (the share of captions naming at least one absent object), ``mentioned`` (objects
+    named) and ``count`` (captions)."""
+    count = mentioned = hallucinated = with_hallucination = 0
+    for caption, scene in captions:
+        names = object_mentions(caption, colours, shapes)
+        absent = sum(m not in _scene_objects(scene) for m in names)
+        count, mentioned, hallucinated = count + 1, mentioned + len(names), hallucinated + absent
+        with_hallucination += absent > 0
+    return {"CHAIR_i": hallucinated / mentioned if mentioned else 0.0,
+            "CHAIR_s": with_hallucination / count if count else 0.0, "mentioned": mentioned, "count": count}
 
 
 # ---------------------------------------------------------------------------------------------

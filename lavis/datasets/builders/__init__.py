@@ -4,6 +4,7 @@ from lavis.datasets.builders import (  # noqa: F401  (register)
     grounding,
     multiple_choice,
     ocr,
+    preference,
     released_mc,
     released_vqa,
     text,

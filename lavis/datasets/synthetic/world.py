@@ -15,6 +15,8 @@ written in the same on-disk formats as real data:
   ``llava_{split}.json``        LLaVA-format conversations for the first
                                 ``min(n, 200)`` scenes of the split
   ``shards/{split}-NNNNNN.tar`` webdataset caption shards (:func:`write_caption_shards`)
+  ``preference_{split}.json``   preference pairs ("is there" answers, captions against
+                                hallucinated ones; see :mod:`lavis.datasets.synthetic.preference`)
   captions, VQAv2, RefCOCO-style, grounded-caption, OCR and text files
                                 (see :mod:`lavis.datasets.synthetic.formats`)
 
@@ -50,7 +52,7 @@ from lavis.processors.boxes import (  # noqa: F401
 )
 from lavis.processors.conversation import pictures
 
-WORLD_VERSION = 2
+WORLD_VERSION = 3  # 3: preference_{split}.json (the other files as version 2 wrote them)
 IMAGE_SIZE = 128
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZES: dict[str, int] = {"train": 2000, "val": 200, "test": 200}
@@ -453,12 +455,14 @@ def write_world(out: Path, seed: int, sizes: dict[str, int]) -> None:
         scenes = generate_scenes(seed, n, split)
         write_scenes(out, scenes, build_sft_records(scenes, seed, split), split)
         _write_json(out / f"llava_{split}.json", build_llava_records(scenes, seed, split))
-    # Local import: formats imports this module.
+    # Local imports: formats and preference import this module.
     from lavis.datasets.synthetic.formats import write_formats
+    from lavis.datasets.synthetic.preference import write_preferences
 
     write_formats(out, seed, sizes)
     for split in sizes:
         write_caption_shards(out, split)
+    write_preferences(out, seed, sizes)
     _write_json(out / MARKER, _marker(seed, sizes))
 
 
