@@ -35,6 +35,7 @@ EXPECTED = {
     "serve.py": (["batching on (8)", "batching off (1)", "batching on / off"], ()),
     "balance.py": (["padded, batch_size", "padded, budget", "packed, budget", "padded: vision max/mean",
                     "packed: vision max/mean"], ()),
+    "preference.py": (["(a) separate samples", "(b) one row per pair", "(c) packed", "ratio packed / separate"], ()),
     "video_loader.py": (["one worker", "a step consumes", "train_step alone", "worker(s) keep up", "real training loop",
                          "waiting for data"], ()),
     # four launches of 1-2 processes each (FSDP and DDP under torchrun): about a minute

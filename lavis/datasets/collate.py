@@ -50,6 +50,10 @@ class PackCollator:
     (Position ids alone do not reliably isolate samples: transformers only infers boundaries from
     them in some cases, e.g. flash-attention with a batch of one row.) The first token of every
     sample is unsupervised, as it is unpacked: nothing before it belongs to its sample.
+
+    A sample may branch (a preference pair, :mod:`lavis.tasks.dpo`): ``branch`` gives each of its tokens
+    0 (the shared prefix, seen by every branch) or a branch number (seen only by its own branch), and its
+    ``position_ids`` (each branch continuing from the prefix). Only ``block_mask`` can isolate branches.
     """
 
     def __init__(self, pad_id: int, isolation: str = "block_mask") -> None:
@@ -66,6 +70,7 @@ class PackCollator:
         position_ids = torch.zeros((batch, length), dtype=torch.long)
         # Segment id per position; padding gets ids of its own so that it only sees itself.
         segments = torch.arange(length).repeat(batch, 1) + length
+        branches = torch.zeros((batch, length), dtype=torch.long)  # 0: seen by the whole sample
         attention = torch.zeros((batch, length), dtype=torch.long)
         for r, row in enumerate(rows):
             start = 0
@@ -75,7 +80,9 @@ class PackCollator:
                 input_ids[r, start:end] = sample["input_ids"]
                 labels[r, start:end] = sample["labels"]
                 labels[r, start] = IGNORE_INDEX
-                position_ids[r, start:end] = torch.arange(n)
+                position_ids[r, start:end] = sample["position_ids"] if "position_ids" in sample else torch.arange(n)
+                if "branch" in sample:
+                    branches[r, start:end] = sample["branch"]
                 segments[r, start:end] = s
                 attention[r, start:end] = 1
                 start = end
@@ -90,7 +97,11 @@ class PackCollator:
         }
         if self.isolation == "block_mask":
             causal = torch.ones(length, length, dtype=torch.bool).tril()
-            out["attention_mask"] = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+            visible = (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])  # [query, key]
+            out["attention_mask"] = ((segments[:, :, None] == segments[:, None, :]) & causal & visible)[:, None]
+        elif branches.any():
+            raise ValueError("branched samples (a shared prefix) need isolation block_mask: flash-attention's varlen "
+                             "kernel cannot express a prefix that two branches share")
         else:
             out["attention_mask"] = None
             out["attention_kwargs"] = cu_seqlens_kwargs(segments)

@@ -37,6 +37,24 @@ class SampleProcessor:
         self.truncate = truncate
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+        process = self.loader(record)
+        # A fixed-size model's spans are known without the images: those a truncation drops are never read.
+        images = None if isinstance(self.encoder.num_image_tokens, int) else process
+        if "messages" in record:
+            enc = self.encoder.encode_messages(record["messages"], images=images)
+        else:
+            enc = self.encoder.encode_prompt(record["prompt"], record["target"], images=images)
+        if self.truncate:
+            enc = self.encoder.truncate(enc)
+        processed = enc.processed if images is not None else [process(path) for path in enc.images]
+        return {
+            "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+            "labels": torch.tensor(enc.labels, dtype=torch.long),
+            "pixel_values": self.image_processor.batch(processed),
+        }
+
+    def loader(self, record: dict[str, Any]) -> Callable[..., Any]:
+        """The function ``(path, video=False) -> processed item`` that reads one of ``record``'s images or videos."""
         root = Path(record.get("image_root") or "")
         in_memory = record.get("image_bytes") or {}
         videos = record.get("videos") or {}
@@ -55,20 +73,7 @@ class SampleProcessor:
                 load_image(path, in_memory[path]) if path in in_memory else load_image(self._resolve(root, path))
             )
 
-        # A fixed-size model's spans are known without the images: those a truncation drops are never read.
-        images = None if isinstance(self.encoder.num_image_tokens, int) else process
-        if "messages" in record:
-            enc = self.encoder.encode_messages(record["messages"], images=images)
-        else:
-            enc = self.encoder.encode_prompt(record["prompt"], record["target"], images=images)
-        if self.truncate:
-            enc = self.encoder.truncate(enc)
-        processed = enc.processed if images is not None else [process(path) for path in enc.images]
-        return {
-            "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
-            "labels": torch.tensor(enc.labels, dtype=torch.long),
-            "pixel_values": self.image_processor.batch(processed),
-        }
+        return process
 
     @staticmethod
     def _resolve(root: Path, path: str) -> Path:

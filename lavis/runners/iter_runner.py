@@ -9,7 +9,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ from lavis.datasets.loader import worker_batches
 from lavis.datasets.stream import BatchStream, Source, StreamConfig, UnusableData, vision_patches
 from lavis.models import Processors, build_model
 from lavis.models.vlm import VisionLanguageModel, canonical_name
-from lavis.processors.conversation import IGNORE_INDEX
 from lavis.processors.native_image import PatchImages
 from lavis.runners.checkpointer import Checkpointer
 from lavis.runners.strategies import Strategy, build_strategy, parameter_names
@@ -84,6 +83,7 @@ class StepStats:
     stop: bool  # a rank was asked to stop (SIGTERM): every rank stops after this step
     tokens_per_rank: tuple[int, ...] = ()  # each rank's input (non-padding) tokens in this step
     patches_per_rank: tuple[int, ...] = ()  # each rank's vision patches in this step (see vision_patches)
+    task_sums: dict[str, float] = field(default_factory=dict)  # the task's own metrics, summed like loss_sum
 
 
 def max_over_mean(counts: tuple[int, ...] | list[int]) -> float | None:
@@ -135,6 +135,8 @@ class IterRunner:
         self.output_dir = Path(self.run.output_dir)
         self.checkpointer = Checkpointer(self.output_dir, self.run, self.strategy)
         self.device = self.strategy.device
+        # Before the model is wrapped: what the task keeps beside it (e.g. DPO's frozen reference), placed as it is.
+        self.task.setup(model, lambda module: self.strategy.prepare_reference(module, self.run.precision))
         self.wrapped = self.strategy.prepare(model, self.run.precision)
         self.optimizer = build_optimizer(self.model.components, self.run)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -189,17 +191,18 @@ class IterRunner:
     def train_step(self, micro_batches: list[dict[str, Any]]) -> StepStats:
         """One optimiser step over ``micro_batches`` (gradient accumulation).
 
-        The loss is normalised by the supervised tokens of the whole window on all ranks, so every
-        token weighs the same whatever the micro-batch and the rank it sits in (the strategy's
+        The loss is normalised by the task's count of the whole window on all ranks (the supervised tokens;
+        DPO: the pairs), so every token weighs the same whatever the micro-batch and the rank it sits in (the strategy's
         gradient averaging over ranks is undone by ``gradient_divisor``). Before the optimiser
         steps, one reduction tells every rank the step's totals, whether some rank's loss is not
         finite (every rank then raises :class:`NonFiniteLoss`) and whether some rank was asked to stop.
         """
         strategy = self.strategy
-        local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+        local_targets = sum(self.task.loss_count(b) for b in micro_batches)
         target_tokens = int(strategy.sum_over_ranks([local_targets])[0])
         normaliser = max(target_tokens, 1) / strategy.gradient_divisor
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        task_sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro_batches):
             batch = self.to_device(batch)
             with strategy.no_sync(self.wrapped, sync=i == len(micro_batches) - 1), self.autocast():
@@ -207,6 +210,8 @@ class IterRunner:
             loss = out.loss_sum / normaliser
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += out.loss_sum.detach().double()
+            for name, value in getattr(out, "metrics", {}).items():
+                task_sums[name] = task_sums.get(name, 0.0) + value.detach().double()
         local_non_finite = (~torch.isfinite(loss_sum)).double()
         # Each rank's tokens and patches in a slot of its own (zeros elsewhere): the sum over ranks gathers
         # them all in the same collective, which gives the slowest rank as well as the totals.
@@ -221,9 +226,11 @@ class IterRunner:
             float(self._stop_requested),
             sum(b["num_samples"] for b in micro_batches),
             *per_rank,
+            *task_sums.values(),  # the same names on every rank: the task's
         ])
         tokens_per_rank = tuple(int(v) for v in gathered[:world])
-        patches_per_rank = tuple(int(v) for v in gathered[world:])
+        patches_per_rank = tuple(int(v) for v in gathered[world:2 * world])
+        task_totals = dict(zip(task_sums, gathered[2 * world:], strict=True))
         if non_finite:
             ranks = [r for r, bad in enumerate(strategy.all_gather_object(bool(local_non_finite))) if bad]
             self.optimizer.zero_grad(set_to_none=True)
@@ -253,6 +260,7 @@ class IterRunner:
             stop=bool(stop),
             tokens_per_rank=tokens_per_rank,
             patches_per_rank=patches_per_rank,
+            task_sums=task_totals,
         )
 
     # ------------------------------------------------------------------ data
@@ -418,7 +426,7 @@ class IterRunner:
     def _new_window() -> dict[str, Any]:
         """What the steps since the last ``metrics.jsonl`` record add up."""
         return {"loss": 0.0, "tokens": 0, "input_tokens": 0, "samples": 0, "start": time.perf_counter(),
-                "data_wait": 0.0, "text_balance": [], "vision_balance": []}
+                "data_wait": 0.0, "text_balance": [], "vision_balance": [], "task": Counter()}
 
     def metrics_writer(self, resume_step: int | None) -> MetricsWriter | NullMetricsWriter:
         """``metrics.jsonl`` with the experiment loggers of ``run.wandb`` and ``run.tensorboard``, on the
@@ -456,6 +464,7 @@ class IterRunner:
         """Run until ``run.max_steps``; returns the last logged metrics."""
         run = self.run
         resume = self.checkpointer.claim()  # nothing is written before a resume is checked and loaded
+        self.task.before_training(self)  # on the starting weights (e.g. DPO's precomputed reference)
         if resume is not None:
             self.load(resume)
         if self.is_main:
@@ -505,6 +514,7 @@ class IterRunner:
                 window["tokens"] += stats.target_tokens
                 window["input_tokens"] += stats.input_tokens
                 window["samples"] += stats.samples
+                window["task"].update(stats.task_sums)
                 window["text_balance"].append(max_over_mean(stats.tokens_per_rank))
                 window["vision_balance"].append(max_over_mean(stats.patches_per_rank))
                 bar.update(1)
@@ -515,6 +525,8 @@ class IterRunner:
                     last = {
                         "step": self.step,
                         "loss": window["loss"] / max(window["tokens"], 1),
+                        # the task's own metrics, per unit of its loss count (DPO: per pair)
+                        **{name: value / max(window["tokens"], 1) for name, value in window["task"].items()},
                         "lr": lr,
                         "grad_norm": float(stats.grad_norm) if stats.grad_norm is not None else None,
                         "tokens_per_s": window["input_tokens"] / elapsed,

@@ -102,6 +102,10 @@ class Strategy:
         """Move ``model`` to the device and wrap it; returns the module the runner calls."""
         return model.to(self.device)
 
+    def prepare_reference(self, model: VisionLanguageModel, precision: str) -> nn.Module:
+        """Place a frozen model used beside the trained one (DPO's reference) as the trained one is placed."""
+        return self.prepare(model, precision)
+
     @property
     def gradient_divisor(self) -> int:
         """What the gradient synchronisation divides by (DDP and FSDP average over ranks): the runner
@@ -221,6 +225,9 @@ class DDPStrategy(Strategy):
             # forward, which would also make every forward outside training a collective.
             broadcast_buffers=False,
         )
+
+    def prepare_reference(self, model: VisionLanguageModel, precision: str) -> nn.Module:
+        return model.to(self.device)  # a whole copy per rank, like the trained model; nothing to synchronise
 
     @property
     def gradient_divisor(self) -> int:

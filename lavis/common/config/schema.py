@@ -154,6 +154,20 @@ class LrScaleConfig:
     llm: float
 
 
+ReferenceSource = Literal["frozen_copy", "adapters_off", "precomputed"]
+
+
+@dataclass
+class DPOConfig:
+    """The preference loss of ``run.task: dpo`` (``run.dpo``; see :mod:`lavis.tasks.dpo`)."""
+
+    beta: float = 0.1  # the KL weight: the implicit reward is beta x the log-ratio to the reference
+    label_smoothing: float = 0.0  # cDPO: the share of pairs assumed mislabelled, in [0, 0.5)
+    sft_weight: float = 0.0  # RPO / MPO: weight of the chosen answer's mean token NLL, added per pair
+    reference: ReferenceSource = "frozen_copy"  # where the reference log-probabilities come from
+    precompute_ref: bool = False  # compute them once before the first step (cached in output_dir)
+
+
 @dataclass
 class RunConfig:
     """The training run: task, runner, optimisation, data loading, checkpoints and logs."""
@@ -202,6 +216,7 @@ class RunConfig:
     # each); null and null: batch_size samples (rows) per micro-batch.
     batch_tokens: int | None = None
     batch_patches: int | None = None
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 @dataclass

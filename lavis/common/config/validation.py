@@ -80,6 +80,7 @@ def build_config(resolved: dict[str, Any]) -> Config:
     _check_schedule(run)
     _check_eval_schedule(run, evaluation)
     _check_freeze_strategy(model_cfg.freeze, run.strategy)
+    _check_dpo(run, model_cfg.freeze)
     return Config(model=model_cfg, datasets=datasets, evaluation=evaluation, run=run, raw=resolved)
 
 
@@ -136,6 +137,32 @@ def _check_freeze_strategy(freeze: FreezeConfig, strategy: ComponentConfig) -> N
             f"model.freeze.{quantized[0]}: qlora's 4-bit weights are not sharded by run.strategy=fsdp here; "
             "use run.strategy=ddp (each GPU holds the 4-bit model) or policy lora"
         )
+
+
+def _check_dpo(run: RunConfig, freeze: FreezeConfig) -> None:
+    """``run.dpo``'s values, and the freeze policies ``reference: adapters_off`` needs (only under ``run.task: dpo``)."""
+    dpo = run.dpo
+    if dpo.beta <= 0:
+        raise ConfigError(f"run.dpo.beta must be > 0, got {dpo.beta:g} (DPO's usual range: 0.1 to 0.5)")
+    if not 0 <= dpo.label_smoothing < 0.5:
+        raise ConfigError(f"run.dpo.label_smoothing must be in [0, 0.5), got {dpo.label_smoothing:g} (0: plain DPO)")
+    if dpo.sft_weight < 0:
+        raise ConfigError(f"run.dpo.sft_weight must be >= 0, got {dpo.sft_weight:g} (0: no SFT term)")
+    if dpo.reference == "precomputed" and dpo.precompute_ref:
+        raise ConfigError("run.dpo.reference=precomputed reads the records' ref_chosen_logp / ref_rejected_logp, and "
+                          "run.dpo.precompute_ref=true computes them: set one of the two (precompute_ref with "
+                          "reference frozen_copy or adapters_off says which model computes them)")
+    if run.task != "dpo" or dpo.reference != "adapters_off":
+        return
+    policies = {name: block.type for name, block in vars(freeze).items()}
+    if not any(p in ("lora", "qlora") for p in policies.values()):
+        raise ConfigError("run.dpo.reference=adapters_off needs a LoRA policy (e.g. model.freeze.llm=lora): without "
+                          "adapters the policy itself would be its reference; use run.dpo.reference=frozen_copy")
+    trained = [name for name, p in policies.items() if p not in ("lora", "qlora", "frozen")]
+    if trained:
+        raise ConfigError(f"run.dpo.reference=adapters_off: model.freeze.{trained[0]} is {policies[trained[0]]}, so "
+                          "switching the adapters off would not give the starting model; freeze it "
+                          f"(model.freeze.{trained[0]}=frozen), give it LoRA, or use run.dpo.reference=frozen_copy")
 
 
 def _check_eval_schedule(run: RunConfig, evaluation: dict[str, EvalConfig]) -> None:
