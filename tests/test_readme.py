@@ -258,6 +258,21 @@ README_COMMANDS = [
                   writes=("outputs/eval/demo_2proc/eval/results.md",),
                   prints=(TABLE, row("vqa", "accuracy"),
                           r"(?s)\A(?!.*benchmark\s+split\s+metric.*benchmark\s+split\s+metric)")),  # one table
+    ReadmeCommand(
+        "make video-demo",
+        here=f'make video-demo VIDEO_OPTIONS="{" ".join(TINY)}" VIDEO_EVAL_OPTIONS="evaluation.vqa.max_samples=40"',
+        why="two training steps instead of the project's 600, 40 of the test questions",
+        prints=(r"^\| \| all \| direction \(\d+\) \| colour \(\d+\) \| order \(\d+\) \| count \(\d+\) \|$",
+                r"^\| blind prior \(.*\) \| 0\.\d{3} \|", r"^\| `outputs/video` \| 0\.\d{3} \|", r"^training: \d+ s$"),
+        writes=("data/videos/WORLD.json", "outputs/video/checkpoints/step_00000002/model.safetensors",
+                "outputs/video/eval/step_00000002/eval/vqa.json"),
+    ),
+    ReadmeCommand(
+        ".venv/bin/python scripts/video_demo.py --skip-train",
+        here=".venv/bin/python scripts/video_demo.py --skip-train --eval-options evaluation.vqa.max_samples=40",
+        why="40 of the test questions",
+        prints=(r"^\| `outputs/video` \| 0\.\d{3} \|", r"run\.overwrite: the earlier evaluation in outputs/video/eval/"),
+    ),
 ]
 
 

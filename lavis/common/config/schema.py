@@ -101,7 +101,7 @@ class DatasetConfig:
     builder: str
     ratio: float = 1.0
     synthetic_root: str | None = None  # generate the embedded synthetic world here first, if missing
-    synthetic_world: str = "shapes"  # which one: a registered synthetic_world generator (shapes | small_objects)
+    synthetic_world: str = "shapes"  # which one: a registered synthetic_world generator (shapes | small_objects | videos)
     params: dict[str, Any] = field(default_factory=dict)
 
 

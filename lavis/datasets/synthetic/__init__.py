@@ -1,12 +1,13 @@
 """Embedded default data: a deterministic synthetic world, a second data set of small objects (where
-resolution matters: :mod:`.small_objects`) and a small tokenizer. Importing the package registers both
-data sets' generators (registry kind ``synthetic_world``: ``shapes``, ``small_objects``).
+resolution matters: :mod:`.small_objects`), short videos of the world's shapes (:mod:`.videos`) and a small
+tokenizer. Importing the package registers the data sets' generators (registry kind ``synthetic_world``:
+``shapes``, ``small_objects``, ``videos``).
 
 The tokenizer names are imported lazily (``tokenizers`` is only needed for them); the special tokens
 and the shipped tokenizer's path live in :mod:`lavis.processors.tokenizer`.
 """
 
-from . import small_objects  # noqa: F401  (registers the small_objects generator)
+from . import small_objects, videos  # noqa: F401  (register the small_objects and videos generators)
 from .world import (
     ANSWER_VOCAB,
     COLOURS,
