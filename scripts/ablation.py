@@ -83,6 +83,28 @@ def accuracies(vqa_json: Path) -> dict[str, float]:
     return table
 
 
+def blind_prior() -> dict[str, float]:
+    """VQA accuracy of answering without the picture: the most frequent training answer of each question type."""
+    from collections import Counter
+
+    from lavis.tasks.metrics import vqa_accuracy
+
+    with open(WORLD / "sft_train.json", encoding="utf-8") as f:
+        counts: dict[str, Counter] = defaultdict(Counter)
+        for record in json.load(f):
+            for turn in record["meta"]["turns"]:
+                counts[turn["qtype"]][turn["answer"]] += 1
+    with open(WORLD / "vqa_annotations_test.json", encoding="utf-8") as f:
+        annotations = json.load(f)["annotations"]
+    scores: dict[str, list[float]] = defaultdict(list)
+    for a in annotations:
+        guess = counts[a["question_type"]].most_common(1)[0][0]
+        scores[a["question_type"]].append(vqa_accuracy(guess, [x["answer"] for x in a["answers"]]))
+    table = {q: sum(s) / len(s) for q, s in scores.items()}
+    table["all"] = sum(sum(s) for s in scores.values()) / sum(len(s) for s in scores.values())
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-train", action="store_true", help="evaluate the runs already in outputs/ablations/")
@@ -99,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         per_type = " | ".join(f"{acc[q]:.3f}" if q in acc else "-" for q in QTYPES)
         took = "-" if times[row] is None else f"{times[row]:.0f} s"
         lines.append(f"| {ROWS[row]} (`{row}`) | {tokens:.1f} | {acc['all']:.3f} | {per_type} | {took} |")
+    prior = blind_prior()
+    per_type = " | ".join(f"{prior[q]:.3f}" for q in QTYPES)
+    lines.append(f"| blind prior (each type's most frequent training answer, no picture) | 0 | {prior['all']:.3f} | {per_type} | - |")
     print("\n".join(lines))
     return 0
 

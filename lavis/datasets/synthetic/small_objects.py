@@ -1,10 +1,10 @@
 """A second synthetic data set, where resolution matters: a few small shapes in wide, tall and square pictures.
 
 The shapes world (:mod:`lavis.datasets.synthetic.world`) draws one or two big shapes on a 128x128
-picture: squashed to the tiny preset's 64x64 they stay legible. Here every picture is wide (256x80),
-tall (80x256) or square (128x128) and holds 2-4 shapes a handful of pixels across (side 8-12 px,
-distinct colours, random shapes), spread along the picture's long side. The questions need the small
-shapes' form and order, which a fixed-size encoder squashing 256x80 to 64x64 (4x along the long side)
+picture: squashed to the tiny preset's 64x64 they stay legible. Here every picture is wide (384x96),
+tall (96x384) or square (192x192) and holds 2-4 shapes of side 28-40 px (distinct colours, random shapes),
+spread along the picture's long side. The questions need the small
+shapes' form and order, which a fixed-size encoder squashing 384x96 to 64x64 (6x along the long side)
 blurs into a row of coloured dots, while a native-resolution encoder sees them whole:
 
 =============  ===================================================  ==================
@@ -56,16 +56,16 @@ from lavis.datasets.synthetic.world import (
 )
 
 NAME = "small_objects"
-VERSION = 4
+VERSION = 6
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZES: dict[str, int] = {"train": 4000, "val": 200, "test": 300}
 # (width, height) of each kind of picture, and how often it is drawn.
-CANVASES: dict[str, tuple[int, int]] = {"wide": (256, 80), "tall": (80, 256), "square": (128, 128)}
+CANVASES: dict[str, tuple[int, int]] = {"wide": (384, 96), "tall": (96, 384), "square": (192, 192)}
 CANVAS_WEIGHTS: dict[str, float] = {"wide": 0.4, "tall": 0.4, "square": 0.2}
 MIN_OBJECTS, MAX_OBJECTS = 2, 4
-MIN_SIDE, MAX_SIDE = 8, 12  # pixels: sizes vary so that a squashed shape's amount of colour does not tell its form
-GAP = 3  # minimum gap in pixels between two shapes along the long side (their spans there never overlap)
-EDGE = 2  # shapes stay this many pixels inside the picture
+MIN_SIDE, MAX_SIDE = 28, 40  # pixels: sizes vary so that a squashed shape's amount of colour does not tell its form
+GAP = 4  # minimum gap in pixels between two shapes along the long side (their spans there never overlap)
+EDGE = 3  # shapes stay this many pixels inside the picture
 VQA_QUESTIONS_PER_IMAGE = 2
 VQA_ANSWERS = 10
 MIN_TURNS, MAX_TURNS = 2, 3  # question turns per training conversation (besides the list turn)
