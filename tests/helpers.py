@@ -203,6 +203,14 @@ def finish(proc, log: Path, timeout: float = 180.0) -> int:
         pytest.fail(f"train.py did not finish in {timeout}s:\n{log.read_text()[-3000:]}")
 
 
+def stop_all(procs: dict) -> None:
+    """Kill and reap whichever of ``procs`` (subprocesses, by key) still run: a test's cleanup."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def sigkill_at_first_checkpoint(procs: dict, outs: dict[int, Path], logs: dict[int, Path], timeout: float = 180.0) -> dict[int, int]:
     """SIGKILL each of ``procs`` (train.py subprocesses, by key) once a checkpoint exists in its ``outs``
     directory; the step of the last checkpoint each left, by key."""

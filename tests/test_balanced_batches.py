@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SFT_PROJECT, popen_train, sft_options
-from helpers import assert_same_end, finish, moving_squares, sigkill_at_first_checkpoint, write_video
+from helpers import assert_same_end, finish, moving_squares, sigkill_at_first_checkpoint, stop_all, write_video
 from PIL import Image
 from test_native_resolution import NATIVE
 from test_stream import ShuffledStream
@@ -367,10 +367,7 @@ def test_a_budgeted_native_run_killed_and_resumed_ends_bitwise_as_an_uninterrupt
         for w in workers:
             assert finish(procs[w], logs[w]) == 0, logs[w].read_text()[-3000:]
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        stop_all(procs)
 
     sizes = [b["num_samples"] for b in seen]
     assert len(set(sizes)) >= 3  # the budgets cut batches of several sizes

@@ -320,7 +320,7 @@ def test_resume_after_sigkill_is_bitwise_identical(small_world, tmp_path):
     the frozen copy is made again from the starting model (not from the checkpoint), and a precomputed
     reference is read back from output_dir (not computed again from the resumed weights)."""
     from conftest import SFT_PROJECT, popen_train
-    from helpers import assert_same_end, finish, sigkill_at_first_checkpoint
+    from helpers import assert_same_end, finish, sigkill_at_first_checkpoint, stop_all
 
     from lavis.common.config import load_config
     from lavis.runners import build_runner
@@ -348,10 +348,7 @@ def test_resume_after_sigkill_is_bitwise_identical(small_world, tmp_path):
         for w in ways:
             assert finish(procs[w], logs[w]) == 0, logs[w].read_text()[-3000:]
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        stop_all(procs)
     for w in ways:
         assert f"at step {killed_at[w]}" in logs[w].read_text()
         assert_same_end(tmp_path / f"a_{w}", outs[w], steps, w)
@@ -374,6 +371,7 @@ def test_two_ranks_equal_one_process(small_world, tmp_path):
     import sys
 
     from conftest import REPO, SFT_PROJECT
+    from helpers import stop_all
 
     from lavis.common import checkpoint as ckpt
     from lavis.common.config import load_config
@@ -402,10 +400,7 @@ def test_two_ranks_equal_one_process(small_world, tmp_path):
         for name, proc in procs.items():
             assert proc.wait(timeout=300) == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        stop_all(procs)
     for name in cases:
         a, b = tmp_path / name, tmp_path / f"single-{name}"
         wa, wb = (ckpt.load_weights_file(ckpt.weights_path(ckpt.list_checkpoints(d)[-1])) for d in (a, b))

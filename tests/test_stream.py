@@ -28,6 +28,7 @@ from lavis.models import build_model
 from lavis.processors.conversation import IGNORE_INDEX
 from lavis.processors.errors import SkipSample
 from lavis.runners.iter_runner import IterRunner
+from lavis.tasks.base import TrainingTask
 from lavis.tasks.sft import LanguageModelingTask
 
 # --------------------------------------------------------------------------- helpers
@@ -432,7 +433,7 @@ def test_stream_resumes_exactly_mid_mixture(pack):
             assert [i for i, _ in processor.log] == seen
 
 
-class IdTask:
+class IdTask(TrainingTask):
     """Stands in for the SFT task in the runner: id samples, id collation."""
 
     def sample_processor(self, model, processors):

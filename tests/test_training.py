@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import KILLED_DURING_SAVE, REPO, SFT_PROJECT, popen_train, run_train, sft_options
-from helpers import assert_same_end, finish, sigkill_at_first_checkpoint
+from helpers import assert_same_end, finish, sigkill_at_first_checkpoint, stop_all
 from safetensors.torch import load_file
 
 from lavis.common import checkpoint as ckpt
@@ -144,10 +144,7 @@ def test_resume_after_sigkill_is_bitwise_identical(small_world, tmp_path):
         for w in workers:
             assert finish(procs[w], logs[w]) == 0, logs[w].read_text()[-3000:]
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        stop_all(procs)
 
     for w in workers:
         out_a, out_b = tmp_path / f"a{w}", outs[w]

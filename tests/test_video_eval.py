@@ -16,6 +16,7 @@ import torch
 from conftest import REPO, SFT_PROJECT, sft_options
 from helpers import moving_squares, write_video
 from PIL import Image
+from test_native_resolution import NATIVE  # a tiny Qwen2-VL-shaped model
 
 from lavis.common.config import ConfigError
 from lavis.datasets.builders.base import AnnotationError
@@ -25,21 +26,6 @@ from lavis.models import build_model
 from lavis.tasks.evaluation import Evaluator
 from lavis.tasks.vqa import VQATask
 
-TEXT_CONFIG = ("{model_type: qwen2_vl, hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, "
-               "intermediate_size: 128, vocab_size: 1088, bos_token_id: null, eos_token_id: null, "
-               "rope_parameters: {rope_type: default, rope_theta: 10000.0, mrope_section: [2, 3, 3]}, tie_word_embeddings: true}")
-NATIVE = (  # a tiny Qwen2-VL-shaped model (as tests/test_native_resolution.py builds it)
-    "model.vision.type=qwen2_vl_vit",
-    "model.vision.config={model_type: qwen2_vl, depth: 2, embed_dim: 32, hidden_size: 64, num_heads: 2, mlp_ratio: 2}",
-    "model.adapter.type=patch_merger",
-    "model.llm.type=qwen2_vl_lm",
-    f"model.llm.config={TEXT_CONFIG}",
-    "model.image_processor.type=qwen2_vl_image",
-    "model.image_processor.min_pixels=3136",
-    "model.image_processor.max_pixels=50176",
-    "model.video_processor.min_pixels=3136",
-    "model.video_processor.max_pixels=12544",
-)
 # clip.mp4: 10 frames at 4 fps (2.5 s) -> 4 frames kept at 2 fps, 2 temporal patches; frames/: 6 stills -> 6 kept, 3
 VQA = [
     {"id": "v1", "video": "clip.mp4", "question": "Which way does the red square move?", "answer": "right"},

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
-
-from torch import nn
 
 from lavis.common import dist
 from lavis.common.config import Config
@@ -16,15 +12,16 @@ from lavis.datasets.collate import PackCollator, PadCollator
 from lavis.datasets.stream import Source
 from lavis.models import Processors
 from lavis.models.vlm import LMLoss, VisionLanguageModel
-from lavis.processors.conversation import IGNORE_INDEX, ConversationEncoder
+from lavis.processors.conversation import ConversationEncoder
 from lavis.processors.sample import SampleProcessor
+from lavis.tasks.base import TrainingTask
 
 log = logging.getLogger(__name__)
 
 
 @registry.register("task", "sft")
 @registry.register("task", "pretrain")
-class LanguageModelingTask:
+class LanguageModelingTask(TrainingTask):
     """Next-token loss on supervised tokens: assistant turns of conversations (SFT) or the targets
     of prompt/target records (pretraining, multi-task). The datasets' formats decide what is
     supervised, so one task serves every stage; ``sft`` and ``pretrain`` name it.
@@ -32,17 +29,6 @@ class LanguageModelingTask:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-
-    def setup(self, model: VisionLanguageModel, place: Callable[[nn.Module], nn.Module]) -> None:
-        """Called by the runner before ``model`` is wrapped (``place``: put a frozen module beside it as the
-        strategy places the model). Nothing to keep for next-token tasks."""
-
-    def before_training(self, runner: Any) -> None:
-        """Called by the runner before the first step and before a checkpoint is loaded (the starting weights)."""
-
-    def loss_count(self, batch: dict[str, Any]) -> int:
-        """What the runner normalises the summed loss by, over the whole step: the supervised tokens."""
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def sample_processor(self, model: VisionLanguageModel, processors: Processors) -> SampleProcessor:
         run = self.cfg.run

@@ -48,10 +48,9 @@ from lavis.datasets.synthetic.world import (
     Obj,
     Scene,
     _article,
-    _marker_matches,
     _qwen_record,
     _write_json,
-    ensure_generated,
+    ensure_data_set,
     write_scenes,
 )
 
@@ -205,10 +204,6 @@ def vqa_files(scenes: list[Scene], seed: int, split: str) -> tuple[dict[str, Any
 # --------------------------------------------------------------------------- on disk
 
 
-def _marker(seed: int, sizes: dict[str, int]) -> dict[str, Any]:
-    return {"world": NAME, "version": VERSION, "seed": seed, "sizes": dict(sizes)}
-
-
 def write_small_objects(out: Path, seed: int, sizes: dict[str, int]) -> None:
     """Write the whole data set into ``out`` (marker last). Not atomic; see :func:`ensure_small_objects`."""
     out = Path(out)
@@ -218,7 +213,7 @@ def write_small_objects(out: Path, seed: int, sizes: dict[str, int]) -> None:
         questions, annotations = vqa_files(scenes, seed, split)
         _write_json(out / f"vqa_questions_{split}.json", questions)
         _write_json(out / f"vqa_annotations_{split}.json", annotations)
-    _write_json(out / "WORLD.json", _marker(seed, sizes))
+    _write_json(out / "WORLD.json", {"world": NAME, "version": VERSION, "seed": seed, "sizes": dict(sizes)})
 
 
 @registry.register("synthetic_world", NAME)
@@ -230,10 +225,4 @@ def ensure_small_objects(root: str | Path, seed: int = 0, sizes: dict[str, int] 
     test 300); generation is atomic and safe under concurrent callers; a directory holding another data set
     (e.g. the shapes world) is replaced, one that holds none is never touched (``FileExistsError``).
     """
-    root = Path(root)
-    if sizes is None:
-        if _marker_matches(root, {"world": NAME, "version": VERSION, "seed": seed}):
-            return root
-        sizes = DEFAULT_SIZES
-    sizes = dict(sizes)
-    return ensure_generated(root, _marker(seed, sizes), lambda out: write_small_objects(out, seed, sizes))
+    return ensure_data_set(root, {"world": NAME, "version": VERSION}, seed, sizes, DEFAULT_SIZES, write_small_objects)

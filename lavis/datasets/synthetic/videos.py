@@ -66,9 +66,8 @@ from lavis.datasets.synthetic.world import (
     Obj,
     Scene,
     _article,
-    _marker_matches,
     _write_json,
-    ensure_generated,
+    ensure_data_set,
     render,
 )
 from lavis.processors.conversation import video_reference
@@ -374,10 +373,6 @@ def load_clips(root: str | Path, split: str) -> list[Clip]:
         return [Clip.from_dict(d) for d in json.load(f)]
 
 
-def _marker(seed: int, sizes: dict[str, int]) -> dict[str, Any]:
-    return {"world": NAME, "version": VERSION, "seed": seed, "sizes": dict(sizes)}
-
-
 def write_videos(out: Path, seed: int, sizes: dict[str, int]) -> None:
     """Write the whole data set into ``out`` (marker last). Not atomic; see :func:`ensure_videos`."""
     out = Path(out)
@@ -395,7 +390,7 @@ def write_videos(out: Path, seed: int, sizes: dict[str, int]) -> None:
         _write_json(out / f"vqa_{split}.json", simple)
         _write_json(out / f"vqa_questions_{split}.json", questions)
         _write_json(out / f"vqa_annotations_{split}.json", annotations)
-    _write_json(out / "WORLD.json", _marker(seed, sizes))
+    _write_json(out / "WORLD.json", {"world": NAME, "version": VERSION, "seed": seed, "sizes": dict(sizes)})
 
 
 @registry.register("synthetic_world", NAME)
@@ -407,10 +402,4 @@ def ensure_videos(root: str | Path, seed: int = 0, sizes: dict[str, int] | None 
     test 200; about 10 s on 2 CPU cores); generation is atomic and safe under concurrent callers; a directory
     holding another data set is replaced, one that holds none is never touched (``FileExistsError``).
     """
-    root = Path(root)
-    if sizes is None:
-        if _marker_matches(root, {"world": NAME, "version": VERSION, "seed": seed}):
-            return root
-        sizes = DEFAULT_SIZES
-    sizes = dict(sizes)
-    return ensure_generated(root, _marker(seed, sizes), lambda out: write_videos(out, seed, sizes))
+    return ensure_data_set(root, {"world": NAME, "version": VERSION}, seed, sizes, DEFAULT_SIZES, write_videos)

@@ -508,6 +508,21 @@ def ensure_world(root: str | Path, seed: int = 0, sizes: dict[str, int] | None =
     return ensure_generated(root, _marker(seed, sizes), lambda out: write_world(out, seed, sizes))
 
 
+def ensure_data_set(root: str | Path, identity: dict[str, Any], seed: int, sizes: dict[str, int] | None,
+                    default_sizes: dict[str, int], write: Callable[[Path, int, dict[str, int]], None]) -> Path:
+    """Make sure the data set named by ``identity`` (its marker's ``world`` and ``version``) exists at ``root``
+    with this ``seed`` and ``sizes``; return ``root``. ``sizes=None`` accepts an existing one of this identity
+    and seed whatever its sizes, and otherwise generates ``default_sizes``; ``write(out, seed, sizes)`` writes
+    a whole one, its marker (``{**identity, "seed", "sizes"}``) last, through :func:`ensure_generated`."""
+    root = Path(root)
+    if sizes is None:
+        if _marker_matches(root, {**identity, "seed": seed}):
+            return root
+        sizes = default_sizes
+    sizes = dict(sizes)
+    return ensure_generated(root, {**identity, "seed": seed, "sizes": sizes}, lambda out: write(out, seed, sizes))
+
+
 def ensure_generated(root: str | Path, expected: dict[str, Any], write: Callable[[Path], None]) -> Path:
     """Make sure ``root`` holds a generated data set whose ``WORLD.json`` has the items of ``expected``.
 
