@@ -69,18 +69,13 @@ def image_tokens(row: str) -> float:
 
 def accuracies(vqa_json: Path) -> dict[str, float]:
     """VQA accuracy overall (the evaluation's) and per question type (the annotations' ``question_type``)."""
-    from lavis.tasks.metrics import vqa_accuracy
+    from lavis.tasks.metrics import vqa_accuracy_by
 
     with open(vqa_json, encoding="utf-8") as f:
         results = json.load(f)
     with open(WORLD / "vqa_annotations_test.json", encoding="utf-8") as f:
         qtype = {str(a["question_id"]): a["question_type"] for a in json.load(f)["annotations"]}
-    scores: dict[str, list[float]] = defaultdict(list)
-    for sample in results["predictions"]:
-        scores[qtype[sample["id"]]].append(vqa_accuracy(sample["prediction"], sample["answers"]))
-    table = {q: sum(s) / len(s) for q, s in scores.items()}
-    table["all"] = float(results["metrics"]["accuracy"])
-    return table
+    return vqa_accuracy_by(results, qtype)
 
 
 def blind_prior() -> dict[str, float]:

@@ -73,17 +73,11 @@ def blind_prior(test: list[dict], train: list[dict]) -> dict[str, float]:
 
 def accuracies(vqa_json: Path, test: list[dict]) -> dict[str, float]:
     """VQA accuracy overall (the evaluation's) and per question type."""
-    from lavis.tasks.metrics import vqa_accuracy
+    from lavis.tasks.metrics import vqa_accuracy_by
 
     with open(vqa_json, encoding="utf-8") as f:
         results = json.load(f)
-    qtype = {str(r["question_id"]): r["question_type"] for r in test}
-    scores: dict[str, list[float]] = defaultdict(list)
-    for sample in results["predictions"]:
-        scores[qtype[sample["id"]]].append(vqa_accuracy(sample["prediction"], sample["answers"]))
-    table = {q: sum(s) / len(s) for q, s in scores.items()}
-    table["all"] = float(results["metrics"]["accuracy"])
-    return table
+    return vqa_accuracy_by(results, {str(r["question_id"]): r["question_type"] for r in test})
 
 
 def table(rows: dict[str, dict[str, float]], counts: Counter) -> str:

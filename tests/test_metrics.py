@@ -17,6 +17,7 @@ from lavis.tasks.metrics import (
     parse_first_box,
     tokenize_caption,
     vqa_accuracy,
+    vqa_accuracy_by,
     vqa_score,
 )
 
@@ -327,3 +328,12 @@ def test_exact_match_equals_qwen_vl_s_gqa_scoring_case_for_case(case: dict) -> N
     from lavis.tasks.metrics import exact_match
 
     assert exact_match(case["prediction"], case["annotations"]) == case["score"]
+
+
+def test_vqa_accuracy_by_groups_predictions_and_keeps_the_evaluations_overall():
+    ten = ["2"] * 10
+    results = {"metrics": {"accuracy": 0.5}, "predictions": [
+        {"id": "1", "prediction": "2", "answers": ten}, {"id": "2", "prediction": "3", "answers": ten},
+        {"id": "3", "prediction": "red", "answers": ["red"] * 2 + ["blue"] * 8}]}
+    table = vqa_accuracy_by(results, {"1": "count", "2": "count", "3": "colour"})
+    assert table["count"] == pytest.approx(0.5) and table["colour"] == pytest.approx(0.6) and table["all"] == 0.5

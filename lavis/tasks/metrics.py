@@ -151,6 +151,17 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], normalize_answers: boo
     return sum(accs) / len(accs)
 
 
+def vqa_accuracy_by(results: Mapping[str, Any], group_of: Mapping[str, str]) -> dict[str, float]:
+    """VQA accuracy of an evaluation's ``vqa.json`` (``{"predictions": [{"id", "prediction", "answers"}], "metrics"}``)
+    per group (``group_of``: prediction id -> e.g. its question type), and overall as the evaluation reported it."""
+    scores: dict[str, list[float]] = {}
+    for sample in results["predictions"]:
+        scores.setdefault(group_of[str(sample["id"])], []).append(vqa_accuracy(sample["prediction"], sample["answers"]))
+    table = {group: sum(s) / len(s) for group, s in scores.items()}
+    table["all"] = float(results["metrics"]["accuracy"])
+    return table
+
+
 def vqa_score(
     predictions: Sequence[str], answers: Sequence[Sequence[str]], normalize_answers: bool = False
 ) -> dict[str, float | int]:
