@@ -1,0 +1,77 @@
+"""projects/dpo.yaml, the demo's optional fourth stage: it validates, chains from an SFT run (model.load_from) as
+the other stages chain, and trains a few steps on a small world's preference pairs, its loss starting at log 2
+per pair (the reference is the starting model) plus the SFT term, finite throughout."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+from test_stages import QUICK, ROOT, stage_options
+
+from lavis.common.config import load_config
+from lavis.runners import build_runner
+from lavis.tasks.dpo import REFERENCE_CACHE
+from lavis.tracking.logging import read_metrics
+
+pytestmark = pytest.mark.integration
+
+DPO_PROJECT = ROOT / "projects" / "dpo.yaml"
+
+
+def dpo_options(world: Path, out: Path, *extra: str) -> list[str]:
+    """Point projects/dpo.yaml at ``world`` (its preference_train.json) and make it small, quick and CPU-only."""
+    w = str(world)
+    return [f"datasets.synthetic_preference.ann_path={w}/preference_train.json",
+            f"datasets.synthetic_preference.image_root={w}", f"datasets.synthetic_preference.synthetic_root={w}",
+            *QUICK, "run.batch_size=4", f"run.output_dir={out}", *extra]
+
+
+@pytest.fixture(scope="module")
+def sft_run(small_world, tmp_path_factory) -> Path:
+    """A run directory of projects/sft.yaml after 2 steps (full weights, as the project saves them)."""
+    out = tmp_path_factory.mktemp("stages") / "sft"
+    build_runner(load_config(ROOT / "projects" / "sft.yaml",
+                             stage_options("sft", small_world, out, "run.max_steps=2", "run.save_every=2"))).train()
+    assert (out / "checkpoints" / "step_00000002" / "model.safetensors").exists()
+    return out
+
+
+def test_the_project_is_the_stage_after_sft(sft_run, small_world, tmp_path):
+    as_shipped = load_config(DPO_PROJECT)
+    assert as_shipped.model.load_from == "outputs/sft" and as_shipped.run.output_dir == "outputs/dpo"
+    assert as_shipped.run.save_weights == "full"
+    sft = load_config(ROOT / "projects" / "sft.yaml")
+    assert vars(as_shipped.model.freeze) == vars(sft.model.freeze)  # the SFT stage's freeze policy
+
+    cfg = load_config(DPO_PROJECT, [f"run.output_dir={tmp_path / 'dpo'}", f"model.load_from={sft_run}"])
+    assert cfg.run.task == "dpo" and cfg.model.load_from == str(sft_run)
+    (data,) = cfg.datasets.values()
+    assert data.builder == "qwen_vl_preference" and data.params["ann_path"] == "data/synthetic/preference_train.json"
+    dpo = cfg.run.dpo
+    assert dpo.beta == pytest.approx(0.1) and 0 <= dpo.sft_weight < 1 and dpo.label_smoothing == 0
+    assert dpo.reference == "frozen_copy"  # computed once (precompute_ref) or by a copy every step
+    assert 1e-6 <= cfg.run.lr <= 1e-4 < sft.run.lr and cfg.run.max_steps <= 500
+    assert cfg.model.system_message == sft.model.system_message  # the SFT stage's ChatML conversations
+
+
+def test_the_stage_trains_from_an_sft_run(sft_run, small_world, tmp_path, caplog):
+    out = tmp_path / "dpo"
+    cfg = load_config(DPO_PROJECT, dpo_options(small_world, out, f"model.load_from={sft_run}", "run.max_steps=3",
+                                               "run.save_every=3"))
+    with caplog.at_level(logging.INFO):
+        build_runner(cfg).train()
+    assert f"model.load_from {sft_run}" in caplog.text
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r[k]) for r in records for k in ("loss", "rewards/margins", "nll_loss"))
+    # Step 1: the policy is its reference, every reward 0 and the DPO term log 2 per pair; the SFT term beside it.
+    first = records[0]
+    assert abs(first["rewards/margins"]) < 1e-4 and abs(first["rewards/chosen"]) < 1e-4
+    assert first["loss"] - cfg.run.dpo.sft_weight * first["nll_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    if cfg.run.dpo.precompute_ref:  # the reference of every pair of the small world, computed once
+        assert f"computed and saved to {out / REFERENCE_CACHE}" in caplog.text
+        assert (out / REFERENCE_CACHE).exists()
+    assert (out / "checkpoints" / "step_00000003" / "model.safetensors").exists()
