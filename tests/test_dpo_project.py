@@ -4,6 +4,7 @@ per pair (the reference is the starting model) plus the SFT term, finite through
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -75,3 +76,36 @@ def test_the_stage_trains_from_an_sft_run(sft_run, small_world, tmp_path, caplog
         assert f"computed and saved to {out / REFERENCE_CACHE}" in caplog.text
         assert (out / REFERENCE_CACHE).exists()
     assert (out / "checkpoints" / "step_00000003" / "model.safetensors").exists()
+
+
+def test_preference_gap_reads_two_evaluations_into_one_row_each(small_world, tmp_path, capsys):
+    """scripts/preference_gap.py: VQA by question type, CHAIR over the captions against their scenes, CIDEr and
+    grounding, from an evaluation directory's files (written here by hand, answers known)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("preference_gap", ROOT / "scripts" / "preference_gap.py")
+    gap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gap)
+    scenes = json.loads((small_world / "scenes_test.json").read_text())
+    annotations = json.loads((small_world / "vqa_annotations_test.json").read_text())["annotations"][:2]
+    first = scenes[0]["objects"][0]
+    absent = next(c for c in ("red", "green", "blue", "yellow", "purple", "orange")
+                  if all(o["colour"] != c for o in scenes[0]["objects"]))
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    (eval_dir / "vqa.json").write_text(json.dumps({"metrics": {"accuracy": 0.5}, "predictions": [
+        {"id": str(a["question_id"]), "prediction": a["multiple_choice_answer"] if k == 0 else "no such answer",
+         "answers": [x["answer"] for x in a["answers"]]} for k, a in enumerate(annotations)]}))
+    caption = f"a {first['colour']} {first['shape']} and a {absent} {first['shape']}"  # one of two objects absent
+    (eval_dir / "caption.json").write_text(json.dumps({"metrics": {"CIDEr": 1.5}, "predictions": [
+        {"image": scenes[0]["image"], "prediction": caption}]}))
+    (eval_dir / "grounding.json").write_text(json.dumps({"metrics": {"accuracy": 0.25}}))
+    figures = gap.row(eval_dir, small_world)
+    assert figures["all"] == 0.5 and (figures["CHAIR_i"], figures["CHAIR_s"], figures["mentioned"]) == (0.5, 1.0, 2)
+    assert (figures["CIDEr"], figures["grounding"]) == (1.5, 0.25)
+    types = [a["question_type"] for a in annotations]
+    expected = {types[0]: [1.0], types[1]: []}
+    expected[types[1]].append(0.0)  # the first answered right, the second wrong
+    assert {t: figures[t] for t in expected} == {t: sum(v) / len(v) for t, v in expected.items()}
+    assert gap.main([str(eval_dir), "--world", str(small_world)]) == 0
+    assert "| 0.500 |" in capsys.readouterr().out

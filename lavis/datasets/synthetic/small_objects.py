@@ -205,7 +205,8 @@ def vqa_files(scenes: list[Scene], seed: int, split: str) -> tuple[dict[str, Any
 
 
 def write_small_objects(out: Path, seed: int, sizes: dict[str, int]) -> None:
-    """Write the whole data set into ``out`` (marker last). Not atomic; see :func:`ensure_small_objects`."""
+    """Write the whole data set into ``out`` but its marker (:func:`~world.ensure_data_set` writes it last).
+    Not atomic; see :func:`ensure_small_objects`."""
     out = Path(out)
     for split, n in sizes.items():
         scenes = generate_scenes(seed, n, split)
@@ -213,7 +214,6 @@ def write_small_objects(out: Path, seed: int, sizes: dict[str, int]) -> None:
         questions, annotations = vqa_files(scenes, seed, split)
         _write_json(out / f"vqa_questions_{split}.json", questions)
         _write_json(out / f"vqa_annotations_{split}.json", annotations)
-    _write_json(out / "WORLD.json", {"world": NAME, "version": VERSION, "seed": seed, "sizes": dict(sizes)})
 
 
 @registry.register("synthetic_world", NAME)

@@ -374,7 +374,8 @@ def load_clips(root: str | Path, split: str) -> list[Clip]:
 
 
 def write_videos(out: Path, seed: int, sizes: dict[str, int]) -> None:
-    """Write the whole data set into ``out`` (marker last). Not atomic; see :func:`ensure_videos`."""
+    """Write the whole data set into ``out`` but its marker (:func:`~world.ensure_data_set` writes it last).
+    Not atomic; see :func:`ensure_videos`."""
     out = Path(out)
     for split, n in sizes.items():
         clips = generate_clips(seed, n, split)
@@ -390,7 +391,6 @@ def write_videos(out: Path, seed: int, sizes: dict[str, int]) -> None:
         _write_json(out / f"vqa_{split}.json", simple)
         _write_json(out / f"vqa_questions_{split}.json", questions)
         _write_json(out / f"vqa_annotations_{split}.json", annotations)
-    _write_json(out / "WORLD.json", {"world": NAME, "version": VERSION, "seed": seed, "sizes": dict(sizes)})
 
 
 @registry.register("synthetic_world", NAME)

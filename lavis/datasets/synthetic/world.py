@@ -513,14 +513,21 @@ def ensure_data_set(root: str | Path, identity: dict[str, Any], seed: int, sizes
     """Make sure the data set named by ``identity`` (its marker's ``world`` and ``version``) exists at ``root``
     with this ``seed`` and ``sizes``; return ``root``. ``sizes=None`` accepts an existing one of this identity
     and seed whatever its sizes, and otherwise generates ``default_sizes``; ``write(out, seed, sizes)`` writes
-    a whole one, its marker (``{**identity, "seed", "sizes"}``) last, through :func:`ensure_generated`."""
+    a whole one but its marker, which is written here (``{**identity, "seed", "sizes"}``), last, through
+    :func:`ensure_generated`."""
     root = Path(root)
     if sizes is None:
         if _marker_matches(root, {**identity, "seed": seed}):
             return root
         sizes = default_sizes
     sizes = dict(sizes)
-    return ensure_generated(root, {**identity, "seed": seed, "sizes": sizes}, lambda out: write(out, seed, sizes))
+    marker = {**identity, "seed": seed, "sizes": sizes}
+
+    def write_all(out: Path) -> None:
+        write(out, seed, sizes)
+        _write_json(out / MARKER, marker)
+
+    return ensure_generated(root, marker, write_all)
 
 
 def ensure_generated(root: str | Path, expected: dict[str, Any], write: Callable[[Path], None]) -> Path:
