@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo ablation video-demo test test-fast test-distributed lint bench clean
+.PHONY: install demo dpo-demo ablation video-demo test test-fast test-distributed lint bench clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,16 @@ demo: install
 	$(PY) train.py --cfg-path projects/multitask.yaml --options model.load_from=outputs/pretrain run.overwrite=true $(DEMO_OPTIONS)
 	$(PY) train.py --cfg-path projects/sft.yaml --options model.load_from=outputs/multitask run.overwrite=true $(DEMO_OPTIONS)
 	$(PY) evaluate.py --cfg-path projects/eval/demo.yaml
+
+# The optional fourth stage (README, "DPO on the embedded default"), after `make demo` (or `make demo dpo-demo`):
+# projects/dpo.yaml trained from outputs/sft on the shapes world's preference pairs, evaluated like the SFT model
+# (projects/eval/demo.yaml); prints the SFT model against the DPO model (VQA by question type, caption
+# hallucination, CIDEr, grounding). DPO_OPTIONS go to the training, DPO_EVAL_OPTIONS to both evaluations, e.g.
+# make dpo-demo DPO_OPTIONS="run.max_steps=4 run.warmup_steps=0" DPO_EVAL_OPTIONS="evaluation.vqa.max_samples=40"
+DPO_OPTIONS ?=
+DPO_EVAL_OPTIONS ?=
+dpo-demo: install
+	$(PY) scripts/dpo_demo.py --options $(DPO_OPTIONS) --eval-options $(DPO_EVAL_OPTIONS)
 
 # The resolution ablation (README, "Resolution ablation"): the three rows of projects/ablations/ trained from
 # scratch on the small-objects data set (generated under data/small_objects on first use), each evaluated on

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
+
+from lavis.cli.chain import evaluate_run, train_project
 
 ROWS: dict[str, str] = {
     "resampler_fixed": "resampler, fixed 64x64",
@@ -29,26 +29,6 @@ PROJECTS = Path("projects") / "ablations"
 EVAL_PROJECT = PROJECTS / "eval.yaml"
 WORLD = Path("data") / "small_objects"  # as in projects/ablations/*.yaml
 QTYPES = ("end", "shape", "count_kind", "count")
-
-
-def train(row: str, options: list[str]) -> float:
-    """Train one row (an earlier run in its output_dir is moved aside); its wall time in seconds."""
-    start = time.time()
-    cmd = [sys.executable, "train.py", "--cfg-path", str(PROJECTS / f"{row}.yaml"), "--options", "run.overwrite=true", *options]
-    subprocess.run(cmd, check=True)
-    return time.time() - start
-
-
-def evaluate(row: str) -> Path:
-    """Evaluate one row's run with eval.yaml; the path of its ``vqa.json``."""
-    run = Path("outputs") / "ablations" / row
-    cmd = [sys.executable, "evaluate.py", "--cfg-path", str(EVAL_PROJECT), "--options", f"model.load_from={run}",
-           "run.overwrite=true"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    print(out, end="")
-    marker = "predictions and metrics: "
-    line = next(line for line in out.splitlines() if line.startswith(marker))
-    return Path(line[len(marker):].split("/<name>.json")[0]) / "vqa.json"
 
 
 def image_tokens(row: str) -> float:
@@ -106,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="which rows (default: all)")
     parser.add_argument("--options", nargs="*", default=[], help="--options for every training (e.g. a quick trial)")
     args = parser.parse_args(argv)
-    times = {row: None if args.skip_train else train(row, args.options) for row in args.rows}
+    times = {row: None if args.skip_train else train_project(PROJECTS / f"{row}.yaml", args.options) for row in args.rows}
     lines = [
         "| row | image tokens / sample | VQA accuracy | end colour | shape | count of a kind | count | train time |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in args.rows:
-        acc, tokens = accuracies(evaluate(row)), image_tokens(row)
+        results = evaluate_run(EVAL_PROJECT, Path("outputs") / "ablations" / row, show_log=False)
+        acc, tokens = accuracies(results / "vqa.json"), image_tokens(row)
         per_type = " | ".join(f"{acc[q]:.3f}" if q in acc else "-" for q in QTYPES)
         took = "-" if times[row] is None else f"{times[row]:.0f} s"
         lines.append(f"| {ROWS[row]} (`{row}`) | {tokens:.1f} | {acc['all']:.3f} | {per_type} | {took} |")

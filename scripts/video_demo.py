@@ -16,39 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
+
+from lavis.cli.chain import evaluate_run, train_project
 
 TRAIN_PROJECT = Path("projects") / "video" / "train.yaml"
 EVAL_PROJECT = Path("projects") / "video" / "eval.yaml"
 RUN = Path("outputs") / "video"
 WORLD = Path("data") / "videos"  # as in projects/video/*.yaml
 QTYPES = ("direction", "colour", "order", "count")
-
-
-def train(options: list[str]) -> float:
-    """Train the project (an earlier run in its output_dir is moved aside); its wall time in seconds. The trainer
-    computes on one thread (``OMP_NUM_THREADS=1`` unless set) while its two data workers decode the clips: on 2
-    shared CPU cores, two compute threads made each step 2-3 times slower."""
-    start = time.time()
-    cmd = [sys.executable, "train.py", "--cfg-path", str(TRAIN_PROJECT), "--options", "run.overwrite=true", *options]
-    subprocess.run(cmd, check=True, env={"OMP_NUM_THREADS": "1", **os.environ})
-    return time.time() - start
-
-
-def evaluate(run: Path, options: list[str]) -> Path:
-    """Evaluate ``run`` with eval.yaml (and ``options``); the path of its ``vqa.json``."""
-    cmd = [sys.executable, "evaluate.py", "--cfg-path", str(EVAL_PROJECT), "--options", f"model.load_from={run}",
-           "run.overwrite=true", *options]
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout  # its log (stderr) passes through
-    print(out, end="")
-    marker = "predictions and metrics: "
-    line = next(line for line in out.splitlines() if line.startswith(marker))
-    return Path(line[len(marker):].split("/<name>.json")[0]) / "vqa.json"
 
 
 def _records(split: str) -> list[dict]:
@@ -97,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-options", nargs="*", default=[], help="--options for the evaluation "
                         "(e.g. evaluation.vqa.max_samples=40)")
     args = parser.parse_args(argv)
-    took = None if args.skip_train else train(args.options)
-    vqa_json = evaluate(Path(args.run), args.eval_options)  # generates data/videos first when it is not there
+    # The trainer computes on one thread while its two data workers decode the clips: on 2 shared CPU cores, two
+    # compute threads made each step 2-3 times slower.
+    took = None if args.skip_train else train_project(TRAIN_PROJECT, args.options, threads=1)
+    vqa_json = evaluate_run(EVAL_PROJECT, args.run, args.eval_options) / "vqa.json"  # generates data/videos first when it is not there
     test = _records("test")
     rows = {"blind prior (most frequent training answer per type, no video)": blind_prior(test, _records("train")),
             f"`{args.run}`": accuracies(vqa_json, test)}

@@ -3,6 +3,7 @@ never from each other)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import runpy
 import shutil
@@ -268,3 +269,36 @@ def assert_same_end(straight: Path, resumed: Path, steps: int, what: str = "") -
     assert [s for s, _ in logged[1]] == list(range(1, steps + 1)), what  # no step logged twice
     assert logged[0] == logged[1], what  # floats read back from JSON: equal only if equal to the last bit
     return sa, sb
+
+
+def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
+                      **kwargs):
+    """What flash-attention's varlen kernel computes, in plain SDPA: causal attention within each
+    [cu[i], cu[i+1]) slice of the flattened batch."""
+    b, h, length, d = query.shape
+    groups = h // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    flat = [x.transpose(0, 1).reshape(1, h, b * length, d) for x in (query, key, value)]
+    cu = cu_seq_lens_q.tolist()
+    outs = [
+        torch.nn.functional.scaled_dot_product_attention(*(x[:, :, s:e] for x in flat), is_causal=True, scale=scaling)
+        for s, e in zip(cu[:-1], cu[1:])
+    ]
+    return torch.cat(outs, 2).reshape(h, b, length, d).permute(1, 2, 0, 3), None
+
+
+@contextlib.contextmanager
+def reference_varlen_attention(model):
+    """``model``'s LLM attends through a CPU stand-in for flash-attention's varlen kernel (no mask, the batch's
+    ``cu_seq_lens_q/k``), to check what the flash-attention path gives the model without a GPU."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register("test_varlen_reference", _varlen_attention)
+    AttentionMaskInterface.register("test_varlen_reference", lambda *args, **kwargs: None)
+    config = model.llm.config
+    before = config._attn_implementation
+    config._attn_implementation = "test_varlen_reference"
+    try:
+        yield model
+    finally:
+        config._attn_implementation = before

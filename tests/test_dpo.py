@@ -4,6 +4,7 @@ frozen copy's, named skips and config errors, and a short run through train.py l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import sft_options
+from helpers import reference_varlen_attention
 from test_native_resolution import NATIVE
 
 from lavis.common.config import ConfigError
@@ -159,8 +161,12 @@ def test_the_pictures_go_through_the_visual_path_once_per_pair(dpo_cfg, small_wo
     samples = [task.sample_processor(model, proc)(r) for r in pairs(small_world)]
     shared = PairCollator(proc.tokenizer.pad_id)(samples)["pixel_values"]
     separate = PairCollator(proc.tokenizer.pad_id, shared_prompt=False)(samples)["pixel_values"]
-    count = (lambda x: x.num_images) if model_name == "native_mrope" else (lambda x: x.shape[0])
-    assert count(shared) == 4 and count(separate) == 8
+    assert vision_count(shared, model_name) == 4 and vision_count(separate, model_name) == 8
+
+
+def vision_count(pixel_values, model_name: str) -> int:
+    """Pictures in a batch's ``pixel_values`` (native resolution: a packed patch tensor)."""
+    return pixel_values.num_images if model_name == "native_mrope" else pixel_values.shape[0]
 
 
 @pytest.mark.parametrize("model_name", MODELS)
@@ -181,6 +187,33 @@ def test_packed_pairs_equal_one_pair_per_row(dpo_cfg, small_world, model_name):
     assert metrics_a.keys() == metrics_b.keys() and "nll_loss" in metrics_a
     assert all(abs(metrics_a[k] - metrics_b[k]) <= 1e-4 for k in metrics_a)
     assert_close_gradients(grads_a, grads_b)
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_under_flash_attention_each_pair_runs_as_two_samples_with_the_same_loss(dpo_cfg, small_world, model_name):
+    """flash-attention's varlen kernel cannot share a prompt between two answers: the task then collates each pair
+    as two samples (cu_seqlens, packed or not), which give the shared row's loss, metrics and gradients (1e-5).
+    Checked with a CPU stand-in for the varlen kernel."""
+    cfg = dpo_cfg(*MODELS[model_name], "run.dpo.reference=precomputed", "run.dpo.sft_weight=0.3")
+    model, proc = built(cfg)
+    task = task_for(cfg, model, proc)
+    samples = [task.sample_processor(model, proc)(r) for r in pairs(small_world)]
+    results = []
+    shared = task.collator(proc, "sdpa")([dict(s) for s in samples])
+    varlen = task.collator(proc, "flash_attention_2")
+    for batch in (shared, varlen([dict(s) for s in samples]), varlen([[dict(s) for s in samples[:2]], [dict(samples[2])]])):
+        assert ("attention_kwargs" in batch) == (batch is not shared)
+        with reference_varlen_attention(model) if batch is not shared else contextlib.nullcontext():
+            out = task.train_step(model, batch)
+            (out.loss_sum / 3).backward()
+        results.append((out.loss_sum.item(), {k: v.item() for k, v in out.metrics.items()}, gradients(model)))
+    assert vision_count(shared["pixel_values"], model_name) == 4
+    assert vision_count(batch["pixel_values"], model_name) == 8  # the pictures twice: the price of the varlen path
+    (loss, metrics, grads), *others = results
+    for other_loss, other_metrics, other_grads in others:
+        assert abs(loss - other_loss) <= 1e-5
+        assert metrics.keys() == other_metrics.keys() and all(abs(metrics[k] - other_metrics[k]) <= 1e-4 for k in metrics)
+        assert_close_gradients(grads, other_grads)
 
 
 def test_the_frozen_copy_reference_starts_equal_to_the_policy(dpo_cfg, small_world):

@@ -78,12 +78,12 @@ def test_the_stage_trains_from_an_sft_run(sft_run, small_world, tmp_path, caplog
     assert (out / "checkpoints" / "step_00000003" / "model.safetensors").exists()
 
 
-def test_preference_gap_reads_two_evaluations_into_one_row_each(small_world, tmp_path, capsys):
-    """scripts/preference_gap.py: VQA by question type, CHAIR over the captions against their scenes, CIDEr and
+def test_the_demo_script_reads_an_evaluation_into_one_row(small_world, tmp_path, capsys):
+    """scripts/dpo_demo.py's table: VQA by question type, CHAIR over the captions against their scenes, CIDEr and
     grounding, from an evaluation directory's files (written here by hand, answers known)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("preference_gap", ROOT / "scripts" / "preference_gap.py")
+    spec = importlib.util.spec_from_file_location("dpo_demo", ROOT / "scripts" / "dpo_demo.py")
     gap = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gap)
     scenes = json.loads((small_world / "scenes_test.json").read_text())
@@ -107,5 +107,5 @@ def test_preference_gap_reads_two_evaluations_into_one_row_each(small_world, tmp
     expected = {types[0]: [1.0], types[1]: []}
     expected[types[1]].append(0.0)  # the first answered right, the second wrong
     assert {t: figures[t] for t in expected} == {t: sum(v) / len(v) for t, v in expected.items()}
-    assert gap.main([str(eval_dir), "--world", str(small_world)]) == 0
+    assert gap.main(["--compare", str(eval_dir), "--world", str(small_world)]) == 0
     assert "| 0.500 |" in capsys.readouterr().out

@@ -259,6 +259,17 @@ README_COMMANDS = [
                   prints=(TABLE, row("vqa", "accuracy"),
                           r"(?s)\A(?!.*benchmark\s+split\s+metric.*benchmark\s+split\s+metric)")),  # one table
     ReadmeCommand(
+        "make dpo-demo",
+        here=f'make dpo-demo DPO_OPTIONS="{" ".join(TINY)}"',
+        why="two training steps instead of the project's 250",
+        prints=(r"^\| run \| VQA \| exists \| shape \| colour \| position \| count \| CHAIR_i \| CHAIR_s \| mentioned \| "
+                r"CIDEr \| grounding \|$",
+                r"^\| `outputs/sft/eval/step_00000002/demo` \| 0\.\d{3} \|",  # make demo's evaluation, not redone
+                r"^\| `outputs/dpo/eval/step_00000002/demo` \| 0\.\d{3} \|", r"^training: \d+ s$"),
+        writes=("outputs/dpo/checkpoints/step_00000002/model.safetensors", "outputs/dpo/reference_logps.json",
+                "outputs/dpo/eval/step_00000002/demo/results.md"),
+    ),
+    ReadmeCommand(
         "make video-demo",
         here=f'make video-demo VIDEO_OPTIONS="{" ".join(TINY)}" VIDEO_EVAL_OPTIONS="evaluation.vqa.max_samples=40"',
         why="two training steps instead of the project's 600, 40 of the test questions",

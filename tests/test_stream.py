@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 import torch
 from conftest import SFT_PROJECT, sft_options
+from helpers import reference_varlen_attention
 from torch.utils.data import DataLoader
 
 from lavis.common.config import load_config
@@ -595,39 +596,15 @@ def test_too_many_consecutive_skips_raise_naming_the_dataset():
         take(BatchStream(sources, IdProcessor(), id_collate, cfg), 1)
 
 
-def reference_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                               cu_seq_lens_q=None, **kwargs):
-    """What flash-attention's varlen kernel computes, in plain SDPA: causal attention within each
-    [cu[i], cu[i+1]) slice of the flattened batch. A CPU stand-in to check what the model is given."""
-    b, h, length, d = query.shape
-    groups = h // key.shape[1]
-    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    flat = [x.transpose(0, 1).reshape(1, h, b * length, d) for x in (query, key, value)]
-    cu = cu_seq_lens_q.tolist()
-    outs = [
-        torch.nn.functional.scaled_dot_product_attention(*(x[:, :, s:e] for x in flat), is_causal=True, scale=scaling)
-        for s, e in zip(cu[:-1], cu[1:])
-    ]
-    return torch.cat(outs, 2).reshape(h, b, length, d).permute(1, 2, 0, 3), None
-
-
 def test_cu_seqlens_reach_the_attention_and_isolate_like_the_block_mask(qwen_setup):
     """The flash-attention path (no mask, cu_seqlens) gives the block mask's loss when the kernel
     honours cu_seqlens: checked with a reference varlen kernel registered on CPU."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-
     model, samples, pad_id, packed = qwen_setup
     isolated = mean_loss([lm_loss(model, packed)])
     varlen = PackCollator(pad_id, isolation="cu_seqlens")([[samples[i] for i in row] for row in ROWS])
-    AttentionInterface.register("test_varlen_reference", reference_varlen_attention)
-    AttentionMaskInterface.register("test_varlen_reference", lambda *args, **kwargs: None)
-    model.llm.config._attn_implementation = "test_varlen_reference"
-    try:
-        with torch.no_grad():
-            out = model(
-                input_ids=varlen["input_ids"], labels=varlen["labels"], attention_mask=None,
-                position_ids=varlen["position_ids"], pixel_values=varlen["pixel_values"], **varlen["attention_kwargs"],
-            )
-    finally:
-        model.llm.config._attn_implementation = "sdpa"
+    with reference_varlen_attention(model), torch.no_grad():
+        out = model(
+            input_ids=varlen["input_ids"], labels=varlen["labels"], attention_mask=None,
+            position_ids=varlen["position_ids"], pixel_values=varlen["pixel_values"], **varlen["attention_kwargs"],
+        )
     assert abs(float(out.loss_sum.double()) / int(out.num_tokens) - isolated) < 1e-5

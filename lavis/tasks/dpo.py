@@ -247,12 +247,10 @@ class PairCollator:
         keys = ("input_ids", "labels", "pixel_values", "answer")
         if self.shared_prompt:
             return [{k: pair[k] for k in (*keys, "branch", "position_ids")}]
-        p = pair["prompt_len"]
         samples = []
-        for branch in (1, 2):
-            own = pair["branch"] == branch
-            own[p - 1] = False  # the prompt's last token, already in the prompt
-            sample = {k: torch.cat([pair[k][:p], pair[k][own]]) for k in ("input_ids", "labels", "answer")}
+        for branch in (1, 2):  # the shared prefix (the prompt but its last token), then the branch: that token's copy and the answer
+            kept = (pair["branch"] == 0) | (pair["branch"] == branch)
+            sample = {k: pair[k][kept] for k in ("input_ids", "labels", "answer")}
             samples.append({**sample, "pixel_values": pair["pixel_values"]})
         return samples
 
