@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo dpo-demo ablation video-demo test test-fast test-distributed lint bench clean
+.PHONY: install demo dpo-demo ablation video-demo test test-fast test-distributed lint bench gpu-check gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -75,6 +75,17 @@ lint: install
 # Only the multi-process tests (torchrun, 2-3 processes on the CPU); `make test` runs them too.
 test-distributed: install
 	$(PY) -m pytest -q -m distributed tests
+
+# Every GPU check in one command, under 10 minutes on one GPU (README, "GPU checks"): the GPU-only tests
+# (tests/test_gpu.py), throughput and MFU (benchmarks/gpu_throughput.py), full-size LoRA / Q-LoRA memory
+# (benchmarks/finetune_memory.py --full-size). No install step: it runs on the GPU machine's own PyTorch (GPU_PYTHON,
+# default python3); logs and a summary in $$OUT or gpu_check/. `make gpu-wheels`, here, writes .whl/: the wheels of
+# this project's other packages, which gpu-check installs on a machine that has no network.
+gpu-check:
+	bash scripts/gpu_check.sh
+
+gpu-wheels: install
+	$(PY) scripts/gpu_wheels.py
 
 bench: install
 	$(PY) benchmarks/step_overhead.py

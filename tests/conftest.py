@@ -43,6 +43,7 @@ def pytest_configure(config) -> None:
         "integration: end to end (train.py/evaluate.py subprocesses, a browser, long trainings); "
         "`make test-fast` leaves them out, `make test` runs them",
     )
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one; `make gpu-check` runs them)")
 
 
 @pytest.fixture(scope="session")

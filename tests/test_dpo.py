@@ -95,9 +95,10 @@ def test_the_loss_is_trls_sigmoid_dpo_loss(beta, label_smoothing):
 # --------------------------------------------------------------------------- one row per pair
 
 
-def separate_logps(model, proc, cfg, records) -> torch.Tensor:
+def separate_logps(model, proc, cfg, records, move=lambda batch: batch) -> torch.Tensor:
     """Each answer's summed log-probability, each answer a conversation of its own through the SFT path
-    (SampleProcessor, PadCollator: no shared prompt, no packing): ``[pairs, 2]``."""
+    (SampleProcessor, PadCollator: no shared prompt, no packing): ``[pairs, 2]``. ``move`` places the batch
+    where the model is."""
     encoder = ConversationEncoder(proc.tokenizer, model.image_tokens, cfg.model.system_message, max_len=4096)
     samples = SampleProcessor(encoder, proc.image, truncate=False)
     conversations = [{**r, "messages": [*r["messages"], {"role": "assistant", "content": r[answer]}]}
@@ -106,10 +107,11 @@ def separate_logps(model, proc, cfg, records) -> torch.Tensor:
     for row, c in enumerate(conversations):  # the last answer alone (an earlier assistant turn is supervised in SFT)
         prompt = encoder.encode_messages(c["messages"][:-1], add_generation_prompt=True, images=samples.loader(c))
         batch["labels"][row, : len(prompt.input_ids)] = IGNORE_INDEX
+    batch = move(batch)
     out = model(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"], labels=batch["labels"],
                 reduction="none")
     rows = out.selected.nonzero()[:, 0]
-    return torch.zeros(len(conversations)).index_add(0, rows, -out.losses).view(len(records), 2)
+    return out.losses.new_zeros(len(conversations)).index_add(0, rows, -out.losses).view(len(records), 2)
 
 
 def gradients(model) -> dict[str, torch.Tensor]:
@@ -131,26 +133,42 @@ MODELS = {"tiny_qwen_vl": (), "native_mrope": NATIVE}
 def test_one_row_per_pair_equals_the_answers_run_separately(dpo_cfg, small_world, model_name):
     """The shared-prompt row gives each answer the log-probability it has as a conversation of its own, and the
     DPO loss and every gradient those give (1e-5)."""
-    cfg = dpo_cfg(*MODELS[model_name], "run.dpo.reference=precomputed", "run.dpo.beta=0.5")
+    assert_shared_row_equals_separate(dpo_cfg(*MODELS[model_name], "run.dpo.reference=precomputed", "run.dpo.beta=0.5"),
+                                      small_world)
+
+
+def assert_shared_row_equals_separate(cfg, world: Path, device: str = "cpu", atol: float = 1e-5) -> None:
+    """One row per pair against each answer as a conversation of its own (``run.dpo.beta=0.5``, precomputed
+    references): log-probabilities, DPO loss and every gradient within ``atol``, the model on ``device``."""
     model, proc = built(cfg)
-    records = pairs(small_world)
+    model.to(device)
+    records = pairs(world)
     task = task_for(cfg, model, proc)
     samples = [task.sample_processor(model, proc)(r) for r in records]
-    batch = task.collator(proc, "sdpa")(samples)
+    batch = to_device(task.collator(proc, "sdpa")(samples), device)
     out = task.train_step(model, batch)
     (out.loss_sum / 3).backward()
     shared = gradients(model)
 
-    logps = separate_logps(model, proc, cfg, records)
-    reference = torch.tensor([[r["ref_chosen_logp"], r["ref_rejected_logp"]] for r in records])
+    logps = separate_logps(model, proc, cfg, records, move=lambda b: to_device(b, device))
+    reference = torch.tensor([[r["ref_chosen_logp"], r["ref_rejected_logp"]] for r in records], device=device)
     losses, _ = dpo_losses(logps, reference, 0.5)
     (losses.sum() / 3).backward()
     separate = gradients(model)
 
     rows = model(**task.inputs(batch), reduction="none")
-    assert torch.allclose(answer_logps(rows, batch["answer_index"], 3)[0], logps.detach(), rtol=0, atol=1e-5)
-    assert abs(out.loss_sum.item() - losses.sum().item()) <= 1e-5
-    assert_close_gradients(shared, separate)
+    assert torch.allclose(answer_logps(rows, batch["answer_index"], 3)[0], logps.detach(), rtol=0, atol=atol)
+    assert abs(out.loss_sum.item() - losses.sum().item()) <= atol
+    assert_close_gradients(shared, separate, atol)
+
+
+def to_device(batch: dict, device: str) -> dict:
+    """A collated batch on ``device`` (tensors and the native models' packed patches)."""
+    def move(value):
+        if hasattr(value, "to") and not isinstance(value, (str, bytes)):
+            return value.to(device)
+        return {k: move(v) for k, v in value.items()} if isinstance(value, dict) else value
+    return {k: move(v) for k, v in batch.items()}
 
 
 @pytest.mark.parametrize("model_name", MODELS)

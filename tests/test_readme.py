@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration
 README = REPO / "README.md"
 TINY = ("run.max_steps=2", "run.warmup_steps=0", "run.save_every=2", "run.log_every=1", "run.batch_size=2", "run.num_workers=0")
 WORLD_SIZES = {"train": 2000, "val": 8, "test": 8}  # train: pretrain.yaml reads shards train-000000..000009
-COPIED = ("train.py", "evaluate.py", "Makefile", "setup.py", "lavis", "configs", "projects", "scripts")
+COPIED = ("train.py", "evaluate.py", "Makefile", "setup.py", "lavis", "configs", "projects", "scripts", "benchmarks", "tests")
 
 
 def readme_blocks(language: str) -> list[str]:
@@ -283,6 +283,18 @@ README_COMMANDS = [
         here=".venv/bin/python scripts/video_demo.py --skip-train --eval-options evaluation.vqa.max_samples=40",
         why="40 of the test questions",
         prints=(r"^\| `outputs/video` \| 0\.\d{3} \|", r"run\.overwrite: the earlier evaluation in outputs/video/eval/"),
+    ),    ReadmeCommand(
+        "make gpu-check",
+        prints=(r"^gpu_tests\s+rc=0\s", r"^throughput\s+rc=[1-9]", r"^finetune_memory\s+rc=[1-9]", r"^--- summary \(logs in gpu_check/\)$"),
+        writes=("gpu_check/summary.txt", "gpu_check/environment.txt", "gpu_check/gpu_tests.log"),
+        env={"OUT": "", "GPU_PYTHON": ".venv/bin/python"},  # the script's own folder; the checkout's Python
+    ),
+    ReadmeCommand(
+        "make gpu-wheels",
+        here=".venv/bin/python -c 'import sys; sys.path.insert(0, \"scripts\"); import gpu_wheels; "
+             "print(sorted(gpu_wheels.closure(gpu_wheels.ROOTS)))'",
+        why="it downloads from PyPI and the tests run offline: the packages it would download",
+        prints=(r"'transformers'", r"'peft'", r"'omegaconf'", r"(?s)\A(?!.*'torch')"),
     ),
 ]
 
