@@ -301,6 +301,7 @@ def test_named_skips(dpo_cfg, small_world):
     (("run.dpo.reference=adapters_off",), "run.dpo.reference=adapters_off needs a LoRA policy"),
     (("run.dpo.reference=adapters_off", "model.freeze.llm=lora"), "model.freeze.vision is trainable, so switching the adapters off"),
     (("run.dpo.reference=precomputed", "run.dpo.precompute_ref=true"), "set one of the two"),
+    (("run.dpo.reference_file=reference.json",), "run.dpo.reference_file is where run.dpo.precompute_ref=true keeps"),
 ])
 def test_config_errors_name_the_key(dpo_cfg, options, message):
     with pytest.raises(ConfigError, match=None) as info:
@@ -407,7 +408,49 @@ def test_resume_after_sigkill_is_bitwise_identical(small_world, tmp_path):
     assert "computed and saved to" not in text and f"read from {outs['precompute'] / REFERENCE_CACHE}" in text  # the resumed run's log
     cache = json.loads((outs["precompute"] / REFERENCE_CACHE).read_text())
     assert cache == json.loads((tmp_path / "a_precompute" / REFERENCE_CACHE).read_text())
-    assert len(cache) == len(json.loads(ann.read_text()))
+    assert len(cache["logps"]) == len(json.loads(ann.read_text()))
+
+
+@pytest.mark.integration
+def test_a_shared_reference_file_serves_runs_of_the_same_reference_and_refuses_others(small_world, tmp_path, caplog):
+    """run.dpo.reference_file: the first run computes the reference and saves it there; a run that changes
+    only what the reference does not depend on (beta, the freeze policies) reads it; one whose reference differs
+    (max_len, a rewritten annotation file) is refused, naming what differs; in the run's own output_dir otherwise."""
+    import logging
+    import os
+
+    from conftest import SFT_PROJECT, run_train
+
+    from lavis.common.config import load_config
+    from lavis.runners import build_runner
+    from lavis.tasks.dpo import REFERENCE_CACHE
+
+    ann = preference_file(small_world, tmp_path / "pairs.json", limit=6)
+    shared = tmp_path / "reference.json"
+
+    def train(name: str, *extra: str):
+        cfg = load_config(SFT_PROJECT, dpo_options(small_world, tmp_path / name, ann, "run.max_steps=1",
+                                                   "run.dpo.precompute_ref=true", *extra))
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            build_runner(cfg).train()
+        return caplog.text
+
+    assert f"computed and saved to {shared}" in train("first", f"run.dpo.reference_file={shared}")
+    saved = json.loads(shared.read_text())
+    assert len(saved["logps"]) == 6 and saved["reference"]["datasets"]["synthetic_sft"]["path"] == str(ann.resolve())
+    again = train("beta", f"run.dpo.reference_file={shared}", "run.dpo.beta=0.1", "model.freeze.vision=frozen")
+    assert f"read from {shared}" in again and "computed" not in again
+    with pytest.raises(ConfigError, match=r"computed with another max_len \(saved: max_len=256\)"):
+        train("longer", f"run.dpo.reference_file={shared}", "run.max_len=512")
+    os.utime(ann, ns=(0, 0))  # the annotation file rewritten (its time changed)
+    with pytest.raises(ConfigError, match=r"computed with another datasets .*delete it to compute them again"):
+        train("rewritten", f"run.dpo.reference_file={shared}")
+    assert json.loads(shared.read_text()) == saved  # refused, never overwritten
+    cli = run_train(dpo_options(small_world, tmp_path / "cli", ann, "run.max_steps=1", "run.dpo.precompute_ref=true",
+                                f"run.dpo.reference_file={shared}"))
+    assert cli.returncode == 2 and "error: " in cli.stderr and "Traceback" not in cli.stderr, cli.stderr[-2000:]
+    assert f"computed and saved to {tmp_path / 'own' / REFERENCE_CACHE}" in train("own")  # without the key: its run's
 
 
 # --------------------------------------------------------------------------- two ranks

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         runner.train()
-    except (OutputDirInUse, CheckpointError) as err:
+    except (OutputDirInUse, CheckpointError, ConfigError) as err:  # ConfigError: what a task finds at start
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (NonFiniteLoss, UnusableData, EvaluationFailed) as err:

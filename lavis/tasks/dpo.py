@@ -34,7 +34,9 @@ strategy places the policy (sharded under FSDP); ``adapters_off``, a LoRA policy
 off (no second copy); ``precomputed``, the records' ``ref_chosen_logp`` / ``ref_rejected_logp``.
 ``run.dpo.precompute_ref: true`` computes them once before the first step with the starting model (adapters
 off under ``adapters_off``), keeps no reference in memory, and caches them by record id in
-``<output_dir>/reference_logps.json``, which a resumed run reads instead of computing them again.
+``<output_dir>/reference_logps.json``, which a resumed run reads instead of computing them again, or in
+``run.dpo.reference_file``, shared by runs (an ablation of ``beta``, say). Saved with them: what they depend on
+(starting weights, model, encoding, precision, annotation files); a cache computed for another is refused.
 
 Named skips, counted as for SFT: ``identical_answers``; ``too_long`` (prompt and both answers over
 ``run.max_len``: one row holds the pair); ``image_in_answer``; ``no_reference_logp``; ``malformed_pair``.
@@ -57,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lavis.common.config import ConfigError
 from lavis.common.registry import registry
 from lavis.datasets.builders.base import AnnotationError
 from lavis.datasets.collate import PackCollator
@@ -70,7 +73,7 @@ from lavis.tasks.sft import LanguageModelingTask
 
 log = logging.getLogger(__name__)
 
-REFERENCE_CACHE = "reference_logps.json"  # in run.output_dir: {record id: [chosen, rejected]}
+REFERENCE_CACHE = "reference_logps.json"  # run.output_dir's: {"reference": what they depend on, "logps": {id: [chosen, rejected]}}
 CHOSEN, REJECTED = 0, 1
 
 
@@ -359,23 +362,45 @@ class DPOTask(LanguageModelingTask):
     # ------------------------------------------------------------------ precomputed reference
 
     def before_training(self, runner: Any) -> None:
-        """``run.dpo.precompute_ref``: the reference log-probabilities of every pair, from the cache in the
-        output directory or computed now with the starting weights (before a checkpoint is loaded)."""
+        """``run.dpo.precompute_ref``: the reference log-probabilities of every pair, read from the cache
+        (``run.dpo.reference_file``, else ``<output_dir>/reference_logps.json``) when it was computed for the same
+        reference, or computed now with the starting weights (before a checkpoint is loaded) and saved there."""
         if not self.options.precompute_ref:
             return
-        path = Path(runner.output_dir) / REFERENCE_CACHE
+        shared = self.options.reference_file is not None
+        path = Path(self.options.reference_file) if shared else Path(runner.output_dir) / REFERENCE_CACHE
+        identity = self.reference_identity()
         if path.exists():
-            self.references = json.loads(path.read_text())
+            self.references = read_reference_cache(path, identity, "run.dpo.reference_file" if shared else "its run")
             log.info("dpo: reference log-probabilities of %d pairs read from %s", len(self.references), path)
             return
         self.references = self.compute_references(runner)
         if runner.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(self.references))
+            temporary = path.with_suffix(f".tmp{os.getpid()}")
+            temporary.write_text(json.dumps({"reference": identity, "logps": self.references}))
             os.replace(temporary, path)
             log.info("dpo: reference log-probabilities of %d pairs computed and saved to %s", len(self.references), path)
         runner.strategy.barrier()
+
+    def reference_identity(self) -> dict[str, Any]:
+        """What the precomputed log-probabilities depend on, saved with them: the starting weights (path, size,
+        time), the model's config but its freeze policies (which change the trained, not the reference), how the
+        reference is taken, the encoding (``max_len``, ``label_policy``), the precision, and each dataset's
+        annotation file (path, size, time)."""
+        from lavis.models.weights import resolve_weights_path
+
+        cfg = self.cfg
+        model = {k: v for k, v in cfg.raw["model"].items() if k not in ("freeze", "load_from", "override")}
+        weights = None
+        if cfg.model.load_from:
+            weights = file_stamp(resolve_weights_path(cfg.model.load_from))
+        datasets = {name: file_stamp(Path(d.params["ann_path"])) for name, d in sorted(cfg.datasets.items())
+                    if isinstance(d.params.get("ann_path"), str)}
+        return json.loads(json.dumps({
+            "weights": weights, "model": model, "reference": self.options.reference, "max_len": cfg.run.max_len,
+            "label_policy": cfg.run.label_policy, "precision": cfg.run.precision, "datasets": datasets,
+        }))  # as it reads back from the file
 
     def compute_references(self, runner: Any) -> dict[str, list[float]]:
         """Every pair of every dataset through the model as it starts (every rank all of them: under FSDP the
@@ -399,7 +424,7 @@ class DPOTask(LanguageModelingTask):
 
         for source in runner.sources:
             if not hasattr(source.data, "records"):
-                raise ValueError(f"run.dpo.precompute_ref: datasets.{source.name} is streamed and cannot be read ahead; "
+                raise ConfigError(f"run.dpo.precompute_ref: datasets.{source.name} is streamed and cannot be read ahead; "
                                  "set run.dpo.precompute_ref=false (a frozen copy computes the reference every step)")
             for i in range(len(source.data)):
                 record = source.data[i]
@@ -416,3 +441,30 @@ class DPOTask(LanguageModelingTask):
                     flush()
         flush()
         return table
+
+
+def file_stamp(path: Path) -> dict[str, Any]:
+    """A file's (or a sharded weights directory's) absolute path, size and modification time: what tells a
+    rewritten file from the one a cache was computed from."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stats = [f.stat() for f in files]
+    return {"path": str(path.resolve()), "bytes": sum(st.st_size for st in stats),
+            "mtime_ns": max((st.st_mtime_ns for st in stats), default=0)}
+
+
+def read_reference_cache(path: Path, identity: dict[str, Any], owner: str) -> dict[str, list[float]]:
+    """The log-probabilities of a reference cache, refused (naming what differs) when they were computed for
+    another reference: other weights, model, encoding, precision or data."""
+    saved = json.loads(path.read_text())
+    if not isinstance(saved, dict) or "reference" not in saved or "logps" not in saved:
+        raise ConfigError(f"{path}: not a reference cache of this version (no 'reference' / 'logps'); delete it to "
+                         "compute the reference again")
+    was = saved["reference"]
+    differ = sorted(key for key in identity.keys() | was.keys() if identity.get(key) != was.get(key))
+    if differ:
+        then = ", ".join(f"{key}={was.get(key)}" for key in differ)
+        raise ConfigError(f"{path} ({owner}) holds reference log-probabilities computed with another {', '.join(differ)} "
+                         f"(saved: {then[:400]}); delete it to compute them again, or set run.dpo.reference_file to "
+                         "another file")
+    return saved["logps"]
+

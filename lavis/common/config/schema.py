@@ -166,6 +166,7 @@ class DPOConfig:
     sft_weight: float = 0.0  # RPO / MPO: weight of the chosen answer's mean token NLL, added per pair
     reference: ReferenceSource = "frozen_copy"  # where the reference log-probabilities come from
     precompute_ref: bool = False  # compute them once before the first step (cached in output_dir)
+    reference_file: str | None = None  # precompute_ref's cache shared by runs (null: <output_dir>/reference_logps.json)
 
 
 @dataclass

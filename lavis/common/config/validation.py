@@ -152,6 +152,9 @@ def _check_dpo(run: RunConfig, freeze: FreezeConfig) -> None:
         raise ConfigError("run.dpo.reference=precomputed reads the records' ref_chosen_logp / ref_rejected_logp, and "
                           "run.dpo.precompute_ref=true computes them: set one of the two (precompute_ref with "
                           "reference frozen_copy or adapters_off says which model computes them)")
+    if dpo.reference_file is not None and not dpo.precompute_ref:
+        raise ConfigError("run.dpo.reference_file is where run.dpo.precompute_ref=true keeps the reference "
+                          "log-probabilities: set precompute_ref=true, or reference_file=null")
     if run.task != "dpo" or dpo.reference != "adapters_off":
         return
     policies = {name: block.type for name, block in vars(freeze).items()}
