@@ -27,6 +27,8 @@ def dpo_options(world: Path, out: Path, *extra: str) -> list[str]:
     w = str(world)
     return [f"datasets.synthetic_preference.ann_path={w}/preference_train.json",
             f"datasets.synthetic_preference.image_root={w}", f"datasets.synthetic_preference.synthetic_root={w}",
+            f"evaluation.heldout_pairs.ann_path={w}/preference_val.json", f"evaluation.heldout_pairs.image_root={w}",
+            f"evaluation.heldout_pairs.synthetic_root={w}",
             *QUICK, "run.batch_size=4", f"run.output_dir={out}", *extra]
 
 
@@ -56,12 +58,15 @@ def test_the_project_is_the_stage_after_sft(sft_run, small_world, tmp_path):
     assert dpo.reference == "frozen_copy"  # computed once (precompute_ref) or by a copy every step
     assert 1e-6 <= cfg.run.lr <= 1e-4 < sft.run.lr and cfg.run.max_steps <= 500
     assert cfg.model.system_message == sft.model.system_message  # the SFT stage's ChatML conversations
+    held_out = as_shipped.evaluation["heldout_pairs"]  # the val split's pairs, scored during training
+    assert held_out.task == "heldout_loss" and held_out.builder_params["ann_path"] == "data/synthetic/preference_val.json"
+    assert as_shipped.run.eval_every and as_shipped.run.eval_every < as_shipped.run.max_steps
 
 
 def test_the_stage_trains_from_an_sft_run(sft_run, small_world, tmp_path, caplog):
     out = tmp_path / "dpo"
     cfg = load_config(DPO_PROJECT, dpo_options(small_world, out, f"model.load_from={sft_run}", "run.max_steps=3",
-                                               "run.save_every=3"))
+                                               "run.save_every=3", "run.eval_every=3"))
     with caplog.at_level(logging.INFO):
         build_runner(cfg).train()
     assert f"model.load_from {sft_run}" in caplog.text
@@ -76,6 +81,8 @@ def test_the_stage_trains_from_an_sft_run(sft_run, small_world, tmp_path, caplog
         assert f"computed and saved to {out / REFERENCE_CACHE}" in caplog.text
         assert (out / REFERENCE_CACHE).exists()
     assert (out / "checkpoints" / "step_00000003" / "model.safetensors").exists()
+    (held_out,) = [r for r in read_metrics(out / "metrics.jsonl") if "eval/heldout_pairs/pair_accuracy" in r]
+    assert held_out["step"] == 3 and 0 <= held_out["eval/heldout_pairs/pair_accuracy"] <= 1
 
 
 def test_the_demo_script_reads_an_evaluation_into_one_row(small_world, tmp_path, capsys):

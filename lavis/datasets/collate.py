@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lavis.processors.conversation import IGNORE_INDEX
-from lavis.processors.native_image import cat_images
+from lavis.processors.native_image import PatchImages, cat_images
 
 
 class PadCollator:
@@ -118,3 +118,12 @@ def cu_seqlens_kwargs(segments: torch.Tensor) -> dict[str, Any]:
     cu = torch.cat([starts.nonzero().flatten(), torch.tensor([flat.numel()])]).to(torch.int32)
     max_length = int((cu[1:] - cu[:-1]).max())
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_length, "max_length_k": max_length}
+
+def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A collated batch's tensors (and native images' patches) on ``device``, other values as they are."""
+    def move(value):
+        if torch.is_tensor(value) or isinstance(value, PatchImages):
+            return value.to(device, non_blocking=True)
+        return {k: move(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    return move(batch)

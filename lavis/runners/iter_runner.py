@@ -22,11 +22,11 @@ from lavis.common.config import Config
 from lavis.common.optim import build_optimizer
 from lavis.common.precision import autocast
 from lavis.common.registry import registry
+from lavis.datasets.collate import move_to
 from lavis.datasets.loader import worker_batches
 from lavis.datasets.stream import BatchStream, Source, StreamConfig, UnusableData, vision_patches
 from lavis.models import Processors, build_model
 from lavis.models.vlm import VisionLanguageModel, canonical_name
-from lavis.processors.native_image import PatchImages
 from lavis.runners.checkpointer import Checkpointer
 from lavis.runners.strategies import Strategy, build_strategy, parameter_names
 from lavis.tasks.evaluation import Evaluator, flat_metrics, logged_samples, table_rows
@@ -181,12 +181,7 @@ class IterRunner:
         return lr
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        def move(value):
-            if torch.is_tensor(value) or isinstance(value, PatchImages):
-                return value.to(self.device, non_blocking=True)
-            return {k: move(v) for k, v in value.items()} if isinstance(value, dict) else value
-
-        return move(batch)
+        return move_to(batch, self.device)
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> StepStats:
         """One optimiser step over ``micro_batches`` (gradient accumulation).

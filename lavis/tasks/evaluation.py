@@ -34,6 +34,7 @@ from lavis.common import dist
 from lavis.common.config import Config, ConfigError
 from lavis.common.precision import autocast
 from lavis.common.registry import registry
+from lavis.datasets.collate import move_to
 from lavis.models.generation import left_pad, until_stop
 from lavis.processors.conversation import (
     IGNORE_INDEX,
@@ -72,7 +73,8 @@ class EvalTask:
     """Base of the evaluation tasks (registered under the ``eval_task`` kind, used in ``evaluation:``).
 
     Subclasses set ``metric_names`` and implement :meth:`samples` and :meth:`metrics`; a task
-    that ranks options instead of generating also sets ``scores_options``.
+    that ranks options instead of generating also sets ``scores_options``; one that scores the records' own
+    answers as training does (``heldout_loss``) sets ``scores_loss`` and implements ``prepare`` and ``score``.
 
     ``prompt``: the text after the image, formatted with the record's fields (e.g. ``{question}``).
     ``chat``: wrap it as a ChatML user turn (``Picture 1: <img>…</img>\\n{prompt}``, system message
@@ -83,6 +85,7 @@ class EvalTask:
 
     metric_names: tuple[str, ...] = ()
     scores_options = False
+    scores_loss = False
     prompt_fields: tuple[str, ...] = ()
 
     def __init__(
@@ -205,7 +208,10 @@ class Evaluator:
                 samples = samples[: task.max_samples]
             if not samples:
                 raise ConfigError(f"evaluation.{name}: the data holds no samples")
-            self._check_videos(name, samples)
+            if task.scores_loss:
+                task.prepare(cfg, model, processors)
+            else:
+                self._check_videos(name, samples)
             self.tasks[name], self.samples[name] = task, samples
             log.info("evaluation %s (%s on %s): %d samples", name, entry.task, entry.builder, len(samples))
 
@@ -285,6 +291,8 @@ class Evaluator:
         ``filler``: the sample whose batch a rank with fewer batches runs (results dropped) while
         others finish, when evaluation runs in lock-step.
         """
+        if task.scores_loss:
+            return self._run_loss(task, samples, filler)
         skipped: Counter = Counter()
         prepared = []
         for sample in samples:
@@ -312,6 +320,34 @@ class Evaluator:
                 outputs[sample.id] = {"id": sample.id, "prompt": self.prompt_text(task, sample), "output": output,
                                       "prediction": prediction, **sample.reference}
         return [outputs[s.id] for s, _, _ in prepared], skipped
+
+    def _run_loss(self, task: EvalTask, records: list[dict[str, Any]], filler: dict[str, Any]) -> tuple[list[dict[str, Any]], Counter]:
+        """:meth:`_run` for a task that scores the records' answers (``scores_loss``): encoded and collated as in
+        training, ``run.eval_batch_size`` records a batch, one forward each."""
+        skipped: Counter = Counter()
+        prepared = []
+        for record in records:
+            try:
+                prepared.append((str(record["id"]), task.processor(record)))
+            except SkipSample as skip:
+                skipped[skip.reason] += 1
+                log.warning("evaluation: skipping record %s: %s", record.get("id"), skip)
+        size = self.cfg.run.eval_batch_size
+        batches = [prepared[i : i + size] for i in range(0, len(prepared), size)]
+        padding = None
+        if self.lockstep:
+            most = max(dist.all_gather_objects(len(batches)))
+            padding = batches[0] if batches else [(str(filler["id"]), task.processor(filler))]
+            batches += [None] * (most - len(batches))
+        results = []
+        for batch in batches:
+            ids, samples = zip(*(batch or padding), strict=True)
+            collated = move_to(task.collate([dict(s) for s in samples]), self.device)
+            with torch.no_grad(), autocast(self.device, self.cfg.run.precision), self._gathered():
+                scored = task.score(self.model, collated, list(ids))
+            if batch:
+                results += scored
+        return results, skipped
 
     def _gathered(self):
         return self.strategy.evaluation(self.model) if self.strategy is not None else contextlib.nullcontext()
@@ -435,6 +471,8 @@ def logged_samples(
     as JSON, ``image`` the path of the sample's first image (None without one)."""
     logged = {}
     for name, result in results.items():
+        if not all(isinstance(sample, EvalSample) for sample in samples[name]):
+            continue  # a loss over records (heldout_loss): nothing was asked or answered
         by_id = {sample.id: sample for sample in samples[name]}
         rows = []
         for entry in result.results[:count]:
@@ -504,3 +542,4 @@ def earlier_results(out: str | Path) -> str | None:
     if not found:
         return None
     return ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+
