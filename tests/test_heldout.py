@@ -123,3 +123,38 @@ def test_under_fsdp_two_ranks_score_as_one_process(load_sft, small_world, tmp_pa
     assert ra["eval/lm/count"] == rb["eval/lm/count"] == 7 and ra["eval/pairs/count"] == 8
     for key in ("eval/lm/loss", "eval/lm/tokens", "eval/pairs/pair_accuracy", "eval/pairs/margin", "eval/pairs/chosen_nll"):
         assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-5), key
+
+
+def test_with_a_reference_pairs_give_dpos_rewards(load_sft, small_world, tmp_path):
+    """reference: TRL's held-out rewards (beta x log-ratio to the reference) from each answer's log-probabilities
+    under the model and under the reference (a 1-step run saved whole), each answer run as its own conversation."""
+    from lavis import load_model
+
+    ref_run = tmp_path / "ref"
+    build_runner(load_sft("run.max_steps=1", "run.save_every=1", "run.save_weights=full", "run.lr=1e-2",
+                          output_dir=ref_run)).train()
+    cfg = load_sft(*heldout(small_world, "pairs", "qwen_vl_preference", "preference_val.json",
+                            f"evaluation.pairs.reference={ref_run}", "evaluation.pairs.beta=0.5"))
+    model, proc = built(cfg)
+    result = Evaluator(cfg, model, proc).evaluate()["pairs"]
+
+    data = registry.get("builder", "qwen_vl_preference")(
+        ann_path=str(small_world / "preference_val.json"), image_root=str(small_world)).build()
+    records = [data[i] for i in range(len(data))]
+    reference, _ = load_model(ref_run, device="cpu")
+    with torch.no_grad():
+        policy, ref = (separate_logps(m.eval(), proc, cfg, records) for m in (model, reference))
+    rewards = 0.5 * (policy - ref)
+    assert result.metrics["rewards/accuracies"] == pytest.approx(float((rewards[:, 0] > rewards[:, 1]).float().mean()))
+    assert result.metrics["rewards/margins"] == pytest.approx(float((rewards[:, 0] - rewards[:, 1]).mean()), abs=1e-4)
+    assert result.metrics["rewards/chosen"] == pytest.approx(float(rewards[:, 0].mean()), abs=1e-4)
+    assert abs(result.metrics["rewards/margins"]) > 1e-3  # the two models differ: the check can fail
+
+    conversations = load_sft(*heldout(small_world, "lm", "qwen_vl_conversation", "sft_val.json",
+                                      f"evaluation.lm.reference={ref_run}"))
+    with pytest.raises(ConfigError, match="reference scores preference pairs"):
+        Evaluator(conversations, *built(conversations))
+    missing = load_sft(*heldout(small_world, "pairs", "qwen_vl_preference", "preference_val.json",
+                                "evaluation.pairs.reference=nowhere"))
+    with pytest.raises(ConfigError, match="heldout_loss: reference: "):
+        Evaluator(missing, *built(missing))
