@@ -6,6 +6,7 @@ one), the objects named, CIDEr and grounding accuracy.
 
     python scripts/dpo_demo.py                    # after `make demo`: train outputs/dpo, evaluate, print
     python scripts/dpo_demo.py --skip-train       # evaluate the run already in outputs/dpo, print
+    python scripts/dpo_demo.py --run outputs/dpo_seed1 --options run.seed=1     # another seed, in its own run
     python scripts/dpo_demo.py --compare outputs/sft/eval/step_00000600/demo outputs/dpo/eval/step_00000250/demo
                                                   # the table of evaluations already written (any number of rows)
 
@@ -78,7 +79,9 @@ def sft_evaluation(options: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--skip-train", action="store_true", help=f"evaluate the run already in {DPO_RUN}")
+    parser.add_argument("--skip-train", action="store_true", help="evaluate the run already in --run")
+    parser.add_argument("--run", type=Path, default=DPO_RUN, help="the DPO run's output_dir (default: %(default)s), "
+                        "e.g. outputs/dpo_seed1 with --options run.seed=1")
     parser.add_argument("--compare", nargs="+", type=Path, metavar="EVAL_DIR",
                         help="only print the table of these evaluation directories, one row each")
     parser.add_argument("--options", nargs="*", default=[], help="--options for the training (e.g. a quick trial)")
@@ -90,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table(args.compare, args.world))
         return 0
     sft = sft_evaluation(args.eval_options)
-    took = None if args.skip_train else train_project(DPO_PROJECT, args.options)
-    dpo = evaluate_run(EVAL_PROJECT, DPO_RUN, args.eval_options)
+    took = None if args.skip_train else train_project(DPO_PROJECT, [f"run.output_dir={args.run}", *args.options])
+    dpo = evaluate_run(EVAL_PROJECT, args.run, args.eval_options)
     print(table([sft, dpo], args.world))
     if took is not None:
         print(f"training: {took:.0f} s")

@@ -17,7 +17,7 @@ from helpers import reference_varlen_attention
 from test_native_resolution import NATIVE
 
 from lavis.common.config import ConfigError
-from lavis.datasets.collate import PadCollator
+from lavis.datasets.collate import PadCollator, move_to
 from lavis.models import build_model
 from lavis.models.vlm import canonical_name
 from lavis.processors.conversation import IGNORE_INDEX, ConversationEncoder
@@ -145,12 +145,12 @@ def assert_shared_row_equals_separate(cfg, world: Path, device: str = "cpu", ato
     records = pairs(world)
     task = task_for(cfg, model, proc)
     samples = [task.sample_processor(model, proc)(r) for r in records]
-    batch = to_device(task.collator(proc, "sdpa")(samples), device)
+    batch = move_to(task.collator(proc, "sdpa")(samples), torch.device(device))
     out = task.train_step(model, batch)
     (out.loss_sum / 3).backward()
     shared = gradients(model)
 
-    logps = separate_logps(model, proc, cfg, records, move=lambda b: to_device(b, device))
+    logps = separate_logps(model, proc, cfg, records, move=lambda b: move_to(b, torch.device(device)))
     reference = torch.tensor([[r["ref_chosen_logp"], r["ref_rejected_logp"]] for r in records], device=device)
     losses, _ = dpo_losses(logps, reference, 0.5)
     (losses.sum() / 3).backward()
@@ -160,15 +160,6 @@ def assert_shared_row_equals_separate(cfg, world: Path, device: str = "cpu", ato
     assert torch.allclose(answer_logps(rows, batch["answer_index"], 3)[0], logps.detach(), rtol=0, atol=atol)
     assert abs(out.loss_sum.item() - losses.sum().item()) <= atol
     assert_close_gradients(shared, separate, atol)
-
-
-def to_device(batch: dict, device: str) -> dict:
-    """A collated batch on ``device`` (tensors and the native models' packed patches)."""
-    def move(value):
-        if hasattr(value, "to") and not isinstance(value, (str, bytes)):
-            return value.to(device)
-        return {k: move(v) for k, v in value.items()} if isinstance(value, dict) else value
-    return {k: move(v) for k, v in batch.items()}
 
 
 @pytest.mark.parametrize("model_name", MODELS)
@@ -217,9 +208,9 @@ def test_under_flash_attention_each_pair_runs_as_two_samples_with_the_same_loss(
     task = task_for(cfg, model, proc)
     samples = [task.sample_processor(model, proc)(r) for r in pairs(small_world)]
     results = []
-    shared = task.collator(proc, "sdpa")([dict(s) for s in samples])
+    shared = task.collator(proc, "sdpa")(samples)
     varlen = task.collator(proc, "flash_attention_2")
-    for batch in (shared, varlen([dict(s) for s in samples]), varlen([[dict(s) for s in samples[:2]], [dict(samples[2])]])):
+    for batch in (shared, varlen(samples), varlen([samples[:2], samples[2:]])):
         assert ("attention_kwargs" in batch) == (batch is not shared)
         with reference_varlen_attention(model) if batch is not shared else contextlib.nullcontext():
             out = task.train_step(model, batch)

@@ -19,10 +19,9 @@ from test_dpo import (
     gradients,
     pairs,
     task_for,
-    to_device,
 )
 
-from lavis.datasets.collate import PackCollator, PadCollator
+from lavis.datasets.collate import PackCollator, PadCollator, move_to
 from lavis.runners import build_runner
 from lavis.tracking.logging import read_metrics
 
@@ -36,7 +35,7 @@ CUDA = f"run.device={DEVICE}"
 
 
 def to_test_device(batch: dict) -> dict:
-    return to_device(batch, DEVICE)
+    return move_to(batch, torch.device(DEVICE))
 
 
 @pytest.fixture

@@ -316,16 +316,6 @@ class DPOTask(LanguageModelingTask):
         """The runner normalises by the pairs of the step."""
         return int(batch["num_samples"])
 
-    def inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "input_ids": batch["input_ids"],
-            "labels": batch["labels"],
-            "attention_mask": batch["attention_mask"],
-            "position_ids": batch.get("position_ids"),
-            "pixel_values": batch["pixel_values"],
-            **batch.get("attention_kwargs", {}),
-        }
-
     def reference_logps(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """The reference's summed log-probabilities ``[pairs, 2]`` for the batch (no gradient)."""
         if self.precomputed:

@@ -342,7 +342,7 @@ class Evaluator:
         results = []
         for batch in batches:
             ids, samples = zip(*(batch or padding), strict=True)
-            collated = move_to(task.collate([dict(s) for s in samples]), self.device)
+            collated = move_to(task.collate(list(samples)), self.device)
             with torch.no_grad(), autocast(self.device, self.cfg.run.precision), self._gathered():
                 scored = task.score(self.model, collated, list(ids))
             if batch:
@@ -542,4 +542,3 @@ def earlier_results(out: str | Path) -> str | None:
     if not found:
         return None
     return ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
-

@@ -30,6 +30,7 @@ import torch
 
 from lavis.common.config import Config, ConfigError
 from lavis.common.registry import registry
+from lavis.datasets.collate import PadCollator
 from lavis.models import Processors
 from lavis.models.vlm import VisionLanguageModel
 from lavis.tasks.dpo import DPOTask, answer_logps
@@ -91,10 +92,7 @@ class HeldOutLossTask(EvalTask):
             if self.reference_path:
                 self.reference = self._load_reference(model)
         else:
-            training = LanguageModelingTask(cfg)
-            self.processor = training.sample_processor(model, processors)
-            from lavis.datasets.collate import PadCollator
-
+            self.processor = LanguageModelingTask(cfg).sample_processor(model, processors)
             self.collate = PadCollator(pad_id=processors.tokenizer.pad_id)
 
     def _load_reference(self, model: VisionLanguageModel) -> VisionLanguageModel:
@@ -112,22 +110,17 @@ class HeldOutLossTask(EvalTask):
                               f"model {vocab[0]}: a reference must be the same model family (e.g. the run DPO started from)")
         return reference.requires_grad_(False).eval()
 
-    @staticmethod
-    def _forward(model: VisionLanguageModel, batch: dict[str, Any]):
-        return model(input_ids=batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask"),
-                     position_ids=batch.get("position_ids"), pixel_values=batch["pixel_values"], reduction="none",
-                     **batch.get("attention_kwargs", {}))
-
     def score(self, model: VisionLanguageModel, batch: dict[str, Any], ids: list[str]) -> list[dict[str, Any]]:
         """Each record's figures from one collated batch (on the model's device)."""
-        out = self._forward(model, batch)
+        out = model(**LanguageModelingTask.inputs(batch), reduction="none")
         if self.pairs:
             logps, tokens = answer_logps(out, batch["answer_index"], len(ids))
             results = [{"id": i, "chosen_logp": float(lp[0]), "rejected_logp": float(lp[1]), "chosen_tokens": int(t[0])}
                        for i, lp, t in zip(ids, logps.float().cpu(), tokens.cpu(), strict=True)]
             if self.reference is not None:
                 if any(i not in self.reference_logps for i in ids):
-                    ref = answer_logps(self._forward(self.reference, batch), batch["answer_index"], len(ids))[0]
+                    scored = self.reference(**LanguageModelingTask.inputs(batch), reduction="none")
+                    ref = answer_logps(scored, batch["answer_index"], len(ids))[0]
                     self.reference_logps.update(zip(ids, (tuple(r) for r in ref.float().cpu().tolist()), strict=True))
                 for r in results:
                     r["ref_chosen_logp"], r["ref_rejected_logp"] = self.reference_logps[r["id"]]

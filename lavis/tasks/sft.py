@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from lavis.common import dist
 from lavis.common.config import Config
@@ -69,13 +70,18 @@ class LanguageModelingTask(TrainingTask):
         isolation = "cu_seqlens" if attn_implementation.startswith("flash_attention") else "block_mask"
         return PackCollator(pad_id=processors.tokenizer.pad_id, isolation=isolation)
 
+    @staticmethod
+    def inputs(batch: dict[str, Any]) -> dict[str, Any]:
+        """The model's keyword arguments from a collated batch (padded or packed)."""
+        return {
+            "input_ids": batch["input_ids"],
+            "labels": batch["labels"],
+            "attention_mask": batch["attention_mask"],
+            "position_ids": batch.get("position_ids"),
+            "pixel_values": batch["pixel_values"],
+            **batch.get("attention_kwargs", {}),
+        }
+
     def train_step(self, model: VisionLanguageModel, batch: dict) -> LMLoss:
         """The batch's summed loss, through the model's ``forward`` (the strategy's wrapper sees it)."""
-        return model(
-            input_ids=batch["input_ids"],
-            labels=batch["labels"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch.get("position_ids"),
-            pixel_values=batch["pixel_values"],
-            **batch.get("attention_kwargs", {}),
-        )
+        return model(**self.inputs(batch))
